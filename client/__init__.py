@@ -1,0 +1,1 @@
+"""fedface client side: the ClientApp and its local training task."""

@@ -1,0 +1,77 @@
+"""fedface ClientApp (Flower Message API).
+
+Each institution receives the global backbone, trains it with its own margin head on its
+own faces for the configured local epochs, and replies with the backbone and metrics.
+``evaluate`` scores the received backbone on the institution's private validation split
+(verification pairs among its held-out identities); only scalar metrics leave.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.task import (
+    build_models,
+    client_config,
+    client_seed,
+    load_client_data,
+    save_head,
+    set_threads,
+    validation_pairs,
+)
+from fedface.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    TrainInstructions,
+    backbone_record,
+    load_backbone_record,
+)
+from fedface.training import train_epochs, verify_pairs
+
+
+def build_client_app(overrides: dict | None = None) -> ClientApp:
+    """A ClientApp whose settings are Flower's run_config updated by ``overrides``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = client_config(context, overrides)
+        set_threads(cfg)
+        ins = TrainInstructions.from_record(msg.content[CONFIG])
+        data = load_client_data(context, ins.data_dir)
+        seed = client_seed(cfg, context, ins.server_round)
+        torch.manual_seed(seed)
+        backbone, head = build_models(cfg, data.num_classes, context)
+        load_backbone_record(backbone, msg.content[ARRAYS])
+        res = train_epochs(backbone, head, data.x_train, data.y_train,
+                           epochs=ins.local_epochs, batch_size=cfg.batch_size, lr=ins.lr,
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed)
+        save_head(head, context)
+        metrics = MetricRecord({NUM_EXAMPLES: len(data.y_train), "train-loss": res.loss,
+                                "train-seconds": res.seconds, "train-steps": res.steps})
+        content = RecordDict({ARRAYS: backbone_record(backbone), METRICS: metrics})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = client_config(context, overrides)
+        set_threads(cfg)
+        ins = TrainInstructions.from_record(msg.content[CONFIG])
+        data = load_client_data(context, ins.data_dir)
+        a, b, same = validation_pairs(data, cfg.seed)
+        metrics = {NUM_EXAMPLES: len(same)}
+        if len(same):
+            backbone, _ = build_models(cfg, max(data.num_classes, 1), context)
+            load_backbone_record(backbone, msg.content[ARRAYS])
+            rep = verify_pairs(backbone, data.x_val, a, b, same, flip=cfg.flip_tta)
+            metrics.update({"val-accuracy": rep["accuracy"], "val-auc": rep["auc"]})
+        return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

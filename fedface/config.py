@@ -1,0 +1,241 @@
+"""Run configuration: one dataclass, shared by the CLI, the ServerApp and the ClientApp.
+
+Flower passes settings as a flat ``run_config`` of scalars with kebab-case keys
+(``[tool.flwr.app.config]`` in ``pyproject.toml``, or ``flwr run . -c "rounds=10"``).
+:class:`RunConfig` is the typed view of that dictionary: :meth:`RunConfig.from_run_config`
+reads it (unknown keys are an error that lists the valid ones) and
+:meth:`RunConfig.to_run_config` writes it back, so the CLI, the simulation and
+``flwr run .`` all describe a run the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where aligned chips, generated data and prepared partitions are cached.
+
+    ``$FEDFACE_CACHE`` when set, else ``~/.cache/fedface``.
+    """
+    env = os.environ.get(DEFAULT_CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedface"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run.
+
+    Parameters
+    ----------
+    data : str
+        ``"synthetic"`` (the embedded, generated default) or a path to an identity
+        folder (``root/<identity>/*.jpg``), an LFW tree or the ORL folder.
+    train_people : str
+        Optional identity list restricting training identities (e.g. LFW
+        ``peopleDevTrain.txt``); empty for all identities of ``data``.
+    pairs : str
+        Comma-separated pair files for the final verification report (LFW format).
+        Empty: the synthetic set's own pairs file, or held-out identities' pairs.
+    min_images : int
+        Identities with fewer training images are dropped.
+    image_size : int
+        Side of the aligned face chips (112 is the face-recognition standard).
+    align_policy : str
+        ``"fallback"`` (centre crop when no face is detected) or ``"skip"``.
+    synthetic_identities, synthetic_images : int
+        Size of the generated default set (training identities + images each).
+    mode : str
+        ``"federated"`` or ``"centralized"`` (same data and model, pooled).
+    num_clients : int
+        Simulated institutions.
+    partition : str
+        ``"dirichlet"``, ``"powerlaw"`` (identity-disjoint, skewed sizes) or ``"iid"``.
+    partition_alpha : float
+        Skew: Dirichlet concentration or power-law exponent.
+    val_fraction : float
+        Share of each client's identities kept as its private validation split.
+    strategy : str
+        Server aggregation strategy (``"fedavg"``).
+    rounds, local_epochs : int
+        Federated rounds and local epochs per round (centralized: rounds x local_epochs
+        epochs).
+    fraction_train, min_train_nodes : float, int
+        Client sampling per round.
+    backbone, head : str
+        Registry names (see ``fedface models``).
+    embedding_size : int
+        Embedding dimension.
+    batch_size, lr, momentum, weight_decay : ...
+        Local SGD settings; the learning rate follows a cosine schedule over rounds.
+    flip_tta : bool
+        Add the horizontally flipped image's embedding at evaluation.
+    eval_every : int
+        Score the first evaluation pair set every this many rounds (and at the end).
+    seed : int
+        Seeds partitioning, initialisation and training.
+    num_cpus_per_client : float
+        Ray resources for each simulated client (2 cores: 1.0 runs two at once).
+    round_timeout : float
+        Seconds the server waits for replies in a round.
+    out : str
+        Output directory (``metrics.json``, ``model.pt``).
+    cache_dir : str
+        Cache for aligned chips and prepared partitions (default ``~/.cache/fedface``).
+    """
+
+    data: str = "synthetic"
+    train_people: str = ""
+    pairs: str = ""
+    min_images: int = 2
+    image_size: int = 64
+    align_policy: str = "fallback"
+    synthetic_identities: int = 320
+    synthetic_images: int = 8
+    mode: str = "federated"
+    num_clients: int = 8
+    partition: str = "dirichlet"
+    partition_alpha: float = 1.0
+    val_fraction: float = 0.15
+    strategy: str = "fedavg"
+    rounds: int = 10
+    local_epochs: int = 2
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    backbone: str = "tinyface"
+    head: str = "softmax"
+    embedding_size: int = 128
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    flip_tta: bool = False
+    eval_every: int = 1
+    seed: int = 0
+    num_cpus_per_client: float = 1.0
+    round_timeout: float = 3600.0
+    out: str = "runs/latest"
+    cache_dir: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------ helpers
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, saying what to change."""
+        problems = []
+        if self.mode not in ("federated", "centralized"):
+            problems.append(f"mode={self.mode!r}: use 'federated' or 'centralized'")
+        if self.partition not in ("dirichlet", "powerlaw", "iid"):
+            problems.append(f"partition={self.partition!r}: use dirichlet, powerlaw or iid")
+        if self.align_policy not in ("fallback", "skip"):
+            problems.append(f"align_policy={self.align_policy!r}: use 'fallback' or 'skip'")
+        if self.num_clients < 1:
+            problems.append(f"num_clients={self.num_clients}: need at least 1")
+        if self.rounds < 1 or self.local_epochs < 1:
+            problems.append("rounds and local_epochs must be at least 1")
+        if not 0.0 <= self.val_fraction < 0.9:
+            problems.append(f"val_fraction={self.val_fraction}: use a value in [0, 0.9)")
+        if not 0.0 < self.fraction_train <= 1.0:
+            problems.append(f"fraction_train={self.fraction_train}: use a value in (0, 1]")
+        if self.image_size < 32 or self.image_size > 224:
+            problems.append(f"image_size={self.image_size}: use 32..224 (112 is standard)")
+        if self.batch_size < 2:
+            problems.append(f"batch_size={self.batch_size}: use at least 2")
+        if self.min_train_nodes > self.num_clients and self.mode == "federated":
+            problems.append(
+                f"min_train_nodes={self.min_train_nodes} > num_clients={self.num_clients}"
+            )
+        if problems:
+            raise ValueError("Invalid run configuration: " + "; ".join(problems))
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    @property
+    def pair_files(self) -> list[str]:
+        return [p.strip() for p in self.pairs.split(",") if p.strip()]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (snake_case keys), as written to ``metrics.json``."""
+        d = {name: getattr(self, name) for name in self.field_names()}
+        d.update(self.extra)
+        return d
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat kebab-case dict for Flower's ``run_config``."""
+        return {k.replace("_", "-"): v for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any], **overrides: Any) -> RunConfig:
+        """Build from Flower's ``run_config`` (kebab- or snake-case keys).
+
+        Unknown keys are refused with the list of valid ones; values are coerced to
+        the field's type (``flwr run -c`` gives strings and ints).
+        """
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        unknown = []
+        for key, value in {**dict(run_config), **overrides}.items():
+            name = key.replace("-", "_")
+            if name not in types or name == "extra":
+                unknown.append(key)
+                continue
+            kwargs[name] = _coerce(value, types[name], key)
+        if unknown:
+            valid = ", ".join(k.replace("_", "-") for k in cls.field_names())
+            raise ValueError(f"Unknown run-config keys {unknown}. Valid keys: {valid}")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def data_key(self) -> str:
+        """Hash of the settings that define the prepared (aligned, partitioned) data."""
+        keys = (
+            "data", "train_people", "pairs", "min_images", "image_size", "align_policy",
+            "synthetic_identities", "synthetic_images", "num_clients", "partition",
+            "partition_alpha", "val_fraction", "seed",
+        )
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        if self.data != "synthetic":
+            blob += str(Path(self.data).expanduser().resolve())
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _coerce(value: Any, type_name: Any, key: str) -> Any:
+    type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    try:
+        if type_name == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if type_name == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if type_name == "float":
+            return float(value)
+        if type_name == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"run-config {key}={value!r} is not a valid {type_name}") from None
+    return value

@@ -1,0 +1,396 @@
+"""Turn a data source into what a federated run consumes.
+
+:func:`prepare` resolves ``RunConfig.data`` (the generated synthetic set, an identity
+folder, LFW or ORL), aligns every image once (cached by content), splits the training
+identities across clients and writes, under ``<cache>/prepared/<key>/``:
+
+- ``client_000.npz`` ... one file per institution: aligned training chips with local
+  labels and its private validation split (what that institution would hold on disk);
+- ``pairs_<name>.npz``: aligned chips of each evaluation pair file, as a :class:`PairSet`;
+- ``report.json``: what was read, skipped and why.
+
+A second call with the same settings reads ``report.json`` and returns at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedface.config import RunConfig
+from fedface.data.align import AlignConfig, FaceAligner
+from fedface.data.datasets import FaceDataset, detect_layout, find_images_root, load_dataset
+from fedface.data.pairs import read_pairs
+from fedface.data.partition import partition_identities
+from fedface.data.report import DataReport
+
+PREPARED_VERSION = "1"
+Progress = Callable[[str, int, int], None]  # (step description, done, total)
+
+# Synthetic default: identities after the training ones are held out for testing.
+SYNTHETIC_TEST_IDENTITIES = 100
+
+
+@dataclass
+class PairSet:
+    """Aligned images of an evaluation pair list.
+
+    ``images[a[i]]`` and ``images[b[i]]`` form pair ``i``; ``same[i]`` says whether they
+    show one person; ``folds[i]`` is the protocol fold (LFW: 10 folds of 600).
+    """
+
+    name: str
+    images: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    same: np.ndarray
+    folds: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+    def save(self, path: Path) -> None:
+        _atomic_savez(path, name=np.array(self.name), images=self.images, a=self.a,
+                      b=self.b, same=self.same, folds=self.folds)
+
+    @classmethod
+    def load(cls, path: Path) -> PairSet:
+        with np.load(path) as z:
+            return cls(str(z["name"]), z["images"], z["a"], z["b"], z["same"], z["folds"])
+
+
+@dataclass
+class ClientData:
+    """What one institution holds: training chips, local labels, validation split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y_train.max()) + 1 if len(self.y_train) else 0
+
+    def save(self, path: Path) -> None:
+        _atomic_savez(path, x_train=self.x_train, y_train=self.y_train,
+                      x_val=self.x_val, y_val=self.y_val)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ClientData:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"Client data file {path} is missing: run `fedface data prepare` (or any "
+                "`fedface train`) with the same settings to create it"
+            )
+        with np.load(path) as z:
+            return cls(z["x_train"], z["y_train"], z["x_val"], z["y_val"])
+
+
+@dataclass
+class PreparedData:
+    """Paths and a summary of a prepared federation."""
+
+    root: Path
+    client_files: list[Path]
+    pair_files: list[Path]
+    summary: dict = field(default_factory=dict)
+
+    def load_client(self, k: int) -> ClientData:
+        return ClientData.load(self.client_files[k])
+
+    def load_pairsets(self) -> list[PairSet]:
+        return [PairSet.load(p) for p in self.pair_files]
+
+    def load_pooled(self) -> ClientData:
+        """All clients' data with globally unique labels (centralized training)."""
+        xs, ys, xv, yv, offset = [], [], [], [], 0
+        for k in range(len(self.client_files)):
+            c = self.load_client(k)
+            xs.append(c.x_train)
+            ys.append(c.y_train + offset)
+            xv.append(c.x_val)
+            yv.append(c.y_val + offset + 100_000)  # val identities never share train labels
+            offset += c.num_classes
+        return ClientData(np.concatenate(xs), np.concatenate(ys), np.concatenate(xv),
+                          np.concatenate(yv))
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def local_labels(labels: np.ndarray) -> np.ndarray:
+    """Re-index identity labels to 0..K-1 (a client's head knows only its people)."""
+    _, inv = np.unique(labels, return_inverse=True)
+    return inv.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- sources
+def is_prealigned(root: Path) -> bool:
+    """Generated sets (``SYNTHETIC.md``) are aligned by construction: no detection."""
+    return (Path(root) / "SYNTHETIC.md").exists()
+
+
+def make_aligner(cfg: RunConfig, root: Path) -> FaceAligner:
+    """The aligner for a source: dlib detection, or resize only for generated data."""
+    if is_prealigned(root):
+        return ChipResizer(AlignConfig(size=cfg.image_size, policy=cfg.align_policy))
+    acfg = AlignConfig.for_layout(detect_layout(root), size=cfg.image_size,
+                                  policy=cfg.align_policy)
+    return FaceAligner(acfg, cfg.cache_path)
+
+
+class ChipResizer:
+    """Aligner for pre-aligned images: read and resize (same interface as FaceAligner)."""
+
+    def __init__(self, config: AlignConfig):
+        self.config = config
+
+    def align_files(self, paths, report: DataReport | None = None, progress=None):
+        import cv2
+
+        from fedface.data.images import ImageError, load_image
+
+        size = self.config.size
+        chips = np.zeros((len(paths), size, size, 3), np.uint8)
+        keep = np.zeros(len(paths), bool)
+        statuses = []
+        for i, p in enumerate(paths):
+            try:
+                img = load_image(p)
+            except ImageError as err:
+                if report is not None:
+                    report.add("unreadable_image", str(p), str(err))
+                statuses.append("unreadable")
+            else:
+                if img.shape[:2] != (size, size):
+                    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+                chips[i] = img
+                keep[i] = True
+                statuses.append("prealigned")
+                if report is not None:
+                    report.bump("prealigned")
+            if progress is not None:
+                progress(i + 1)
+        return chips, keep, statuses
+
+
+def synthetic_root(cfg: RunConfig) -> tuple[Path, Path]:
+    """Write (once) the generated default set; returns (images root, pairs file)."""
+    from fedface.data import synthetic as syn
+
+    total = cfg.synthetic_identities + SYNTHETIC_TEST_IDENTITIES
+    scfg = syn.SyntheticConfig(
+        num_identities=total, images_per_identity=cfg.synthetic_images,
+        size=cfg.image_size, seed=cfg.seed,
+    )
+    root = cfg.cache_path / "synthetic" / f"n{total}-k{cfg.synthetic_images}-s{cfg.image_size}-seed{cfg.seed}"
+    syn.write_identity_folder(root, scfg)
+    pairs_file = root / "pairs_heldout.txt"
+    if not pairs_file.exists():
+        # Held-out identities (never trained on) make the 10-fold test protocol.
+        labels = np.repeat(np.arange(cfg.synthetic_identities, total), cfg.synthetic_images)
+        names = [syn.identity_name(int(i)) for i in labels]
+        pairs = syn.make_pairs(labels, num_folds=10, pairs_per_fold=50, seed=cfg.seed)
+        tmp = pairs_file.with_suffix(".tmp")
+        syn.write_pairs_file(tmp, pairs, names)
+        os.replace(tmp, pairs_file)
+    return root, pairs_file
+
+
+def resolve_source(cfg: RunConfig) -> tuple[Path, list[Path], Path | None]:
+    """(images root, evaluation pair files, people file) for the configured source."""
+    if cfg.data == "synthetic":
+        root, pairs_file = synthetic_root(cfg)
+        pair_files = [Path(p) for p in cfg.pair_files] or [pairs_file]
+        return root, pair_files, None
+    root = Path(cfg.data).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(
+            f"Data folder {root} does not exist: give an identity folder "
+            "(root/<identity>/*.jpg), an LFW tree or the ORL folder, or use --data synthetic"
+        )
+    people = Path(cfg.train_people).expanduser() if cfg.train_people else None
+    pair_files = [Path(p).expanduser() for p in cfg.pair_files]
+    if detect_layout(root) == "lfw":
+        if people is None and (root / "peopleDevTrain.txt").exists():
+            people = root / "peopleDevTrain.txt"
+        if not pair_files and (root / "pairsDevTest.txt").exists():
+            pair_files = [root / "pairsDevTest.txt"]
+    if people is not None and not people.is_absolute() and not people.exists():
+        people = root / people
+    pair_files = [p if p.exists() or p.is_absolute() else root / p for p in pair_files]
+    for p in pair_files:
+        if not p.exists():
+            raise FileNotFoundError(f"Pair file {p} does not exist (from --pairs)")
+    return root, pair_files, people
+
+
+# --------------------------------------------------------------------------- prepare
+def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = False) -> PreparedData:
+    """Align, partition and write the data of a run (cached; see module docstring)."""
+    out = cfg.cache_path / "prepared" / cfg.data_key()
+    done = out / "report.json"
+    if done.exists() and not force:
+        meta = json.loads(done.read_text())
+        if meta.get("version") == PREPARED_VERSION:
+            return PreparedData(out, [out / f for f in meta["client_files"]],
+                                [out / f for f in meta["pair_files"]], meta["summary"])
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    t0 = time.time()
+    report = DataReport()
+    root, pair_paths, people = resolve_source(cfg)
+    aligner = make_aligner(cfg, root)
+
+    # --- evaluation pairs (read first: their identities leave the training set)
+    pairsets_raw = []
+    for pf in pair_paths:
+        images_root = find_images_root(root) if not is_prealigned(root) else root
+        pairs = read_pairs(pf, images_root, report=report)
+        if not pairs:
+            raise ValueError(f"Pair file {pf} gave no usable pairs; see the report above")
+        pairsets_raw.append((pf, pairs))
+
+    dataset = load_dataset(root, people_file=people, min_images=cfg.min_images, report=report)
+    if cfg.data == "synthetic":
+        keep = dataset.labels < _label_of(dataset, f"id_{cfg.synthetic_identities:05d}")
+        dataset = dataset.subset(np.flatnonzero(keep))
+    test_names = {p.a.parent.name for _, ps in pairsets_raw for p in ps} | {
+        p.b.parent.name for _, ps in pairsets_raw for p in ps}
+    if test_names and people is None and cfg.data != "synthetic":
+        # No explicit training list: keep evaluation identities out of training.
+        keep = [i for i, lab in enumerate(dataset.labels)
+                if dataset.identities[lab] not in test_names]
+        report.bump("train_images_dropped_as_test_identity", len(dataset.labels) - len(keep))
+        dataset = dataset.subset(np.array(keep, dtype=int))
+    if not pairsets_raw:
+        dataset, heldout = _hold_out_identities(dataset, cfg.seed)
+        pairsets_raw.append((Path("heldout"), heldout))
+
+    # --- align training images
+    chips, ok = _align(aligner, dataset.paths, report, progress, "Aligning training faces")
+    dataset = dataset.subset(np.flatnonzero(ok))
+    chips = chips[ok]
+    dataset, chips = _min_images(dataset, chips, cfg.min_images, report)
+
+    # --- partition
+    n_clients = cfg.num_clients
+    splits = partition_identities(dataset.labels, n_clients, cfg.partition, cfg.partition_alpha,
+                                  cfg.val_fraction, cfg.seed)
+    client_files, clients_summary = [], []
+    for s in splits:
+        cd = ClientData(chips[s.train], local_labels(dataset.labels[s.train]),
+                        chips[s.val], local_labels(dataset.labels[s.val]))
+        path = out / f"client_{s.client_id:03d}.npz"
+        cd.save(path)
+        client_files.append(path.name)
+        clients_summary.append({"client": s.client_id, "train_images": len(s.train),
+                                "train_identities": cd.num_classes,
+                                "val_images": len(s.val),
+                                "val_identities": len(np.unique(cd.y_val))})
+
+    # --- evaluation pair sets
+    pair_files = []
+    for pf, pairs in pairsets_raw:
+        ps = _pairset(pf, pairs, aligner, report, progress)
+        path = out / f"pairs_{ps.name}.npz"
+        ps.save(path)
+        pair_files.append(path.name)
+
+    summary = {
+        "source": str(cfg.data), "root": str(root), "layout": "synthetic"
+        if cfg.data == "synthetic" else detect_layout(root),
+        "train_identities": len(np.unique(dataset.labels)),
+        "train_images": len(dataset.labels),
+        "clients": clients_summary, "pair_sets": [p.removeprefix("pairs_").removesuffix(".npz")
+                                                  for p in pair_files],
+        "report": report.to_dict(), "prepare_seconds": round(time.time() - t0, 2),
+    }
+    meta = {"version": PREPARED_VERSION, "client_files": client_files,
+            "pair_files": pair_files, "summary": summary}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, done)
+    return PreparedData(out, [out / f for f in client_files], [out / f for f in pair_files],
+                        summary)
+
+
+def _label_of(ds: FaceDataset, name: str) -> int:
+    return ds.identities.index(name) if name in ds.identities else len(ds.identities)
+
+
+def _align(aligner, paths, report, progress, what):
+    total = len(paths)
+    cb = (lambda i: progress(what, i, total)) if progress else None
+    chips, ok, _ = aligner.align_files(list(paths), report=report, progress=cb)
+    return chips, np.asarray(ok, bool)
+
+
+def _min_images(ds: FaceDataset, chips: np.ndarray, k: int, report: DataReport):
+    counts = np.bincount(ds.labels, minlength=ds.num_identities)
+    keep = counts[ds.labels] >= k
+    dropped = int((counts[(counts > 0)] < k).sum())
+    if dropped:
+        report.bump(f"identities_with_fewer_than_{k}_images_dropped", dropped)
+    idx = np.flatnonzero(keep)
+    return ds.subset(idx), chips[idx]
+
+
+def _hold_out_identities(ds: FaceDataset, seed: int, fraction: float = 0.2):
+    """Identity-disjoint test split with 10-fold pairs, for sources without pair files."""
+    from fedface.data.pairs import Pair
+    from fedface.data.partition import verification_pairs
+
+    rng = np.random.default_rng(seed + 1)
+    ids = np.unique(ds.labels)
+    n_test = max(2, int(round(fraction * len(ids))))
+    test_ids = rng.choice(ids, size=n_test, replace=False)
+    is_test = np.isin(ds.labels, test_ids)
+    test_idx = np.flatnonzero(is_test)
+    a, b, same = verification_pairs(ds.labels[test_idx], max_pairs=1000, seed=seed)
+    order = rng.permutation(len(a))
+    folds = np.zeros(len(a), int)
+    folds[order] = np.arange(len(a)) % 10
+    pairs = [Pair(ds.paths[test_idx[i]], ds.paths[test_idx[j]], bool(s), int(f))
+             for i, j, s, f in zip(a, b, same, folds)]
+    return ds.subset(np.flatnonzero(~is_test)), pairs
+
+
+def _pairset(pf: Path, pairs, aligner, report, progress) -> PairSet:
+    uniq = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    chips, ok = _align(aligner, uniq, report, progress, f"Aligning {pf.name} faces")
+    index = {p: i for i, p in enumerate(uniq)}
+    usable = [p for p in pairs if ok[index[p.a]] and ok[index[p.b]]]
+    if len(usable) < len(pairs):
+        report.bump("pairs_dropped_unreadable_image", len(pairs) - len(usable))
+    name = pf.stem if pf.name != "heldout" else "heldout"
+    folds = np.array([p.fold for p in usable], int)
+    if len(np.unique(folds)) == 1:
+        # One-fold protocols (pairsDevTest.txt): choose the threshold by 10-fold
+        # cross-validation rather than on the test pairs themselves.
+        folds = np.arange(len(usable)) % 10
+    return PairSet(
+        name, chips,
+        np.array([index[p.a] for p in usable]), np.array([index[p.b] for p in usable]),
+        np.array([p.same for p in usable], bool), folds,
+    )

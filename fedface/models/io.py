@@ -1,0 +1,47 @@
+"""Save and load a trained backbone with what is needed to rebuild it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT = "fedface-backbone/1"
+
+
+def save_backbone(path: str | Path, backbone: nn.Module, name: str, embedding_size: int,
+                  image_size: int, extra: dict | None = None) -> Path:
+    """Write ``model.pt`` atomically: weights plus registry name and sizes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": FORMAT, "backbone": name, "embedding_size": int(embedding_size),
+            "image_size": int(image_size), "state_dict": backbone.state_dict(),
+            "extra": extra or {}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a backbone saved by :func:`save_backbone`; returns (model, metadata)."""
+    from fedface.models import build_backbone
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Model file {path} does not exist: train one with "
+                                "`fedface train --out DIR` (it writes DIR/model.pt)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise ValueError(f"{path} is not a readable fedface model file ({err})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fedface model file (expected format {FORMAT})")
+    model = build_backbone(blob["backbone"], embedding_size=blob["embedding_size"],
+                           input_size=blob["image_size"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model, meta

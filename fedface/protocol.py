@@ -1,0 +1,70 @@
+"""The one message schema shared by the ServerApp, the ClientApp and (later) crypto.
+
+Every train/evaluate message is a Flower ``RecordDict`` with these keys:
+
+- ``ARRAYS`` (``"arrays"``): ``ArrayRecord`` of the federated backbone, keyed like its
+  ``state_dict``. The head never travels.
+- ``CONFIG`` (``"config"``): ``ConfigRecord`` with the round's settings (:class:`TrainInstructions`).
+- ``METRICS`` (``"metrics"``): ``MetricRecord`` in replies, always with ``num-examples``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"
+
+
+@dataclass
+class TrainInstructions:
+    """What the server tells clients each round (carried in the ``config`` record)."""
+
+    server_round: int = 1
+    lr: float = 0.1
+    local_epochs: int = 1
+    data_dir: str = ""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({k.replace("_", "-"): v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> TrainInstructions:
+        known = {f.replace("_", "-") for f in cls.__dataclass_fields__}
+        return cls(**{k.replace("-", "_"): v for k, v in record.items() if k in known})
+
+
+def backbone_record(module: nn.Module) -> ArrayRecord:
+    """The federated part of a model as an ``ArrayRecord`` (detached copies)."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in module.state_dict().items()})
+
+
+def load_backbone_record(module: nn.Module, record: ArrayRecord) -> None:
+    """Load an ``ArrayRecord`` into ``module``; a mismatch names the keys and shapes."""
+    state = record.to_torch_state_dict()
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "Received backbone does not match this client's model: "
+            f"missing={missing[:5]} unexpected={unexpected[:5]} "
+            f"wrong_shape={[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}. "
+            "Check that server and clients use the same --backbone, --embedding-size "
+            "and --image-size"
+        )
+    module.load_state_dict(state)
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (model payload, without protocol framing)."""
+    total = 0
+    for rec in content.array_records.values():
+        total += rec.count_bytes()
+    return total

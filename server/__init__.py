@@ -1,0 +1,1 @@
+"""fedface server side: the ServerApp, the round loop and aggregation strategies."""

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from fedface.config import RunConfig
+from fedface.data.partition import partition_identities, verification_pairs
+
+
+def test_run_config_round_trip_and_coercion():
+    cfg = RunConfig(num_clients=4, rounds=3, lr=0.05)
+    back = RunConfig.from_run_config(cfg.to_run_config())
+    assert back == cfg
+    # flwr run -c gives strings; kebab-case keys
+    c2 = RunConfig.from_run_config({"num-clients": "6", "flip-tta": "true", "lr": "0.2"})
+    assert (c2.num_clients, c2.flip_tta, c2.lr) == (6, True, 0.2)
+
+
+def test_run_config_rejects_unknown_and_invalid():
+    with pytest.raises(ValueError, match="Unknown run-config keys.*'rundz'.*Valid keys"):
+        RunConfig.from_run_config({"rundz": 3})
+    with pytest.raises(ValueError, match="mode='fed'"):
+        RunConfig(mode="fed")
+    with pytest.raises(ValueError, match="num-clients='x' is not a valid int"):
+        RunConfig.from_run_config({"num-clients": "x"})
+    with pytest.raises(ValueError, match="min_train_nodes=5 > num_clients=3"):
+        RunConfig(num_clients=3, min_train_nodes=5)
+
+
+def test_data_key_changes_with_data_settings_only():
+    a = RunConfig()
+    assert a.data_key() == RunConfig(rounds=9, lr=0.3).data_key()
+    assert a.data_key() != RunConfig(num_clients=4).data_key()
+    assert a.data_key() != RunConfig(image_size=96).data_key()
+
+
+@pytest.mark.parametrize(("scheme", "alpha"), [("dirichlet", 0.5), ("powerlaw", 1.5)])
+def test_identity_disjoint_partition(scheme, alpha):
+    labels = np.repeat(np.arange(200), 5)
+    splits = partition_identities(labels, 8, scheme=scheme, alpha=alpha, val_fraction=0.2, seed=3)
+    seen = set()
+    all_idx = []
+    for s in splits:
+        ids = set(labels[s.train]) | set(labels[s.val])
+        assert not ids & seen, "an identity lives at two clients"
+        seen |= ids
+        assert not set(labels[s.train]) & set(labels[s.val]), "validation ids must be held out"
+        all_idx += list(s.train) + list(s.val)
+    assert sorted(all_idx) == list(range(len(labels)))  # nothing lost, nothing duplicated
+    sizes = sorted(len(s.train) + len(s.val) for s in splits)
+    assert sizes[-1] >= 3 * sizes[0], f"sizes not skewed: {sizes}"
+    assert min(len({*labels[s.train], *labels[s.val]}) for s in splits) >= 2
+    # deterministic
+    again = partition_identities(labels, 8, scheme=scheme, alpha=alpha, val_fraction=0.2, seed=3)
+    assert all(np.array_equal(x.train, y.train) for x, y in zip(splits, again))
+    other = partition_identities(labels, 8, scheme=scheme, alpha=alpha, val_fraction=0.2, seed=4)
+    assert any(not np.array_equal(x.train, y.train) for x, y in zip(splits, other))
+
+
+def test_iid_partition_balanced_and_shares_identities():
+    labels = np.repeat(np.arange(50), 8)
+    splits = partition_identities(labels, 4, scheme="iid", val_fraction=0.0)
+    sizes = [len(s.train) for s in splits]
+    assert max(sizes) - min(sizes) <= 1
+    assert len(set(labels[splits[0].train]) & set(labels[splits[1].train])) > 10
+
+
+def test_partition_refuses_too_few_identities():
+    with pytest.raises(ValueError, match="5 identities cannot give 4 clients"):
+        partition_identities(np.repeat(np.arange(5), 3), 4)
+
+
+def test_verification_pairs_balanced():
+    labels = np.repeat(np.arange(10), 4)
+    a, b, same = verification_pairs(labels, max_pairs=40, seed=0)
+    assert same.sum() == (~same).sum() == 20
+    assert np.all((labels[a] == labels[b]) == same)
+    a, b, same = verification_pairs(np.arange(5), max_pairs=40)  # no identity twice
+    assert len(same) == 0
