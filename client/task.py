@@ -44,8 +44,8 @@ def load_client_data(context: Context, data_dir: str) -> ClientData:
                              " or run through `fedface train` / `flwr run .` (simulation)")
         path = Path(data_dir) / f"client_{int(node['partition-id']):03d}.npz"
     if not path.exists():
-        raise FileNotFoundError(f"Client data {path} is missing: prepare it with `fedface data "
-                                "prepare` on this node")
+        raise FileNotFoundError(f"Client data {path} is missing: prepare it with `fedface "
+                                "prepare --clients 1` on this node")
     return _load_cached(str(path), os.path.getmtime(path))
 
 

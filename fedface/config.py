@@ -211,9 +211,10 @@ class RunConfig:
             "synthetic_identities", "synthetic_images", "num_clients", "partition",
             "partition_alpha", "val_fraction", "seed",
         )
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
-        if self.data != "synthetic":
-            blob += str(Path(self.data).expanduser().resolve())
+        values = {k: getattr(self, k) for k in keys}
+        if self.data != "synthetic":  # the same folder, however it was written
+            values["data"] = str(Path(self.data).expanduser().resolve())
+        blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -75,3 +75,18 @@ def test_verification_pairs_balanced():
     assert np.all((labels[a] == labels[b]) == same)
     a, b, same = verification_pairs(np.arange(5), max_pairs=40)  # no identity twice
     assert len(same) == 0
+
+
+def test_pyproject_flower_config_lists_every_run_setting():
+    """`flwr run . -c key=value` only accepts keys declared in pyproject.toml."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["flwr"]["app"]["config"]
+    defaults = RunConfig().to_run_config()
+    assert set(declared) == set(defaults)
+    assert {k: v for k, v in declared.items() if k != "out"} == {
+        k: v for k, v in defaults.items() if k != "out"}
+    assert pyproject["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "server.app:app", "clientapp": "client.app:app"}

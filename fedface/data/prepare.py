@@ -89,7 +89,7 @@ class ClientData:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(
-                f"Client data file {path} is missing: run `fedface data prepare` (or any "
+                f"Client data file {path} is missing: run `fedface prepare` (or any "
                 "`fedface train`) with the same settings to create it"
             )
         with np.load(path) as z:
@@ -286,6 +286,13 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
     if not pairsets_raw:
         dataset, heldout = _hold_out_identities(dataset, cfg.seed)
         pairsets_raw.append((Path("heldout"), heldout))
+
+    if len(dataset.labels) == 0:
+        raise ValueError(
+            f"No training images left in {root}: every identity is used by the evaluation "
+            "pairs or was dropped (see the report). Give a training list (--train-people) "
+            "or pair files that name other identities"
+        )
 
     # --- align training images
     chips, ok = _align(aligner, dataset.paths, report, progress, "Aligning training faces")

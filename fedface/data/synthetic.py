@@ -194,8 +194,8 @@ def _identity_params_cached(seed: int, i: int) -> IdentityParams:
     iris = _IRIS[rng.choice(len(_IRIS), p=_IRIS_P)] * (1 + rng.normal(0, 0.1, 3))
     lip = 0.6 * skin + 0.4 * np.array([0.75, 0.25, 0.25]) + rng.normal(0, 0.03, 3)
 
-    face_a = u(0.21, 0.29)
-    face_b = u(0.28, 0.36)
+    face_a = u(0.19, 0.30)
+    face_b = u(0.26, 0.37)
     male = rng.uniform() < 0.5
     n_moles = int(rng.integers(0, 4))
     moles = tuple(
@@ -203,7 +203,7 @@ def _identity_params_cached(seed: int, i: int) -> IdentityParams:
         for _ in range(n_moles)
     )
     tex = np.empty((5, 5, 3), np.float32)
-    lum = rng.normal(0, 0.09, (5, 5))
+    lum = rng.normal(0, 0.12, (5, 5))
     tex[:] = lum[..., None]
     tex += rng.normal(0, 0.035, (5, 5, 3))
     gl = int(rng.choice(3, p=[0.8, 0.1, 0.1]))
@@ -221,24 +221,24 @@ def _identity_params_cached(seed: int, i: int) -> IdentityParams:
         hairline=u(0.45, 0.8),
         hair_volume=u(0.02, 0.09),
         hair_part=u(-1, 1),
-        eye_dx=u(0.08, 0.13),
-        eye_dy=u(-0.07, 0.0),
-        eye_w=u(0.033, 0.052),
+        eye_dx=u(0.07, 0.14),
+        eye_dy=u(-0.08, 0.01),
+        eye_w=u(0.03, 0.058),
         eye_h=u(0.38, 0.72),
         eye_tilt=u(-12, 12),
         iris_color=_t3(iris),
         iris_ratio=u(0.45, 0.75),
         brow_dy=u(0.035, 0.07),
-        brow_thick=u(0.007, 0.02),
+        brow_thick=u(0.006, 0.024),
         brow_len=u(1.0, 1.5),
         brow_angle=u(-15, 15),
         brow_arch=u(-0.008, 0.02),
         brow_color=_t3(brow),
-        nose_len=u(0.06, 0.13),
-        nose_w=u(0.022, 0.048),
+        nose_len=u(0.05, 0.14),
+        nose_w=u(0.02, 0.055),
         nose_shade=u(0.08, 0.22),
         mouth_dy=u(0.12, 0.21),
-        mouth_w=u(0.055, 0.12),
+        mouth_w=u(0.045, 0.13),
         lip_thick=u(0.006, 0.018),
         lip_color=_t3(lip),
         moustache=bool(male and rng.uniform() < 0.3),

@@ -36,7 +36,8 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path} is not a readable fedface model file ({err})") from None
+        reason = str(err).strip().splitlines()[0][:200]
+        raise ValueError(f"{path} is not a readable fedface model file ({reason})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fedface model file (expected format {FORMAT})")
     model = build_backbone(blob["backbone"], embedding_size=blob["embedding_size"],
