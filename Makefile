@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedface-installed
 
-.PHONY: demo test install lint bench-scale clean
+.PHONY: demo test install lint bench-scale superlink clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ lint: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/fedface bench scale --json experiments/results/bench_scale.json
+
+# A local SuperLink for `flwr run .` that uses this .venv instead of building a fresh
+# environment per run (Flower's default `uv sync` would download a CUDA torch, GBs).
+superlink: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/flower-superlink --insecure --simulation \
+	  --isolation subprocess --control-api-address 127.0.0.1:39093 \
+	  --host 127.0.0.1 --port 39091 --disable-runtime-dependency-installation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see fedface.cli)
 
 from fedface.config import RunConfig
 from fedface.metrics import write_json
@@ -85,8 +88,10 @@ def markdown(summary: dict) -> str:
     c = res.get("centralized", {}).get("final", {}).get("pairsDevTest", {})
     f = res.get("federated", {}).get("final", {}).get("pairsDevTest", {})
     if c and f:
-        lines += ["", f"FedAvg - centralized on pairsDevTest: {100 * (f['accuracy'] - c['accuracy']):+.1f} points; "
-                  f"FedAvg - raw pixels: {100 * (f['accuracy'] - f['raw_pixels']['accuracy']):+.1f} points."]
+        gap = 100 * (f["accuracy"] - c["accuracy"])
+        gain = 100 * (f["accuracy"] - f["raw_pixels"]["accuracy"])
+        lines += ["", f"FedAvg - centralized on pairsDevTest: {gap:+.1f} points; "
+                  f"FedAvg - raw pixels: {gain:+.1f} points."]
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,13 @@ from fedface.data.prepare import prepare
 from fedface.metrics import RunRecorder, finalize_run
 from fedface.models import build_head
 from fedface.progress import ProgressFn
-from fedface.training import cosine_lr, make_optimizer, train_epochs, verify_pairs
+from fedface.training import (
+    cosine_lr,
+    make_optimizer,
+    round_test_metrics,
+    train_epochs,
+    verify_pairs,
+)
 
 
 def run(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bool = True) -> dict:
@@ -96,11 +102,7 @@ def run_centralized(cfg: RunConfig, progress: ProgressFn | None = None) -> dict:
         if len(vsame):
             val = verify_pairs(backbone, pooled.x_val, va, vb, vsame)
             record.update({"val_accuracy": val["accuracy"], "val_auc": val["auc"]})
-        if pairsets and (rnd % max(cfg.eval_every, 1) == 0 or rnd == cfg.rounds):
-            ps = pairsets[0]
-            rep = verify_pairs(backbone, ps.images, ps.a, ps.b, ps.same, ps.folds, cfg.flip_tta)
-            record.update({"test_set": ps.name, "test_accuracy": rep["accuracy"],
-                           "test_auc": rep["auc"]})
+        record.update(round_test_metrics(cfg, backbone, pairsets, rnd))
         record["seconds"] = round(time.time() - t0, 3)
         recorder.add_round(record)
         if progress is not None:

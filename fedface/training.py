@@ -161,3 +161,15 @@ def evaluate_pairsets(backbone: nn.Module, pairsets, flip: bool = False,
             rep["raw_pixels"] = raw_pixel_pairs(ps.images, ps.a, ps.b, ps.same, ps.folds)
         out[ps.name] = rep
     return out
+
+
+def round_test_metrics(cfg, backbone: nn.Module, pairsets, rnd: int) -> dict:
+    """Per-round test figures on the first evaluation set (every ``cfg.eval_every`` rounds).
+
+    Returns ``{}`` on rounds without evaluation, so callers can ``record.update`` it.
+    """
+    if not pairsets or not (rnd % max(cfg.eval_every, 1) == 0 or rnd == cfg.rounds):
+        return {}
+    ps = pairsets[0]
+    rep = verify_pairs(backbone, ps.images, ps.a, ps.b, ps.same, ps.folds, cfg.flip_tta)
+    return {"test_set": ps.name, "test_accuracy": rep["accuracy"], "test_auc": rep["auc"]}

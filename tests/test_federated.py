@@ -5,15 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fedface.cli import app
 from fedface.config import RunConfig
-from fedface.evaluate import evaluate_model_on_pairs
 from fedface.models import build_backbone
 from fedface.models.io import load_backbone
 from fedface.protocol import backbone_record
 from fedface.runner import run
 
 pytestmark = pytest.mark.slow
+runner = CliRunner()
 
 SMALL = dict(synthetic_identities=60, synthetic_images=6, image_size=48, num_clients=3,
              rounds=2, batch_size=32, min_train_nodes=3)
@@ -38,9 +40,17 @@ def _check_doc(doc, cfg, n_clients):
     return name, rep
 
 
-def test_federated_simulation_on_synthetic(tmp_path):
-    cfg = RunConfig(**SMALL, out=str(tmp_path / "fed"))
-    doc = run(cfg)
+def test_federated_training_and_eval_through_the_cli(tmp_path):
+    """`fedface train` (Flower simulation, 3 institutions) then `fedface eval` on model.pt."""
+    out = tmp_path / "fed"
+    args = ["train", "--clients", "3", "--rounds", "2", "--image-size", "48", "--batch-size", "32",
+            "--out", str(out), "--set", "synthetic-identities=60", "--set", "synthetic-images=6",
+            "--set", "min-train-nodes=3"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "Verification" in res.output and "raw acc%" in res.output
+    doc = json.loads((out / "metrics.json").read_text())
+    cfg = RunConfig.from_run_config(doc["config"])
     name, rep = _check_doc(doc, cfg, 3)
     r1 = doc["rounds"][0]
     assert r1["clients_ok"] == 3 and r1["clients_failed"] == []
@@ -48,14 +58,17 @@ def test_federated_simulation_on_synthetic(tmp_path):
     model_bytes = backbone_record(build_backbone("tinyface", input_size=48)).count_bytes()
     assert r1["bytes_up"] == 3 * model_bytes
     assert r1["bytes_down"] == 2 * 3 * model_bytes
-    # model.pt reproduces the final figure through `fedface eval`'s code path.
-    model, meta = load_backbone(tmp_path / "fed" / "model.pt")
+    # model.pt reproduces the final figure through `fedface eval`.
+    model, meta = load_backbone(out / "model.pt")
     assert meta["backbone"] == "tinyface" and meta["image_size"] == 48
     data_root = doc["data"]["root"]
-    ev = evaluate_model_on_pairs(tmp_path / "fed" / "model.pt", data_root,
-                                 f"{data_root}/pairs_heldout.txt")
+    res = runner.invoke(app, ["eval", "--model", str(out / "model.pt"), "--images", data_root,
+                              "--pairs", f"{data_root}/pairs_heldout.txt",
+                              "--json", str(tmp_path / "eval.json")])
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "eval.json").read_text())
     assert ev["verification"]["accuracy"] == pytest.approx(rep["accuracy"], abs=1e-9)
-    assert 0.0 <= ev["rank1"] <= 1.0
+    assert 0.0 <= ev["rank1"] <= 1.0 and ev["rank1_probes"] > 0
 
 
 def test_centralized_same_data_same_protocol(tmp_path):

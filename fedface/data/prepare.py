@@ -14,6 +14,7 @@ A second call with the same settings reads ``report.json`` and returns at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -202,7 +203,11 @@ def synthetic_root(cfg: RunConfig) -> tuple[Path, Path]:
         num_identities=total, images_per_identity=cfg.synthetic_images,
         size=cfg.image_size, seed=cfg.seed,
     )
-    root = cfg.cache_path / "synthetic" / f"n{total}-k{cfg.synthetic_images}-s{cfg.image_size}-seed{cfg.seed}"
+    # Keyed by every generator setting and version: a changed generator never meets an
+    # old folder (write_identity_folder refuses to mix them).
+    key = hashlib.sha256(json.dumps([syn.GENERATOR_VERSION, scfg.to_dict()],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    root = cfg.cache_path / "synthetic" / f"n{total}-k{cfg.synthetic_images}-s{cfg.image_size}-{key}"
     syn.write_identity_folder(root, scfg)
     pairs_file = root / "pairs_heldout.txt"
     if not pairs_file.exists():

@@ -81,13 +81,13 @@ class SyntheticConfig:
     scale: float = 0.10  # scale drawn from [1 - scale, 1 + scale]
     yaw: float = 0.35  # max |yaw| in radians of the cylindrical horizontal warp
     lighting: float = 0.45  # max strength of the directional lighting gradient
-    brightness: float = 0.12  # max |additive brightness offset| (in [0, 1] units)
-    contrast: float = 0.25  # contrast drawn from [1 - contrast, 1 + contrast]
-    color_cast: float = 0.06  # max |per-channel white-balance gain change|
+    brightness: float = 0.08  # max |additive brightness offset| (in [0, 1] units)
+    contrast: float = 0.15  # contrast drawn from [1 - contrast, 1 + contrast]
+    color_cast: float = 0.03  # max |per-channel white-balance gain change|
     expression: float = 1.0  # strength of smile/open mouth/eye openness/brow raise
-    noise: float = 0.03  # Gaussian pixel noise std (in [0, 1] units)
+    noise: float = 0.02  # Gaussian pixel noise std (in [0, 1] units)
     blur: float = 0.8  # max Gaussian blur sigma in pixels at 112 px (scaled with size)
-    blur_prob: float = 0.3  # probability that an image is blurred
+    blur_prob: float = 0.15  # probability that an image is blurred
     background: float = 1.0  # amount of per-image background/clothing colour variation
 
     def __post_init__(self) -> None:
@@ -151,7 +151,7 @@ class IdentityParams:
     glasses: int  # 0 none, 1 round, 2 rectangular
     glasses_color: tuple[float, float, float]
     moles: tuple[tuple[float, float, float], ...]  # (x, y, radius) in face frame
-    texture: np.ndarray = field(repr=False)  # (5, 5, 3) low-frequency multiplicative texture
+    texture: np.ndarray = field(repr=False, compare=False)  # (5, 5, 3) smooth skin texture
 
 
 _SKIN_STOPS = np.array(
@@ -206,6 +206,7 @@ def _identity_params_cached(seed: int, i: int) -> IdentityParams:
     lum = rng.normal(0, 0.12, (5, 5))
     tex[:] = lum[..., None]
     tex += rng.normal(0, 0.035, (5, 5, 3))
+    tex.flags.writeable = False  # shared through the cache
     gl = int(rng.choice(3, p=[0.8, 0.1, 0.1]))
     return IdentityParams(
         index=i,
