@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
@@ -28,7 +27,7 @@ from fedface.protocol import (
     load_backbone_record,
     payload_bytes,
 )
-from fedface.training import cosine_lr, verify_pairs
+from fedface.training import cosine_lr, round_test_metrics
 from server.strategies import build_strategy
 
 
@@ -91,12 +90,8 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
             "val_accuracy": _weighted(eok, "val-accuracy"), "val_auc": _weighted(eok, "val-auc"),
             "bytes_down": int(down), "bytes_up": int(up),
         }
-        if pairsets and (rnd % max(cfg.eval_every, 1) == 0 or rnd == cfg.rounds):
-            load_backbone_record(backbone, arrays)
-            ps = pairsets[0]
-            rep = verify_pairs(backbone, ps.images, ps.a, ps.b, ps.same, ps.folds, cfg.flip_tta)
-            record.update({"test_set": ps.name, "test_accuracy": rep["accuracy"],
-                           "test_auc": rep["auc"]})
+        load_backbone_record(backbone, arrays)
+        record.update(round_test_metrics(cfg, backbone, pairsets, rnd))
         record["seconds"] = round(time.time() - t0, 3)
         recorder.add_round(record)
         if progress is not None:
@@ -104,7 +99,3 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
     load_backbone_record(backbone, arrays)
     return finalize_run(cfg, backbone, pairsets, recorder, time.time() - t_start)
 
-
-def mean_or_none(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
