@@ -13,18 +13,24 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.task import (
+    build_backbone_only,
     build_models,
     client_config,
+    client_id,
     client_seed,
     load_client_data,
     save_head,
     set_threads,
     validation_pairs,
 )
+from fedface.momentum import MomentumHook
 from fedface.protocol import (
     ARRAYS,
+    CLIENT_ID,
     CONFIG,
+    FV_PREFIX,
     METRICS,
+    MOMENTUM,
     NUM_EXAMPLES,
     TrainInstructions,
     backbone_record,
@@ -45,14 +51,20 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         data = load_client_data(context, ins.data_dir)
         seed = client_seed(cfg, context, ins.server_round)
         torch.manual_seed(seed)
-        backbone, head = build_models(cfg, data.num_classes, context)
+        backbone, head = build_models(cfg, data.num_classes, context, ins)
         load_backbone_record(backbone, msg.content[ARRAYS])
+        hook = None
+        if ins.pfm_beta > 0 and MOMENTUM in msg.content.array_records:
+            momentum = {k: a.numpy() for k, a in msg.content[MOMENTUM].items()}
+            hook = MomentumHook(backbone, momentum, ins.pfm_beta)
         res = train_epochs(backbone, head, data.x_train, data.y_train,
                            epochs=ins.local_epochs, batch_size=cfg.batch_size, lr=ins.lr,
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed)
-        save_head(head, context)
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed,
+                           global_momentum=hook, proximal_mu=ins.proximal_mu)
+        save_head(head, context, ins)
         metrics = MetricRecord({NUM_EXAMPLES: len(data.y_train), "train-loss": res.loss,
-                                "train-seconds": res.seconds, "train-steps": res.steps})
+                                "train-seconds": res.seconds, "train-steps": res.steps,
+                                CLIENT_ID: client_id(context)})
         content = RecordDict({ARRAYS: backbone_record(backbone), METRICS: metrics})
         return Message(content=content, reply_to=msg)
 
@@ -63,12 +75,16 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         ins = TrainInstructions.from_record(msg.content[CONFIG])
         data = load_client_data(context, ins.data_dir)
         a, b, same = validation_pairs(data, cfg.seed)
-        metrics = {NUM_EXAMPLES: len(same)}
+        metrics = {NUM_EXAMPLES: int(len(same)), CLIENT_ID: client_id(context)}
         if len(same):
-            backbone, _ = build_models(cfg, max(data.num_classes, 1), context)
-            load_backbone_record(backbone, msg.content[ARRAYS])
-            rep = verify_pairs(backbone, data.x_val, a, b, same, flip=cfg.flip_tta)
-            metrics.update({"val-accuracy": rep["accuracy"], "val-auc": rep["auc"]})
+            backbone = build_backbone_only(cfg)
+            # The round's model, then any FV candidates (fv-0, fv-1, ...): one score each.
+            keys = [ARRAYS] + sorted(k for k in msg.content.array_records if k.startswith(FV_PREFIX))
+            for key in keys:
+                load_backbone_record(backbone, msg.content[key])
+                rep = verify_pairs(backbone, data.x_val, a, b, same, flip=cfg.flip_tta)
+                prefix = "val" if key == ARRAYS else key
+                metrics.update({f"{prefix}-accuracy": rep["accuracy"], f"{prefix}-auc": rep["auc"]})
         return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -14,6 +14,7 @@ from fedface.config import RunConfig
 from fedface.data.partition import verification_pairs
 from fedface.data.prepare import ClientData
 from fedface.models import build_backbone, build_head
+from fedface.protocol import TrainInstructions
 
 HEAD_STATE = "head"
 
@@ -53,23 +54,81 @@ def set_threads(cfg: RunConfig) -> None:
     torch.set_num_threads(max(1, int(cfg.num_cpus_per_client)))
 
 
-def build_models(cfg: RunConfig, num_classes: int, context: Context):
+def build_backbone_only(cfg: RunConfig) -> torch.nn.Module:
+    """A backbone of the run's architecture (weights come from the server)."""
+    return build_backbone(cfg.backbone, embedding_size=cfg.embedding_size,
+                          input_size=cfg.image_size)
+
+
+def client_id(context: Context) -> int:
+    """Stable id of this client: its partition (simulation) or node id (deployment)."""
+    node = context.node_config
+    return int(node["partition-id"]) if "partition-id" in node else int(context.node_id)
+
+
+def _head_dir(context: Context, ins: TrainInstructions) -> tuple[Path, str] | None:
+    """Folder and file prefix of this client's saved heads, if it has a state folder."""
+    if "state-dir" in context.node_config:
+        return Path(str(context.node_config["state-dir"])), "head"
+    if ins.state_dir:
+        return Path(ins.state_dir), f"client_{client_id(context):03d}_head"
+    return None
+
+
+def _saved_heads(folder: Path, prefix: str) -> dict[int, Path]:
+    """{round: file} of the heads saved after each round (the last two are kept)."""
+    out = {}
+    for f in folder.glob(f"{prefix}_r*.pt"):
+        try:
+            out[int(f.stem.rsplit("_r", 1)[1])] = f
+        except ValueError:
+            continue
+    return out
+
+
+def build_models(cfg: RunConfig, num_classes: int, context: Context,
+                 ins: TrainInstructions | None = None):
     """Fresh backbone (weights come from the server) and this client's head.
 
-    The head is created once per node and then kept in ``context.state`` between rounds:
-    it is the client's template of its own people and never leaves it.
+    The head is created once and then kept between rounds: it is the client's template
+    of its own people and never leaves it. With a state folder (the run's
+    ``OUT/clients`` in simulation, ``--node-config state-dir=...`` in deployment) it is
+    saved after every round as ``<prefix>_r<round>.pt`` and the newest head saved
+    *before* the current round is loaded, so a restarted client or a resumed run replays
+    a round from the same head as the first time. Without one it lives in the node's
+    ``context.state``.
     """
-    backbone = build_backbone(cfg.backbone, embedding_size=cfg.embedding_size,
-                              input_size=cfg.image_size)
+    backbone = build_backbone_only(cfg)
     head = build_head(cfg.head, cfg.embedding_size, num_classes)
+    where = _head_dir(context, ins) if ins is not None else None
+    if where is not None:
+        earlier = {r: f for r, f in _saved_heads(*where).items() if r < ins.server_round}
+        if earlier:
+            head.load_state_dict(torch.load(earlier[max(earlier)], map_location="cpu",
+                                            weights_only=True))
+            return backbone, head
+        return backbone, head  # first round of this run: a fresh head
     if HEAD_STATE in context.state:
         head.load_state_dict(context.state[HEAD_STATE].to_torch_state_dict())
     return backbone, head
 
 
-def save_head(head: torch.nn.Module, context: Context) -> None:
-    context.state[HEAD_STATE] = ArrayRecord(
-        {k: v.detach().cpu() for k, v in head.state_dict().items()})
+def save_head(head: torch.nn.Module, context: Context,
+              ins: TrainInstructions | None = None) -> None:
+    """Keep the head in the node's state and, when a state folder is known, on disk."""
+    state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    context.state[HEAD_STATE] = ArrayRecord(state)
+    where = _head_dir(context, ins) if ins is not None else None
+    if where is not None:
+        folder, prefix = where
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{prefix}_r{ins.server_round:05d}.pt"
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for r, f in _saved_heads(folder, prefix).items():
+            if r < ins.server_round - 1:
+                f.unlink(missing_ok=True)
 
 
 def validation_pairs(data: ClientData, seed: int):

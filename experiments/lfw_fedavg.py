@@ -57,11 +57,23 @@ def main() -> None:
                          "wall_seconds": round(time.time() - t0, 1)}
         print(mode, json.dumps({k: v.get("accuracy") for k, v in doc["final"].items()
                                 if isinstance(v, dict)}))
-    summary = {"study": "centralized vs FedAvg on LFW", "config": base,
-               "data": doc["data"], "results": results}
+    summary = portable({"study": "centralized vs FedAvg on LFW", "config": base,
+                        "data": doc["data"], "results": results})
     write_json(args.out / f"{tag}.json", summary)
     (args.out / f"{tag}.md").write_text(markdown(summary))
     print((args.out / f"{tag}.md").read_text())
+
+
+def portable(obj):
+    """Paths of this machine written relative to the repository (results are committed)."""
+    root = str(HERE.parent)
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("/"):
+        return os.path.relpath(obj, root)
+    return obj
 
 
 def markdown(summary: dict) -> str:

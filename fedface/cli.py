@@ -73,12 +73,12 @@ def print_summary(doc: dict, title: str = "fedface run") -> None:
             f"(images per institution: {sizes})"
         )
     rt = Table(title="Rounds", show_lines=False)
-    for col in ("round", "loss", "val acc%", "test acc%", "sec", "MB down", "MB up"):
+    for col in ("round", "loss", "val acc%", "test acc%", "excl", "sec", "MB down", "MB up"):
         rt.add_column(col, justify="right")
     for r in doc["rounds"]:
         rt.add_row(str(r["round"]), f"{r['train_loss']:.3f}" if r.get("train_loss") else "-",
                    _pct(r.get("val_accuracy")), _pct(r.get("test_accuracy")),
-                   f"{r['seconds']:.1f}", f"{r['bytes_down'] / 1e6:.1f}",
+                   str(r.get("num_excluded", 0)), f"{r['seconds']:.1f}", f"{r['bytes_down'] / 1e6:.1f}",
                    f"{r['bytes_up'] / 1e6:.1f}")
     console.print(rt)
     ft = Table(title="Verification: 10-fold accuracy (threshold from the other folds), "
@@ -97,15 +97,19 @@ def print_summary(doc: dict, title: str = "fedface run") -> None:
     console.print(f"wall time {final.get('wall_seconds', 0):.0f} s; model: {final.get('model')}")
 
 
-def _run(cfg: RunConfig, verbose: bool, title: str) -> dict:
+def _run(cfg: RunConfig, verbose: bool, title: str, resume: bool = False) -> dict:
     from fedface.progress import RichProgress
     from fedface.runner import run
 
     try:
         with RichProgress(console) as progress:
-            doc = run(cfg, progress=progress, quiet=not verbose)
+            doc = run(cfg, progress=progress, quiet=not verbose, resume=resume)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         _fail(str(err))
+    if doc.get("paused_after_round"):
+        console.print(f"paused after round {doc['paused_after_round']}: continue with "
+                      f"`fedface train --resume {cfg.out}`")
+        return doc
     print_summary(doc, title)
     console.print(f"metrics: {Path(cfg.out) / 'metrics.json'}")
     return doc
@@ -130,7 +134,8 @@ def train(
     clients: Annotated[int | None, typer.Option(help="Simulated institutions.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Aggregation strategy.")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        help="fedavg | fedavgm | fedadam | fedprox | pfm.")] = None,
     partition: Annotated[str | None, typer.Option(
         help="dirichlet | powerlaw (identity-disjoint, skewed) | iid.")] = None,
     alpha: Annotated[float | None, typer.Option(help="Partition skew parameter.")] = None,
@@ -144,19 +149,33 @@ def train(
     cache_dir: Annotated[str | None, typer.Option(help="Cache folder.")] = None,
     out: OutOpt = "runs/train",
     sets: SetOpt = None,
+    fv: Annotated[bool, typer.Option("--fv", help="Federated validation of client weightings.")] = False,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue the stopped run in this folder (its settings; --rounds may grow).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's log.")] = False,
 ) -> None:
     """Train a face model federatedly across simulated institutions (or centralized).
 
     Writes OUT/metrics.json (config, one record per round, final verification figures and
-    the raw-pixel reference) and OUT/model.pt.
+    the raw-pixel reference), OUT/model.pt and, every round, OUT/checkpoint.pt.
+    Strategies: fedavg, fedavgm, fedadam, fedprox, pfm (partially federated momentum);
+    --fv adds federated validation to any of them.
     """
+    if resume:
+        from fedface.runner import resume_config
+
+        try:
+            cfg = resume_config(resume, rounds=rounds)
+        except (FileNotFoundError, ValueError) as err:
+            _fail(str(err))
+        _run(cfg, verbose, f"fedface train (resumed from {resume})", resume=True)
+        return
     cfg = _config(data=data, pairs=",".join(pairs or []) or None, train_people=train_people,
                   mode=mode, num_clients=clients, rounds=rounds, local_epochs=local_epochs,
                   strategy=strategy, partition=partition, partition_alpha=alpha,
                   backbone=backbone, head=head, image_size=image_size, batch_size=batch_size,
                   lr=lr, seed=seed, flip_tta=flip or None, cache_dir=cache_dir, out=out,
-                  sets=sets)
+                  fv=fv or None, sets=sets)
     _run(cfg, verbose, f"fedface train ({cfg.mode})")
 
 

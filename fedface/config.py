@@ -64,7 +64,24 @@ class RunConfig:
     val_fraction : float
         Share of each client's identities kept as its private validation split.
     strategy : str
-        Server aggregation strategy (``"fedavg"``).
+        Server aggregation strategy: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedprox`` or
+        ``pfm`` (partially federated momentum).
+    pfm_beta : float
+        PFM momentum coefficient.
+    server_lr, server_momentum : float
+        Server step size (FedAvgM, PFM) and FedAvgM's server momentum.
+    fedadam_eta, fedadam_tau : float
+        FedAdam's server learning rate and adaptivity.
+    proximal_mu : float
+        FedProx's proximal weight.
+    fv : bool
+        Federated validation: each round, try candidate client weightings and keep the one
+        that scores best on the clients' private validation splits.
+    fv_candidates : int
+        Budget: candidate weightings scored per round (one extra exchange carrying them).
+    max_update_ratio : float
+        Replies whose update norm per local step exceeds this many times the round's
+        median are excluded from aggregation.
     rounds, local_epochs : int
         Federated rounds and local epochs per round (centralized: rounds x local_epochs
         epochs).
@@ -86,6 +103,9 @@ class RunConfig:
         Ray resources for each simulated client (2 cores: 1.0 runs two at once).
     round_timeout : float
         Seconds the server waits for replies in a round.
+    pause_after : int
+        Stop after this round, leaving the checkpoint for ``--resume`` (0: run to the
+        end). For time-boxed machines, and to test that resuming changes nothing.
     out : str
         Output directory (``metrics.json``, ``model.pt``).
     cache_dir : str
@@ -106,6 +126,15 @@ class RunConfig:
     partition_alpha: float = 1.0
     val_fraction: float = 0.15
     strategy: str = "fedavg"
+    pfm_beta: float = 0.9
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    fedadam_eta: float = 0.01
+    fedadam_tau: float = 0.001
+    proximal_mu: float = 0.01
+    fv: bool = False
+    fv_candidates: int = 4
+    max_update_ratio: float = 10.0
     rounds: int = 10
     local_epochs: int = 2
     fraction_train: float = 1.0
@@ -122,6 +151,7 @@ class RunConfig:
     seed: int = 0
     num_cpus_per_client: float = 1.0
     round_timeout: float = 3600.0
+    pause_after: int = 0
     out: str = "runs/latest"
     cache_dir: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -151,6 +181,13 @@ class RunConfig:
             problems.append(f"image_size={self.image_size}: use 32..224 (112 is standard)")
         if self.batch_size < 2:
             problems.append(f"batch_size={self.batch_size}: use at least 2")
+        if self.strategy not in ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm"):
+            problems.append(f"strategy={self.strategy!r}: use fedavg, fedavgm, fedadam, fedprox "
+                            "or pfm")
+        if not 0.0 <= self.pfm_beta < 1.0:
+            problems.append(f"pfm_beta={self.pfm_beta}: use a value in [0, 1)")
+        if self.fv and self.fv_candidates < 2:
+            problems.append(f"fv_candidates={self.fv_candidates}: FV needs at least 2")
         if self.min_train_nodes > self.num_clients and self.mode == "federated":
             problems.append(
                 f"min_train_nodes={self.min_train_nodes} > num_clients={self.num_clients}"

@@ -5,20 +5,28 @@ Every train/evaluate message is a Flower ``RecordDict`` with these keys:
 - ``ARRAYS`` (``"arrays"``): ``ArrayRecord`` of the federated backbone, keyed like its
   ``state_dict``. The head never travels.
 - ``CONFIG`` (``"config"``): ``ConfigRecord`` with the round's settings (:class:`TrainInstructions`).
-- ``METRICS`` (``"metrics"``): ``MetricRecord`` in replies, always with ``num-examples``.
+- ``METRICS`` (``"metrics"``): ``MetricRecord`` in replies, always with ``num-examples``
+  and ``client-id`` (the partition or node id; replies are aggregated in its order so
+  that runs are reproducible).
+- ``MOMENTUM`` (``"momentum"``): PFM's global momentum, same keys as the backbone.
+- FV candidates travel as ``fv-0``, ``fv-1``, ... ``ArrayRecord``s in evaluate messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+MOMENTUM = "momentum"
 NUM_EXAMPLES = "num-examples"
+CLIENT_ID = "client-id"
+FV_PREFIX = "fv-"
 
 
 @dataclass
@@ -29,6 +37,9 @@ class TrainInstructions:
     lr: float = 0.1
     local_epochs: int = 1
     data_dir: str = ""
+    state_dir: str = ""
+    pfm_beta: float = 0.0
+    proximal_mu: float = 0.0
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({k.replace("_", "-"): v for k, v in asdict(self).items()})
@@ -42,6 +53,11 @@ class TrainInstructions:
 def backbone_record(module: nn.Module) -> ArrayRecord:
     """The federated part of a model as an ``ArrayRecord`` (detached copies)."""
     return ArrayRecord({k: v.detach().cpu() for k, v in module.state_dict().items()})
+
+
+def numpy_record(arrays) -> ArrayRecord:
+    """``ArrayRecord`` from a mapping of name to numpy array (order kept)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def load_backbone_record(module: nn.Module, record: ArrayRecord) -> None:

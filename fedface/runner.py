@@ -30,14 +30,31 @@ from fedface.training import (
 )
 
 
-def run(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bool = True) -> dict:
-    """Train as ``cfg.mode`` says; returns the metrics document (also in ``metrics.json``)."""
+def run(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bool = True,
+        resume: bool = False) -> dict:
+    """Train as ``cfg.mode`` says; returns the metrics document (also in ``metrics.json``).
+
+    ``resume=True`` continues a stopped federated run from ``cfg.out/checkpoint.pt``.
+    """
     if cfg.mode == "centralized":
+        if resume:
+            raise ValueError("--resume applies to federated runs; centralized runs keep no "
+                             "checkpoint (they are the quick baseline)")
         return run_centralized(cfg, progress)
-    return run_simulation(cfg, progress, quiet=quiet)
+    return run_simulation(cfg, progress, quiet=quiet, resume=resume)
 
 
-def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bool = True) -> dict:
+def resume_config(out_dir: str, **changes) -> RunConfig:
+    """The settings of the run checkpointed in ``out_dir`` (``rounds`` may be raised)."""
+    from server.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(out_dir)["config"]
+    return RunConfig.from_run_config(saved, out=str(out_dir), pause_after=0,
+                                     **{k: v for k, v in changes.items() if v is not None})
+
+
+def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bool = True,
+                   resume: bool = False) -> dict:
     """A federated run of ``cfg.num_clients`` simulated institutions on this machine."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -49,7 +66,7 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
     prepare(cfg, progress=progress)
     result: dict = {}
     overrides = cfg.to_run_config()
-    server_app = build_server_app(overrides, progress=progress, result=result)
+    server_app = build_server_app(overrides, progress=progress, result=result, resume=resume)
     client_app = build_client_app(overrides)
     backend = {"client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": 0.0},
                "init_args": {"logging_level": "ERROR", "log_to_driver": not quiet}}

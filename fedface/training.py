@@ -65,6 +65,8 @@ def train_epochs(
     seed: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     on_step=None,
+    global_momentum=None,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Train ``backbone`` and ``head`` on aligned chips with cross-entropy on margin logits.
 
@@ -87,6 +89,11 @@ def train_epochs(
         A caller-owned optimizer (e.g. to keep a head's momentum across rounds).
     on_step : callable, optional
         Called with the step's loss after every step.
+    global_momentum : fedface.momentum.MomentumHook, optional
+        PFM: a fixed global momentum mixed into the backbone's gradients at every step;
+        the backbone then takes plain SGD steps while the head keeps local momentum.
+    proximal_mu : float
+        FedProx: adds ``mu / 2 * ||w - w_start||^2`` over the backbone to the loss.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -94,8 +101,13 @@ def train_epochs(
         raise ValueError("No training images: this client holds no data to train on")
     t0 = time.time()
     gen = torch.Generator().manual_seed(int(seed))
-    params = list(backbone.parameters()) + list(head.parameters())
-    opt = optimizer or make_optimizer(params, lr, momentum, weight_decay)
+    if optimizer is None:
+        groups = [{"params": list(backbone.parameters()),
+                   "momentum": 0.0 if global_momentum is not None else momentum},
+                  {"params": list(head.parameters()), "momentum": momentum}]
+        optimizer = make_optimizer(groups, lr, momentum, weight_decay)
+    opt = optimizer
+    anchor = ([p.detach().clone() for p in backbone.parameters()] if proximal_mu > 0 else None)
     backbone.train()
     head.train()
     x_all = to_tensor(images)
@@ -111,6 +123,9 @@ def train_epochs(
             x = augment(x_all[idx], gen)
             y = y_all[idx]
             loss = F.cross_entropy(head(backbone(x), y), y)
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(backbone.parameters(), anchor))
+                loss = loss + 0.5 * proximal_mu * prox
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"Training loss became {loss.item()} at step {steps}: lower the learning "
@@ -118,6 +133,8 @@ def train_epochs(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if global_momentum is not None:
+                global_momentum()
             opt.step()
             total_loss += loss.item() * len(idx)
             seen += len(idx)
@@ -136,7 +153,13 @@ def verify_pairs(
     folds: np.ndarray | None = None,
     flip: bool = False,
 ) -> dict:
-    """Verification report of ``backbone`` on pairs of ``images`` (see eval docs)."""
+    """Verification report of ``backbone`` on pairs of ``images`` (see eval docs).
+
+    Without protocol folds, pairs are dealt round-robin into 10 folds, so that every fold
+    holds both kinds whatever the pairs' order.
+    """
+    if folds is None:
+        folds = np.arange(len(same)) % 10
     emb = embed(backbone, images, flip=flip)
     return verification_report(pair_scores(emb[a], emb[b]), same, folds)
 

@@ -16,7 +16,7 @@ from server.loop import run_federated
 
 
 def build_server_app(overrides: dict | None = None, progress: ProgressFn | None = None,
-                     result: dict | None = None) -> ServerApp:
+                     result: dict | None = None, resume: bool = False) -> ServerApp:
     """A ServerApp running :func:`server.loop.run_federated`.
 
     Parameters
@@ -27,13 +27,15 @@ def build_server_app(overrides: dict | None = None, progress: ProgressFn | None 
         ``progress(what, done, total)`` for data preparation and rounds.
     result : dict, optional
         Filled with the run's metrics document when the run ends.
+    resume : bool
+        Continue from the checkpoint in the run's output folder.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config(dict(context.run_config), **(overrides or {}))
-        doc = run_federated(grid, cfg, progress=progress)
+        doc = run_federated(grid, cfg, progress=progress, resume=resume)
         if result is not None:
             result.update(doc)
 

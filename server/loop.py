@@ -1,34 +1,47 @@
 """The federated round loop, written against Flower's ``Strategy`` interface.
 
-Each round: ``configure_train`` -> send and receive -> ``aggregate_train`` ->
-``configure_evaluate`` -> clients score the new backbone on their private validation
-splits -> optional server-side test evaluation. Every round is recorded in
-``metrics.json`` (train loss, validation metrics, wall seconds, bytes up and down,
-failed replies with reasons); the final backbone goes to ``model.pt``.
+Each round: ``configure_train`` -> send and receive -> screen the replies (bad shapes,
+dtypes, NaN/Inf, missing keys, outlying update norms, errors and timeouts are excluded
+with a reason) -> ``aggregate_train`` (under FV, once per candidate weighting) ->
+``configure_evaluate``: clients score the new backbone (and FV's candidates) on their
+private validation splits -> optional server-side test evaluation -> checkpoint.
+
+Every round is recorded in ``metrics.json`` (strategy, train loss, validation metrics,
+wall seconds, bytes up and down, excluded replies with reasons, FV candidate scores and
+the chosen weighting, momentum norm); the final backbone goes to ``model.pt``.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
+from fedface import momentum as pfm
 from fedface.config import RunConfig
 from fedface.data.prepare import prepare
 from fedface.metrics import RunRecorder, finalize_run
 from fedface.models import build_backbone
 from fedface.progress import ProgressFn
 from fedface.protocol import (
+    CLIENT_ID,
+    FV_PREFIX,
     METRICS,
     NUM_EXAMPLES,
     TrainInstructions,
     load_backbone_record,
+    numpy_record,
     payload_bytes,
 )
 from fedface.training import cosine_lr, round_test_metrics
-from server.strategies import build_strategy
+from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint, set_rng_state
+from server.fv import FederatedValidation
+from server.strategies import build_strategy, load_strategy_state, strategy_state
+from server.validation import screen_replies
 
 
 def _weighted(replies: list[Message], key: str) -> float | None:
@@ -41,61 +54,139 @@ def _weighted(replies: list[Message], key: str) -> float | None:
     return num / den if den else None
 
 
-def _errors(replies: list[Message]) -> list[dict]:
-    return [{"node": int(m.metadata.src_node_id), "reason": str(m.error.reason)}
-            for m in replies if m.has_error()]
-
-
 def initial_backbone(cfg: RunConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     return build_backbone(cfg.backbone, embedding_size=cfg.embedding_size,
                           input_size=cfg.image_size)
 
 
-def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None) -> dict:
-    """Run ``cfg.rounds`` federated rounds on ``grid``; returns the metrics document."""
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def _cast_like(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
+    """Keep the global model's dtypes (Flower's adaptive strategies return float64)."""
+    return numpy_record({k: np.asarray(a.numpy(), dtype=dtypes[k]) for k, a in arrays.items()})
+
+
+def momentum_norm(strategy) -> float | None:
+    """Norm of the strategy's server-side momentum, if it keeps one."""
+    if hasattr(strategy, "momentum") and isinstance(strategy.momentum, dict):
+        return pfm.norm(strategy.momentum)
+    vec = getattr(strategy, "momentum_vector", None)  # Flower's FedAvgM
+    if vec is not None:
+        values = vec.values() if isinstance(vec, dict) else vec
+        return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in values)))
+    return None
+
+
+def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None,
+                  resume: bool = False) -> dict:
+    """Run ``cfg.rounds`` federated rounds on ``grid``; returns the metrics document.
+
+    With ``resume=True`` the run continues after the last round saved in
+    ``cfg.out/checkpoint.pt`` (model, strategy and FV state, RNG states, metrics).
+    """
     t_start = time.time()
     data = prepare(cfg, progress=progress)
     pairsets = data.load_pairsets()
     backbone = initial_backbone(cfg)
     arrays = ArrayRecord({k: v.detach().clone() for k, v in backbone.state_dict().items()})
+    dtypes = {k: v.dtype for k, v in _numpy(arrays).items()}
     strategy = build_strategy(cfg)
+    fv = FederatedValidation(budget=cfg.fv_candidates) if cfg.fv else None
     recorder = RunRecorder(cfg.out, cfg.to_dict(), data.summary)
-    for rnd in range(1, cfg.rounds + 1):
+    state_dir = str((Path(cfg.out) / "clients").resolve())
+    first = 1
+    if resume:
+        ck = load_checkpoint(cfg.out)
+        check_resumable(ck["config"], cfg.to_dict())
+        arrays = numpy_record(ck["arrays"])
+        load_strategy_state(strategy, ck["strategy"]["strategy"])
+        if fv is not None:
+            fv.load_state(ck["strategy"]["fv"])
+        set_rng_state(ck["rng"])
+        recorder.data["rounds"] = ck["metrics"]["rounds"]
+        recorder.data["resumed_after_round"] = ck["round"]
+        first = ck["round"] + 1
+    for rnd in range(first, cfg.rounds + 1):
         t0 = time.time()
         ins = TrainInstructions(server_round=rnd, lr=cosine_lr(cfg.lr, rnd - 1, cfg.rounds),
-                                local_epochs=cfg.local_epochs, data_dir=str(data.root))
+                                local_epochs=cfg.local_epochs, data_dir=str(data.root),
+                                state_dir=state_dir)
         msgs = list(strategy.configure_train(rnd, arrays, ins.to_record(), grid))
         down = sum(payload_bytes(m.content) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
-        ok = [m for m in replies if not m.has_error()]
-        up = sum(payload_bytes(m.content) for m in ok)
-        failed = _errors(replies)
-        failed += [{"node": int(m.metadata.dst_node_id), "reason": "no reply before timeout"}
-                   for m in msgs[len(replies):]]
-        new_arrays, _ = strategy.aggregate_train(rnd, ok)
-        if new_arrays is None:
-            raise RuntimeError(f"Round {rnd}: no usable client reply ({len(failed)} failed: "
-                               f"{[f['reason'][:200] for f in failed[:3]]})")
-        arrays = new_arrays
-        train_loss = _weighted(ok, "train-loss")
+        up = sum(payload_bytes(m.content) for m in replies if not m.has_error())
+        screening = screen_replies(replies, _numpy(arrays), max_ratio=cfg.max_update_ratio)
+        replied = {int(m.metadata.src_node_id) for m in replies}
+        excluded = screening.excluded + [
+            {"node": int(m.metadata.dst_node_id), "reason": "no reply before the round timeout"}
+            for m in msgs if int(m.metadata.dst_node_id) not in replied]
+        # A fixed order (by client id) makes aggregation reproducible run to run.
+        good = sorted(screening.good, key=lambda m: int(m.content[METRICS].get(CLIENT_ID, 0)))
+        needed = min(cfg.min_train_nodes, len(msgs))
+        if len(good) < needed:
+            reasons = "; ".join(f"node {e['node']}: {e['reason'][:160]}" for e in excluded[:5])
+            raise RuntimeError(f"Round {rnd}: only {len(good)} usable replies, "
+                               f"min-train-nodes={needed} needed. Excluded: {reasons}")
+        train_loss = _weighted(good, "train-loss")
+
+        fv_record = None
+        if fv is None:
+            new_arrays, _ = strategy.aggregate_train(rnd, good)
+            candidates = []
+        else:
+            candidates = fv.aggregate_candidates(strategy, rnd, good)
+            new_arrays = candidates[0]["arrays"]
+        arrays = _cast_like(new_arrays, dtypes)
 
         emsgs = list(strategy.configure_evaluate(rnd, arrays, ins.to_record(), grid))
+        for i, cand in enumerate(candidates[1:], start=1):
+            record = _cast_like(cand["arrays"], dtypes)
+            for m in emsgs:
+                m.content[f"{FV_PREFIX}{i}"] = record
         down += sum(payload_bytes(m.content) for m in emsgs)
         ereplies = list(grid.send_and_receive(emsgs, timeout=cfg.round_timeout))
         eok = [m for m in ereplies if not m.has_error()]
+        val_acc, val_auc = _weighted(eok, "val-accuracy"), _weighted(eok, "val-auc")
+        if fv is not None:
+            scores = fv.scores(eok, len(candidates))
+            best = fv.choose(scores)
+            chosen = candidates[best]
+            strategy = chosen["strategy"]
+            arrays = _cast_like(chosen["arrays"], dtypes)
+            fv.tau = chosen["tau"]
+            fv.history.append(chosen["tau"])
+            prefix = "val" if best == 0 else f"{FV_PREFIX}{best}"
+            val_acc, val_auc = _weighted(eok, f"{prefix}-accuracy"), _weighted(eok, f"{prefix}-auc")
+            fv_record = {"candidates": [
+                {"name": c["name"], "tau": c["tau"], "score": s,
+                 "weights": [round(float(w), 4) for w in c["weights"]]}
+                for c, s in zip(candidates, scores)], "chosen": chosen["name"]}
         record = {
-            "round": rnd, "lr": ins.lr, "train_loss": train_loss,
-            "clients_ok": len(ok), "clients_failed": failed,
-            "val_accuracy": _weighted(eok, "val-accuracy"), "val_auc": _weighted(eok, "val-auc"),
+            "round": rnd, "strategy": cfg.strategy, "lr": ins.lr, "train_loss": train_loss,
+            "clients_ok": len(good), "excluded": excluded, "num_excluded": len(excluded),
+            "val_accuracy": val_acc, "val_auc": val_auc,
             "bytes_down": int(down), "bytes_up": int(up),
+            "momentum_norm": momentum_norm(strategy),
+            "update_norms": {str(k): round(v, 4) for k, v in screening.update_norms.items()},
         }
+        if fv_record is not None:
+            record["fv"] = fv_record
         load_backbone_record(backbone, arrays)
         record.update(round_test_metrics(cfg, backbone, pairsets, rnd))
         record["seconds"] = round(time.time() - t0, 3)
         recorder.add_round(record)
+        save_checkpoint(cfg.out, rnd, _numpy(arrays),
+                        {"strategy": strategy_state(strategy),
+                         "fv": fv.state() if fv is not None else {}},
+                        cfg.to_dict(), {"rounds": recorder.data["rounds"]})
         if progress is not None:
             progress("Federated rounds", rnd, cfg.rounds)
+        if cfg.pause_after and rnd == cfg.pause_after and rnd < cfg.rounds:
+            recorder.data["paused_after_round"] = rnd
+            recorder.write()
+            return recorder.data
     load_backbone_record(backbone, arrays)
     return finalize_run(cfg, backbone, pairsets, recorder, time.time() - t_start)
-

@@ -1,34 +1,111 @@
 """Aggregation strategies by name.
 
-``build_strategy(cfg)`` returns a Flower ``flwr.serverapp.strategy`` object configured
-for the run; later strategies (PFM, encrypted aggregation) register here too.
+``build_strategy(cfg)`` returns a ``flwr.serverapp.strategy`` object configured for the
+run: Flower's ``fedavg``, ``fedavgm``, ``fedadam`` and ``fedprox``, and fedface's
+:class:`PFM` (partially federated momentum). Federated validation (``--fv``) works on
+top of any of them (see :mod:`server.fv`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from flwr.serverapp.strategy import FedAvg, Strategy
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
+from fedface import momentum as pfm
 from fedface.config import RunConfig
-from fedface.protocol import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedface.protocol import ARRAYS, CONFIG, METRICS, MOMENTUM, NUM_EXAMPLES, numpy_record
 
 
-def _fedavg(cfg: RunConfig) -> Strategy:
+class PFM(FedAvg):
+    """Partially federated momentum (Bai et al., arXiv 2105.02501; our reading).
+
+    The server keeps a momentum over the federated backbone only, updated from each
+    round's aggregate with :func:`fedface.momentum.momentum_update`; clients receive it
+    with the backbone and apply it at every local step, while their heads keep ordinary
+    local momentum. Aggregation itself is sample-weighted averaging (FedAvg).
+
+    Parameters
+    ----------
+    beta : float (default: 0.9)
+        Momentum coefficient; 0 reduces PFM to FedAvg with momentum-free local steps.
+    server_learning_rate : float (default: 1.0)
+        Step along the aggregated update: ``w <- w - lr_s * (w - w_avg)``.
+    **kwargs
+        FedAvg's sampling and key options.
+    """
+
+    def __init__(self, beta: float = 0.9, server_learning_rate: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"PFM beta={beta} must be in [0, 1)")
+        self.beta = float(beta)
+        self.server_learning_rate = float(server_learning_rate)
+        self.momentum: dict[str, np.ndarray] | None = None
+        self.current_arrays: dict[str, np.ndarray] | None = None
+        self.round_lr: float = 0.0
+
+    def summary(self) -> None:
+        super().summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send the backbone, the round's config with ``pfm-beta``, and the momentum."""
+        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+        self.round_lr = float(config["lr"])
+        config["pfm-beta"] = self.beta
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.momentum:
+            record = numpy_record(self.momentum)
+            for msg in messages:
+                msg.content[MOMENTUM] = record
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the replies, step the global model, update the momentum."""
+        replies = list(replies)
+        agg, metrics = super().aggregate_train(server_round, replies)
+        if agg is None or self.current_arrays is None:
+            return agg, metrics
+        before = self.current_arrays
+        after = {k: a.numpy() for k, a in agg.items()}
+        if self.server_learning_rate != 1.0:
+            after = {k: (before[k] - self.server_learning_rate * (before[k] - v)).astype(v.dtype)
+                     for k, v in after.items()}
+        steps = weighted_mean([m.content[METRICS] for m in replies if not m.has_error()],
+                              "train-steps")
+        self.momentum = pfm.momentum_update(self.momentum, before, after, self.round_lr,
+                                            max(steps, 1.0), self.beta)
+        return numpy_record(after), metrics
+
+
+def weighted_mean(metrics: list[MetricRecord], key: str) -> float:
+    """Sample-weighted mean of ``key`` over metric records (0 when none carry it)."""
+    num = sum(float(m[key]) * float(m[NUM_EXAMPLES]) for m in metrics if key in m)
+    den = sum(float(m[NUM_EXAMPLES]) for m in metrics if key in m)
+    return num / den if den else 0.0
+
+
+def _common(cfg: RunConfig) -> dict:
     n = cfg.num_clients
-    return FedAvg(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=min(cfg.min_train_nodes, n),
-        min_evaluate_nodes=min(cfg.min_train_nodes, n),
-        min_available_nodes=n,
-        weighted_by_key=NUM_EXAMPLES,
-        arrayrecord_key=ARRAYS,
-        configrecord_key=CONFIG,
-    )
+    return dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
+                min_train_nodes=min(cfg.min_train_nodes, n),
+                min_evaluate_nodes=min(cfg.min_train_nodes, n), min_available_nodes=n,
+                weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
 
 
-STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {"fedavg": _fedavg}
+STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
+    "fedavg": lambda cfg: FedAvg(**_common(cfg)),
+    "fedavgm": lambda cfg: FedAvgM(**_common(cfg), server_learning_rate=cfg.server_lr,
+                                   server_momentum=cfg.server_momentum),
+    "fedadam": lambda cfg: FedAdam(**_common(cfg), eta=cfg.fedadam_eta, tau=cfg.fedadam_tau),
+    "fedprox": lambda cfg: FedProx(**_common(cfg), proximal_mu=cfg.proximal_mu),
+    "pfm": lambda cfg: PFM(beta=cfg.pfm_beta, server_learning_rate=cfg.server_lr, **_common(cfg)),
+}
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
@@ -40,3 +117,37 @@ def build_strategy(cfg: RunConfig) -> Strategy:
             f"Unknown strategy {cfg.strategy!r}; available: {sorted(STRATEGIES)}"
         ) from None
     return factory(cfg)
+
+
+# ---------------------------------------------------------------- state for checkpoints
+def strategy_state(strategy: Strategy) -> dict:
+    """The strategy's learned state (momenta, Adam moments, current weights) as arrays.
+
+    Collects every attribute holding arrays: an ``ArrayRecord``, a dict of arrays or a
+    list of arrays; configuration scalars are rebuilt from the run config on resume.
+    """
+    state = {}
+    for name, value in vars(strategy).items():
+        if isinstance(value, ArrayRecord):
+            state[name] = {"kind": "arrayrecord", "value": {k: a.numpy() for k, a in value.items()}}
+        elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+            state[name] = {"kind": "dict", "value": dict(value)}
+        elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+            state[name] = {"kind": "list", "value": list(value)}
+        elif isinstance(value, float) and name in ("round_lr",):
+            state[name] = {"kind": "float", "value": value}
+    return state
+
+
+def load_strategy_state(strategy: Strategy, state: dict) -> None:
+    """Restore what :func:`strategy_state` saved."""
+    for name, item in state.items():
+        kind, value = item["kind"], item["value"]
+        if kind == "arrayrecord":
+            setattr(strategy, name, numpy_record(value))
+        elif kind == "dict":
+            setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})
+        elif kind == "list":
+            setattr(strategy, name, [np.asarray(v) for v in value])
+        else:
+            setattr(strategy, name, value)

@@ -53,7 +53,7 @@ def test_federated_training_and_eval_through_the_cli(tmp_path):
     cfg = RunConfig.from_run_config(doc["config"])
     name, rep = _check_doc(doc, cfg, 3)
     r1 = doc["rounds"][0]
-    assert r1["clients_ok"] == 3 and r1["clients_failed"] == []
+    assert r1["clients_ok"] == 3 and r1["excluded"] == []
     # Bytes: every client receives the backbone twice (train, evaluate) and sends it once.
     model_bytes = backbone_record(build_backbone("tinyface", input_size=48)).count_bytes()
     assert r1["bytes_up"] == 3 * model_bytes
@@ -77,7 +77,8 @@ def test_centralized_same_data_same_protocol(tmp_path):
     _check_doc(doc, cfg, 3)
     assert all(r["bytes_up"] == 0 for r in doc["rounds"])
     # The same prepared data as the federated run: same training images in total.
-    assert doc["data"]["train_images"] == sum(c["train_images"] for c in doc["data"]["clients"])
+    assert doc["data"]["train_images"] == sum(c["train_images"] + c["val_images"]
+                                              for c in doc["data"]["clients"])
 
 
 def test_federated_simulation_on_orl(tmp_path, orl_root):
@@ -98,3 +99,38 @@ def test_initial_backbone_is_seeded():
     c = initial_backbone(RunConfig(seed=2)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_pfm_with_fv_records_candidates_momentum_and_bytes(tmp_path):
+    cfg = RunConfig(**SMALL, strategy="pfm", fv=True, fv_candidates=3, out=str(tmp_path / "pfm"))
+    doc = run(cfg)
+    _check_doc(doc, cfg, 3)
+    mb = backbone_record(build_backbone("tinyface", input_size=48)).count_bytes()
+    for r in doc["rounds"]:
+        assert r["strategy"] == "pfm" and r["momentum_norm"] > 0
+        names = [c["name"] for c in r["fv"]["candidates"]]
+        assert names == ["samples", "uniform", names[2]] and r["fv"]["chosen"] in names
+        assert all(c["score"] is not None for c in r["fv"]["candidates"])
+        assert all(abs(sum(c["weights"]) - 1) < 1e-3 for c in r["fv"]["candidates"])
+    # Round 1: model down for training; round 2 also the momentum. Evaluate carries the
+    # round's model and the 2 other FV candidates.
+    assert doc["rounds"][0]["bytes_down"] == 3 * mb + 3 * 3 * mb
+    assert doc["rounds"][1]["bytes_down"] == 3 * 2 * mb + 3 * 3 * mb
+
+
+def test_resume_after_a_stop_ends_with_the_same_model(tmp_path):
+    from fedface.runner import resume_config
+
+    base = dict(SMALL, rounds=3, strategy="pfm")
+    full = run(RunConfig(**base, out=str(tmp_path / "full")))
+    paused = run(RunConfig(**base, pause_after=2, out=str(tmp_path / "stopped")))
+    assert paused["paused_after_round"] == 2 and paused["final"] == {}
+    assert (tmp_path / "stopped" / "checkpoint.pt").exists()
+    assert not (tmp_path / "stopped" / "model.pt").exists()
+    resumed = run(resume_config(str(tmp_path / "stopped")), resume=True)
+    assert resumed["resumed_after_round"] == 2
+    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in full["rounds"]]
+    a, _ = load_backbone(tmp_path / "full" / "model.pt")
+    b, _ = load_backbone(tmp_path / "stopped" / "model.pt")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), f"{ka} differs after resume"  # bit-exact

@@ -1,0 +1,102 @@
+"""Checkpoints of a federated run: written every round, atomically, and resumable.
+
+``OUT/checkpoint.pt`` holds the round number, the global backbone, the strategy's state
+(momentum, FV weights, optimizer moments), the RNG states of this process, the run
+config and the metrics recorded so far. It is written to a temporary file and renamed,
+so a run stopped at any moment leaves either the previous or the new checkpoint, never
+a torn one. ``fedface train --resume OUT`` continues from it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "fedface-checkpoint/1"
+# Settings that may differ between the stopped run and its resumption.
+RESUMABLE_CHANGES = {"rounds", "out", "round_timeout", "eval_every", "cache_dir", "pause_after"}
+
+
+def rng_state() -> dict:
+    """Global RNGs this process draws from (Flower samples nodes with ``random``).
+
+    fedface's own randomness uses explicitly seeded generators and needs no saving.
+    """
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+
+
+def _tensors(tree: Any) -> Any:
+    """numpy arrays -> tensors, so the file loads with ``weights_only=True`` (no pickle)."""
+    if isinstance(tree, dict):
+        return {k: _tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tensors(v) for v in tree)
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(tree))
+    return tree
+
+
+def _arrays(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _arrays(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_arrays(v) for v in tree]
+    if isinstance(tree, torch.Tensor):
+        return tree.numpy()
+    return tree
+
+
+def save_checkpoint(out_dir: str | Path, server_round: int, arrays: dict[str, np.ndarray],
+                    strategy_state: dict, config: dict, metrics: dict) -> Path:
+    """Write ``out_dir/checkpoint.pt`` atomically (temp file, fsync, rename)."""
+    path = Path(out_dir) / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": FORMAT, "round": int(server_round), "arrays": _tensors(arrays),
+            "strategy": _tensors(strategy_state), "rng": rng_state(), "config": config,
+            "metrics": metrics}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(blob, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(out_dir: str | Path) -> dict[str, Any]:
+    """Read a checkpoint; a missing or foreign file gets a message saying what to do."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"No checkpoint in {out_dir}: --resume needs the --out folder "
+                                "of a run that completed at least one round")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
+        raise ValueError(f"{path} is not a readable checkpoint ({str(err)[:200]})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fedface checkpoint (expected {FORMAT})")
+    blob["arrays"] = _arrays(blob["arrays"])
+    blob["strategy"] = _arrays(blob["strategy"])
+    return blob
+
+
+def check_resumable(saved: dict, current: dict) -> None:
+    """Refuse to resume with settings that would make a different run."""
+    diffs = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current)
+             if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)}
+    if diffs:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diffs.items()))
+        raise ValueError(f"Cannot resume: settings differ from the checkpoint ({shown}). "
+                         "Resume with the original settings (only rounds may grow)")

@@ -1,0 +1,116 @@
+"""Federated validation (FV): choose each round's client weighting by validation score.
+
+After a round's replies are screened, FV aggregates them under several candidate
+weightings, sends every candidate to the clients in the round's evaluate exchange
+(``fv-0``, ``fv-1``, ... next to the usual ``arrays``), and keeps the candidate with the
+best sample-weighted validation accuracy on the clients' private validation identities.
+Only scalar scores leave the clients.
+
+Candidates are a softmax-temperature family over the clients' sample counts,
+``w_k ~ exp(tau * log n_k) = n_k ** tau``: ``tau = 1`` is sample-count weighting (FedAvg),
+``tau = 0`` uniform, and the search keeps the last chosen ``tau`` and tries its
+neighbours ``tau +/- step``, so the weighting can drift towards what validates best.
+The number of candidates per round (the budget) bounds the extra evaluation bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp.strategy import Strategy
+
+from fedface.protocol import METRICS, NUM_EXAMPLES
+
+
+@dataclass
+class FederatedValidation:
+    """Candidate weightings and the search state.
+
+    Parameters
+    ----------
+    budget : int (default: 4)
+        Candidates scored per round (at least 2: sample count and uniform).
+    step : float (default: 0.5)
+        Temperature step of the search around the last chosen temperature.
+    """
+
+    budget: int = 4
+    step: float = 0.5
+    tau: float = 1.0
+    history: list[float] = field(default_factory=list)
+
+    def candidates(self) -> list[tuple[str, float]]:
+        """(name, tau) pairs for this round, sample count and uniform first."""
+        taus = [1.0, 0.0, self.tau, self.tau - self.step, self.tau + self.step]
+        out: list[tuple[str, float]] = []
+        for t in taus:
+            t = round(float(np.clip(t, -1.0, 3.0)), 4)
+            if all(abs(t - o) > 1e-9 for _, o in out):
+                name = "samples" if t == 1.0 else "uniform" if t == 0.0 else f"tau={t:g}"
+                out.append((name, t))
+        return out[: max(2, self.budget)]
+
+    @staticmethod
+    def weights(replies: list[Message], tau: float) -> np.ndarray:
+        n = np.array([float(m.content[METRICS][NUM_EXAMPLES]) for m in replies])
+        w = np.exp(tau * np.log(n))
+        return w / w.sum()
+
+    def aggregate_candidates(self, strategy: Strategy, server_round: int,
+                             replies: list[Message]):
+        """Aggregate under every candidate weighting, each with its own strategy copy.
+
+        Stateful strategies (momentum, Adam moments) update their state while
+        aggregating, so every candidate runs on a copy; the chosen copy becomes the
+        strategy of the next round.
+        """
+        originals = [m.content[METRICS][NUM_EXAMPLES] for m in replies]
+        out = []
+        try:
+            for name, tau in self.candidates():
+                w = self.weights(replies, tau)
+                for m, wi in zip(replies, w):
+                    m.content[METRICS][NUM_EXAMPLES] = float(wi)
+                s = copy.deepcopy(strategy)
+                arrays, _ = s.aggregate_train(server_round, replies)
+                out.append({"name": name, "tau": tau, "weights": w, "arrays": arrays,
+                            "strategy": s})
+        finally:
+            for m, n in zip(replies, originals):
+                m.content[METRICS][NUM_EXAMPLES] = n
+        return out
+
+    @staticmethod
+    def scores(eval_replies: list[Message], n_candidates: int) -> list[float | None]:
+        """Sample-weighted validation accuracy of each candidate (index 0 = ``arrays``)."""
+        out = []
+        for i in range(n_candidates):
+            key = "val-accuracy" if i == 0 else f"fv-{i}-accuracy"
+            num = den = 0.0
+            for m in eval_replies:
+                if m.has_error():
+                    continue
+                rec = m.content[METRICS]
+                if key in rec and rec[NUM_EXAMPLES] > 0:
+                    num += float(rec[key]) * float(rec[NUM_EXAMPLES])
+                    den += float(rec[NUM_EXAMPLES])
+            out.append(num / den if den else None)
+        return out
+
+    def choose(self, scores: list[float | None]) -> int:
+        """Index of the best candidate (ties and missing scores favour sample count)."""
+        best, best_score = 0, -1.0
+        for i, s in enumerate(scores):
+            if s is not None and s > best_score + 1e-12:
+                best, best_score = i, s
+        return best
+
+    def state(self) -> dict:
+        return {"tau": self.tau, "history": list(self.history)}
+
+    def load_state(self, state: dict) -> None:
+        self.tau = float(state["tau"])
+        self.history = [float(t) for t in state["history"]]

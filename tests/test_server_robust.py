@@ -1,0 +1,156 @@
+"""Server side: reply screening, PFM momentum, FV candidates, checkpoints, strategies."""
+
+import copy
+
+import numpy as np
+import pytest
+from flwr.app import MetricRecord, RecordDict
+
+from fedface.config import RunConfig
+from fedface.momentum import MomentumHook, momentum_update
+from fedface.protocol import ARRAYS, CLIENT_ID, METRICS, NUM_EXAMPLES, numpy_record
+from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from server.fv import FederatedValidation
+from server.strategies import (
+    PFM,
+    STRATEGIES,
+    build_strategy,
+    load_strategy_state,
+    strategy_state,
+)
+from server.validation import norm_outliers, screen_replies
+
+REF = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+class _Reply:
+    """A client reply as the server sees it (Flower's Message needs a live run to build)."""
+
+    def __init__(self, node, content):
+        self.content = content
+        self.metadata = type("Meta", (), {"src_node_id": node})()
+
+    def has_error(self):
+        return False
+
+
+def _reply(node, arrays=None, n=10, metrics=None, cid=None):
+    arrays = arrays if arrays is not None else {k: v + 0.01 * node for k, v in REF.items()}
+    rec = {NUM_EXAMPLES: n, CLIENT_ID: cid if cid is not None else node, **(metrics or {})}
+    return _Reply(node, RecordDict({ARRAYS: numpy_record(arrays), METRICS: MetricRecord(rec)}))
+
+
+def test_screen_replies_excludes_each_kind_of_bad_reply_with_a_reason():
+    good = [_reply(i) for i in range(1, 6)]
+    nan = {k: v.copy() for k, v in REF.items()}
+    nan["w"][0, 0] = np.nan
+    bad = [
+        _reply(10, arrays={"w": REF["w"]}),                                   # missing key
+        _reply(11, arrays={**REF, "extra": np.zeros(2, np.float32)}),         # unexpected key
+        _reply(12, arrays={"w": np.zeros((3, 4), np.float32), "b": REF["b"]}),  # wrong shape
+        _reply(13, arrays={"w": REF["w"].astype(np.float64), "b": REF["b"]}),  # wrong dtype
+        _reply(14, arrays=nan),                                               # NaN
+        _reply(15, arrays={k: v + np.float32(np.inf) for k, v in REF.items()}),  # Inf
+        _reply(16, n=0),                                                      # no examples
+        _reply(17, arrays={k: v + 50.0 for k, v in REF.items()}),              # norm outlier
+    ]
+    s = screen_replies(good + bad, REF)
+    assert sorted(int(m.metadata.src_node_id) for m in s.good) == [1, 2, 3, 4, 5]
+    reasons = {e["node"]: e["reason"] for e in s.excluded}
+    assert set(reasons) == set(range(10, 18))
+    assert "missing keys" in reasons[10] and "unexpected keys" in reasons[11]
+    assert "shape" in reasons[12] and "dtype" in reasons[13]
+    assert "NaN or Inf" in reasons[14] and "NaN or Inf" in reasons[15]
+    assert "num-examples" in reasons[16] and "x the round's median" in reasons[17]
+
+
+def test_norm_outliers_needs_a_distribution():
+    assert norm_outliers({1: 1.0, 2: 100.0}) == {}  # too few to judge
+    assert set(norm_outliers({1: 1.0, 2: 1.1, 3: 0.9, 4: 1.05, 5: 40.0})) == {5}
+    assert norm_outliers({1: 1.0, 2: 3.0, 3: 0.5, 4: 8.0}) == {}  # honest spread
+
+
+def test_momentum_update_and_hook():
+    before = {"w": np.ones(3, np.float32), "steps": np.array([3])}
+    after = {"w": np.full(3, 0.8, np.float32), "steps": np.array([3])}
+    m1 = momentum_update(None, before, after, lr=0.1, steps=2, beta=0.9)
+    np.testing.assert_allclose(m1["w"], 1.0)  # (1 - 0.8) / (0.1 * 2)
+    assert "steps" not in m1  # integer buffers carry no momentum
+    m2 = momentum_update(m1, before, after, lr=0.1, steps=2, beta=0.9)
+    np.testing.assert_allclose(m2["w"], 1.9)  # 0.9 * 1 + 1
+    with pytest.raises(ValueError, match="beta"):
+        momentum_update(m1, before, after, lr=0.1, steps=2, beta=1.0)
+
+    import torch
+
+    lin = torch.nn.Linear(2, 1, bias=False)
+    lin.weight.grad = torch.ones(1, 2)
+    MomentumHook(lin, {"weight": np.full((1, 2), 2.0, np.float32)}, beta=0.5)()
+    assert torch.allclose(lin.weight.grad, torch.full((1, 2), 2.0))  # 1 + 0.5 * 2
+
+
+def test_pfm_strategy_keeps_momentum_and_steps_like_fedavg():
+    s = PFM(beta=0.9, min_train_nodes=2, min_available_nodes=2)
+    s.current_arrays = {k: v.copy() for k, v in REF.items()}
+    s.round_lr = 0.1
+    replies = [_reply(1, metrics={"train-steps": 4}), _reply(3, metrics={"train-steps": 4})]
+    agg, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["w"].numpy(), 0.02, rtol=1e-5)  # mean of 0.01 and 0.03
+    np.testing.assert_allclose(s.momentum["w"], -0.02 / (0.1 * 4), rtol=1e-5)
+
+
+def test_fv_candidates_weights_and_choice():
+    fv = FederatedValidation(budget=4)
+    names = [n for n, _ in fv.candidates()]
+    assert names[:2] == ["samples", "uniform"] and len(names) == 4
+    replies = [_reply(1, n=10), _reply(2, n=30)]
+    np.testing.assert_allclose(fv.weights(replies, 1.0), [0.25, 0.75])
+    np.testing.assert_allclose(fv.weights(replies, 0.0), [0.5, 0.5])
+    cands = fv.aggregate_candidates(build_strategy(RunConfig(num_clients=2)), 1, replies)
+    # samples: 0.25*0.01 + 0.75*0.02; uniform: 0.015 - and the replies are left unchanged
+    np.testing.assert_allclose(cands[0]["arrays"]["b"].numpy(), 0.0175, rtol=1e-5)
+    np.testing.assert_allclose(cands[1]["arrays"]["b"].numpy(), 0.015, rtol=1e-5)
+    assert [m.content[METRICS][NUM_EXAMPLES] for m in replies] == [10, 30]
+    assert fv.choose([0.7, 0.8, None, 0.75]) == 1
+    assert fv.choose([None, None]) == 0
+
+
+def test_checkpoint_round_trip_and_resume_guard(tmp_path):
+    s = build_strategy(RunConfig(strategy="pfm", num_clients=2))
+    s.momentum = {"w": np.arange(3, dtype=np.float32)}
+    s.round_lr = 0.05
+    save_checkpoint(tmp_path, 3, REF, {"strategy": strategy_state(s), "fv": {}},
+                    RunConfig().to_dict(), {"rounds": [{"round": 1}]})
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    ck = load_checkpoint(tmp_path)
+    assert ck["round"] == 3 and ck["metrics"]["rounds"] == [{"round": 1}]
+    s2 = build_strategy(RunConfig(strategy="pfm", num_clients=2))
+    load_strategy_state(s2, ck["strategy"]["strategy"])
+    np.testing.assert_array_equal(s2.momentum["w"], s.momentum["w"])
+    assert s2.round_lr == 0.05
+    check_resumable(RunConfig().to_dict(), RunConfig(rounds=50, out="x").to_dict())
+    with pytest.raises(ValueError, match="lr: 0.1 -> 0.2"):
+        check_resumable(RunConfig().to_dict(), RunConfig(lr=0.2).to_dict())
+    with pytest.raises(FileNotFoundError, match="--resume needs"):
+        load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "checkpoint.pt").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_builds_and_aggregates(name):
+    s = build_strategy(RunConfig(strategy=name, num_clients=2))
+    current = {k: v.copy() for k, v in REF.items()}
+    # what configure_train records in stateful strategies
+    s.current_arrays = current if name in ("fedadam", "pfm") else numpy_record(current)
+    s.round_lr = 0.1
+    agg, _ = copy.deepcopy(s).aggregate_train(1, [_reply(1, metrics={"train-steps": 2}),
+                                                  _reply(2, metrics={"train-steps": 2})])
+    assert set(agg.keys()) == set(REF)
+    assert all(np.isfinite(a.numpy()).all() for a in agg.values())
+
+
+def test_unknown_strategy_refused():
+    with pytest.raises(ValueError, match="strategy='fedsgd'"):
+        RunConfig(strategy="fedsgd")
