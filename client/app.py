@@ -43,18 +43,23 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
     """A ClientApp whose settings are Flower's run_config updated by ``overrides``."""
     app = ClientApp()
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def setup(msg: Message, context: Context):
+        """Settings, the round's instructions and this node's data."""
         cfg = client_config(context, overrides)
         set_threads(cfg)
         ins = TrainInstructions.from_record(msg.content[CONFIG])
-        data = load_client_data(context, ins.data_dir)
+        return cfg, ins, load_client_data(context, ins.data_dir)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, ins, data = setup(msg, context)
         seed = client_seed(cfg, context, ins.server_round)
         torch.manual_seed(seed)
         backbone, head = build_models(cfg, data.num_classes, context, ins)
         load_backbone_record(backbone, msg.content[ARRAYS])
         hook = None
         if ins.pfm_beta > 0 and MOMENTUM in msg.content.array_records:
+            # PFM from round 2: momentum-free backbone steps plus the global momentum.
             momentum = {k: a.numpy() for k, a in msg.content[MOMENTUM].items()}
             hook = MomentumHook(backbone, momentum, ins.pfm_beta)
         res = train_epochs(backbone, head, data.x_train, data.y_train,
@@ -70,10 +75,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg = client_config(context, overrides)
-        set_threads(cfg)
-        ins = TrainInstructions.from_record(msg.content[CONFIG])
-        data = load_client_data(context, ins.data_dir)
+        cfg, _, data = setup(msg, context)
         a, b, same = validation_pairs(data, cfg.seed)
         metrics = {NUM_EXAMPLES: int(len(same)), CLIENT_ID: client_id(context)}
         if len(same):

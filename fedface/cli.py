@@ -190,7 +190,7 @@ def demo(
     """The main job: federated training across 8 simulated institutions, then evaluation.
 
     On the generated synthetic set by default (no real faces, nothing downloaded; about
-    two minutes on 2 CPU cores); --data PATH runs the same on an identity folder or LFW.
+    a minute on 2 CPU cores); --data PATH runs the same on an identity folder or LFW.
     """
     cfg = _config(data=data, out=out, rounds=rounds, sets=sets)
     console.print("[bold]fedface demo[/]: " + (

@@ -5,16 +5,22 @@ arXiv 2008.03606): a global heavy-ball momentum ``m`` over the federated backbon
 in units of a gradient.
 
 - :func:`momentum_update` (after each round's aggregation):
-  ``g = (w_before - w_after) / (lr * steps)`` is the round's average pseudo-gradient per
-  local step and ``m <- beta * m + g`` (round 1: ``m = g``). It needs only the global
-  weights before and after the round and plaintext round metadata, so it runs unchanged
-  on the server (plaintext aggregation) or on every client after decrypting an
-  encrypted aggregate.
+  ``g = (w_before - w_after) / (lr * steps)`` is the round's average update per local
+  step. Clients already applied ``beta * m_old`` in each of those steps, so the fresh
+  gradient is ``g - beta * m_old`` and the heavy-ball update
+  ``m <- beta * m_old + (g - beta * m_old)`` is simply ``m <- g``: one momentum step
+  per round. (Adding ``beta * m_old`` once more counts the momentum twice and diverges,
+  ``m_r ~ 2 beta m_{r-1}``; jumping to the steady state ``(g - beta * m_old) / (1 - beta)``
+  amplifies round-to-round noise tenfold and oscillated in our runs.) In round 1 clients
+  train with ordinary local momentum, so ``g`` already carries its amplification. The
+  update needs only the global weights before and after the round and plaintext round
+  metadata, so it runs unchanged on the server (plaintext aggregation) or on every
+  client after decrypting an encrypted aggregate.
 - :class:`MomentumHook` (every local step on a client, ``m`` held fixed):
   ``grad <- grad + beta * m`` for backbone parameters, which then take plain SGD steps
   (``w <- w - lr * (g + beta * m)``); the client's head keeps its ordinary local momentum.
-  In steady state ``m ~ g / (1 - beta)``, the same effective step as local momentum SGD,
-  but pointing along the federation's gradient rather than the client's own.
+  Across rounds ``m`` approaches ``g / (1 - beta)``, the effective step of momentum SGD,
+  pointing along the federation's gradient rather than the client's own.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ def momentum_update(momentum: Mapping[str, np.ndarray] | None,
     Parameters
     ----------
     momentum : mapping or None
-        Current momentum (None or empty in round 1: starts at the first pseudo-gradient).
+        Momentum the clients applied during the round (None in round 1); it is already
+        contained in the round's update, which is why it is not added again.
     before, after : mapping
         Global backbone before the round and after aggregation (float arrays only are used).
     lr : float
@@ -54,7 +61,7 @@ def momentum_update(momentum: Mapping[str, np.ndarray] | None,
         if np.asarray(b).dtype.kind != "f":
             continue
         g = (np.asarray(b, np.float32) - np.asarray(after[k], np.float32)) * np.float32(scale)
-        out[k] = np.float32(beta) * np.asarray(momentum[k], np.float32) + g if momentum else g
+        out[k] = g  # = beta * m_old + (g - beta * m_old): see the module docstring
     return out
 
 

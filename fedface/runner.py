@@ -83,6 +83,8 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
                                 num_supernodes=cfg.num_clients, backend_config=backend)
     finally:
         flwr_logger.setLevel(level)
+    if isinstance(result.get("error"), Exception):
+        raise result["error"]
     if not result:
         raise RuntimeError(
             "The federated run ended without results: see the Flower log above "

@@ -26,7 +26,8 @@ def build_server_app(overrides: dict | None = None, progress: ProgressFn | None 
     progress : callable, optional
         ``progress(what, done, total)`` for data preparation and rounds.
     result : dict, optional
-        Filled with the run's metrics document when the run ends.
+        Filled with the run's metrics document when the run ends, or with ``error``
+        (the exception) when it fails.
     resume : bool
         Continue from the checkpoint in the run's output folder.
     """
@@ -35,7 +36,12 @@ def build_server_app(overrides: dict | None = None, progress: ProgressFn | None 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config(dict(context.run_config), **(overrides or {}))
-        doc = run_federated(grid, cfg, progress=progress, resume=resume)
+        try:
+            doc = run_federated(grid, cfg, progress=progress, resume=resume)
+        except Exception as err:
+            if result is not None:  # hand the cause to the caller (the engine only logs it)
+                result["error"] = err
+            raise
         if result is not None:
             result.update(doc)
 
