@@ -9,7 +9,7 @@ import numpy as np
 from fedface.config import RunConfig
 from fedface.data.datasets import find_images_root
 from fedface.data.pairs import read_pairs
-from fedface.data.prepare import _pairset, is_prealigned, make_aligner
+from fedface.data.prepare import build_pairset, is_prealigned, make_aligner
 from fedface.data.report import DataReport
 from fedface.eval import embed, gallery_probe_split, rank1
 from fedface.models.io import load_backbone
@@ -39,7 +39,7 @@ def evaluate_model_on_pairs(model_path: str | Path, images_root: str | Path,
     pairs = read_pairs(pairs_file, root, report=report)
     if not pairs:
         raise ValueError(f"{pairs_file} gave no usable pairs: {report.summary_lines()}")
-    ps = _pairset(pairs_file, pairs, make_aligner(cfg, images_root), report, progress)
+    ps = build_pairset(pairs_file, pairs, make_aligner(cfg, images_root), report, progress)
     rep = verify_pairs(backbone, ps.images, ps.a, ps.b, ps.same, ps.folds, flip=flip)
     rep["raw_pixels"] = raw_pixel_pairs(ps.images, ps.a, ps.b, ps.same, ps.folds)
     # Identification among the pair images (labels from their identity folders).

@@ -324,7 +324,7 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
     # --- evaluation pair sets
     pair_files = []
     for pf, pairs in pairsets_raw:
-        ps = _pairset(pf, pairs, aligner, report, progress)
+        ps = build_pairset(pf, pairs, aligner, report, progress)
         path = out / f"pairs_{ps.name}.npz"
         ps.save(path)
         pair_files.append(path.name)
@@ -388,7 +388,11 @@ def _hold_out_identities(ds: FaceDataset, seed: int, fraction: float = 0.2):
     return ds.subset(np.flatnonzero(~is_test)), pairs
 
 
-def _pairset(pf: Path, pairs, aligner, report, progress) -> PairSet:
+def build_pairset(pf: Path, pairs, aligner, report, progress) -> PairSet:
+    """Align the images of ``pairs`` once each and index the pairs into them.
+
+    Pairs with an unreadable image are dropped and counted in ``report``.
+    """
     uniq = sorted({p.a for p in pairs} | {p.b for p in pairs})
     chips, ok = _align(aligner, uniq, report, progress, f"Aligning {pf.name} faces")
     index = {p: i for i, p in enumerate(uniq)}
