@@ -119,6 +119,12 @@ DataOpt = Annotated[str, typer.Option(
     "--data", help="'synthetic' (generated default), or an identity folder "
     "(root/<identity>/*.jpg), an LFW tree or the ORL folder.")]
 OutOpt = Annotated[str, typer.Option("--out", help="Output folder: metrics.json, model.pt.")]
+PairsOpt = Annotated[list[str] | None, typer.Option(
+    "--pairs", help="LFW-format pair file(s) for evaluation; repeatable.")]
+PeopleOpt = Annotated[str | None, typer.Option(
+    help="Identity list restricting training identities (e.g. peopleDevTrain.txt).")]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="Aligned chip size.")]
+CacheOpt = Annotated[str | None, typer.Option(help="Cache folder.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Any other run setting as KEY=VALUE (see RunConfig), repeatable.")]
 
@@ -126,10 +132,8 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 @app.command()
 def train(
     data: DataOpt = "synthetic",
-    pairs: Annotated[list[str] | None, typer.Option(
-        "--pairs", help="LFW-format pair file(s) for the final report; repeatable.")] = None,
-    train_people: Annotated[str | None, typer.Option(
-        help="Identity list restricting training identities (e.g. peopleDevTrain.txt).")] = None,
+    pairs: PairsOpt = None,
+    train_people: PeopleOpt = None,
     mode: Annotated[str, typer.Option(help="federated or centralized.")] = "federated",
     clients: Annotated[int | None, typer.Option(help="Simulated institutions.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
@@ -141,12 +145,12 @@ def train(
     alpha: Annotated[float | None, typer.Option(help="Partition skew parameter.")] = None,
     backbone: Annotated[str | None, typer.Option(help="Backbone name (fedface models).")] = None,
     head: Annotated[str | None, typer.Option(help="cosface | arcface | softmax.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Aligned chip size.")] = None,
+    image_size: ImageSizeOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine decay).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, init and training.")] = None,
     flip: Annotated[bool, typer.Option("--flip", help="Flip test-time augmentation.")] = False,
-    cache_dir: Annotated[str | None, typer.Option(help="Cache folder.")] = None,
+    cache_dir: CacheOpt = None,
     out: OutOpt = "runs/train",
     sets: SetOpt = None,
     fv: Annotated[bool, typer.Option("--fv", help="Federated validation of client weightings.")] = False,
@@ -201,13 +205,11 @@ def demo(
 @app.command()
 def prepare(
     data: DataOpt = "synthetic",
-    pairs: Annotated[list[str] | None, typer.Option(
-        "--pairs", help="LFW-format pair file(s) for evaluation; repeatable.")] = None,
-    train_people: Annotated[str | None, typer.Option(
-        help="Identity list restricting training identities (e.g. peopleDevTrain.txt).")] = None,
+    pairs: PairsOpt = None,
+    train_people: PeopleOpt = None,
     clients: Annotated[int | None, typer.Option(help="Institutions to split into.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Aligned chip size.")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Cache folder.")] = None,
+    image_size: ImageSizeOpt = None,
+    cache_dir: CacheOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Align faces (cached by content), split them across institutions, report problems.
@@ -249,7 +251,7 @@ def evaluate(
     pairs: Annotated[Path, typer.Option(help="LFW-format pair file.")],
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     flip: Annotated[bool, typer.Option("--flip", help="Flip test-time augmentation.")] = False,
-    cache_dir: Annotated[str | None, typer.Option(help="Cache folder.")] = None,
+    cache_dir: CacheOpt = None,
 ) -> None:
     """Verification of a saved model on a pair file (10-fold accuracy, AUC, EER, TAR@FAR),
     with the raw-pixel reference and rank-1 identification among the pair images."""

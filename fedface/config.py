@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
+# Names of server.strategies.STRATEGIES (a test keeps the two equal; the core does not
+# import the server package).
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
 
 
 def default_cache_dir() -> Path:
@@ -181,9 +184,8 @@ class RunConfig:
             problems.append(f"image_size={self.image_size}: use 32..224 (112 is standard)")
         if self.batch_size < 2:
             problems.append(f"batch_size={self.batch_size}: use at least 2")
-        if self.strategy not in ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm"):
-            problems.append(f"strategy={self.strategy!r}: use fedavg, fedavgm, fedadam, fedprox "
-                            "or pfm")
+        if self.strategy not in STRATEGY_NAMES:
+            problems.append(f"strategy={self.strategy!r}: use one of {', '.join(STRATEGY_NAMES)}")
         if not 0.0 <= self.pfm_beta < 1.0:
             problems.append(f"pfm_beta={self.pfm_beta}: use a value in [0, 1)")
         if self.fv and self.fv_candidates < 2:

@@ -78,6 +78,24 @@ def load_backbone_record(module: nn.Module, record: ArrayRecord) -> None:
     module.load_state_dict(state)
 
 
+def weighted_metric(replies, key: str) -> float | None:
+    """Sample-weighted mean of metric ``key`` over replies (``num-examples`` weights).
+
+    Error replies, replies without ``key`` and replies with no examples are left out;
+    None when nothing remains.
+    """
+    num = den = 0.0
+    for m in replies:
+        if m.has_error():
+            continue
+        rec = m.content[METRICS]
+        n = float(rec.get(NUM_EXAMPLES, 0) or 0)
+        if key in rec and n > 0:
+            num += float(rec[key]) * n
+            den += n
+    return num / den if den else None
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays a message carries (model payload, without protocol framing)."""
     total = 0

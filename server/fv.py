@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 
-from fedface.protocol import METRICS, NUM_EXAMPLES
+from fedface.protocol import METRICS, NUM_EXAMPLES, weighted_metric
 
 
 @dataclass
@@ -86,19 +86,8 @@ class FederatedValidation:
     @staticmethod
     def scores(eval_replies: list[Message], n_candidates: int) -> list[float | None]:
         """Sample-weighted validation accuracy of each candidate (index 0 = ``arrays``)."""
-        out = []
-        for i in range(n_candidates):
-            key = "val-accuracy" if i == 0 else f"fv-{i}-accuracy"
-            num = den = 0.0
-            for m in eval_replies:
-                if m.has_error():
-                    continue
-                rec = m.content[METRICS]
-                if key in rec and rec[NUM_EXAMPLES] > 0:
-                    num += float(rec[key]) * float(rec[NUM_EXAMPLES])
-                    den += float(rec[NUM_EXAMPLES])
-            out.append(num / den if den else None)
-        return out
+        return [weighted_metric(eval_replies, "val-accuracy" if i == 0 else f"fv-{i}-accuracy")
+                for i in range(n_candidates)]
 
     def choose(self, scores: list[float | None]) -> int:
         """Index of the best candidate (ties and missing scores favour sample count)."""

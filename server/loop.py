@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedface import momentum as pfm
@@ -31,27 +31,17 @@ from fedface.protocol import (
     CLIENT_ID,
     FV_PREFIX,
     METRICS,
-    NUM_EXAMPLES,
     TrainInstructions,
     load_backbone_record,
     numpy_record,
     payload_bytes,
+    weighted_metric,
 )
 from fedface.training import cosine_lr, round_test_metrics
 from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint, set_rng_state
 from server.fv import FederatedValidation
 from server.strategies import build_strategy, load_strategy_state, strategy_state
 from server.validation import screen_replies
-
-
-def _weighted(replies: list[Message], key: str) -> float | None:
-    num, den = 0.0, 0.0
-    for m in replies:
-        rec = m.content[METRICS]
-        if key in rec and rec[NUM_EXAMPLES] > 0:
-            num += float(rec[key]) * rec[NUM_EXAMPLES]
-            den += rec[NUM_EXAMPLES]
-    return num / den if den else None
 
 
 def initial_backbone(cfg: RunConfig) -> torch.nn.Module:
@@ -130,7 +120,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
             reasons = "; ".join(f"node {e['node']}: {e['reason'][:160]}" for e in excluded[:5])
             raise RuntimeError(f"Round {rnd}: only {len(good)} usable replies, "
                                f"min-train-nodes={needed} needed. Excluded: {reasons}")
-        train_loss = _weighted(good, "train-loss")
+        train_loss = weighted_metric(good, "train-loss")
 
         fv_record = None
         if fv is None:
@@ -149,7 +139,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         down += sum(payload_bytes(m.content) for m in emsgs)
         ereplies = list(grid.send_and_receive(emsgs, timeout=cfg.round_timeout))
         eok = [m for m in ereplies if not m.has_error()]
-        val_acc, val_auc = _weighted(eok, "val-accuracy"), _weighted(eok, "val-auc")
+        val_acc, val_auc = weighted_metric(eok, "val-accuracy"), weighted_metric(eok, "val-auc")
         if fv is not None:
             scores = fv.scores(eok, len(candidates))
             best = fv.choose(scores)
@@ -159,7 +149,8 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
             fv.tau = chosen["tau"]
             fv.history.append(chosen["tau"])
             prefix = "val" if best == 0 else f"{FV_PREFIX}{best}"
-            val_acc, val_auc = _weighted(eok, f"{prefix}-accuracy"), _weighted(eok, f"{prefix}-auc")
+            val_acc = weighted_metric(eok, f"{prefix}-accuracy")
+            val_auc = weighted_metric(eok, f"{prefix}-auc")
             fv_record = {"candidates": [
                 {"name": c["name"], "tau": c["tau"], "score": s,
                  "weights": [round(float(w), 4) for w in c["weights"]]}

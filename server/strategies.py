@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 
 from fedface import momentum as pfm
 from fedface.config import RunConfig
-from fedface.protocol import ARRAYS, CONFIG, METRICS, MOMENTUM, NUM_EXAMPLES, numpy_record
+from fedface.protocol import ARRAYS, CONFIG, MOMENTUM, NUM_EXAMPLES, numpy_record, weighted_metric
 
 
 class PFM(FedAvg):
@@ -76,18 +76,10 @@ class PFM(FedAvg):
         if self.server_learning_rate != 1.0:
             after = {k: (before[k] - self.server_learning_rate * (before[k] - v)).astype(v.dtype)
                      for k, v in after.items()}
-        steps = weighted_mean([m.content[METRICS] for m in replies if not m.has_error()],
-                              "train-steps")
+        steps = weighted_metric(replies, "train-steps") or 1.0
         self.momentum = pfm.momentum_update(self.momentum, before, after, self.round_lr,
                                             max(steps, 1.0), self.beta)
         return numpy_record(after), metrics
-
-
-def weighted_mean(metrics: list[MetricRecord], key: str) -> float:
-    """Sample-weighted mean of ``key`` over metric records (0 when none carry it)."""
-    num = sum(float(m[key]) * float(m[NUM_EXAMPLES]) for m in metrics if key in m)
-    den = sum(float(m[NUM_EXAMPLES]) for m in metrics if key in m)
-    return num / den if den else 0.0
 
 
 def _common(cfg: RunConfig) -> dict:

@@ -152,6 +152,12 @@ def test_every_strategy_builds_and_aggregates(name):
     assert all(np.isfinite(a.numpy()).all() for a in agg.values())
 
 
+def test_config_knows_every_registered_strategy():
+    from fedface.config import STRATEGY_NAMES
+
+    assert set(STRATEGY_NAMES) == set(STRATEGIES)
+
+
 def test_unknown_strategy_refused():
     with pytest.raises(ValueError, match="strategy='fedsgd'"):
         RunConfig(strategy="fedsgd")
