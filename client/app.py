@@ -12,6 +12,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.privacy import central_dp_share, keep_ledger, load_ledger
 from client.task import (
     build_backbone_only,
     build_models,
@@ -24,6 +25,7 @@ from client.task import (
     validation_pairs,
 )
 from fedface.momentum import MomentumHook
+from fedface.privacy import make_private, plan_for_run
 from fedface.protocol import (
     ARRAYS,
     CLIENT_ID,
@@ -32,11 +34,13 @@ from fedface.protocol import (
     METRICS,
     MOMENTUM,
     NUM_EXAMPLES,
+    UNIT_WEIGHT,
     TrainInstructions,
     backbone_record,
     load_backbone_record,
+    numpy_record,
 )
-from fedface.training import train_epochs, verify_pairs
+from fedface.training import make_optimizer, train_epochs, verify_pairs
 
 
 def build_client_app(overrides: dict | None = None) -> ClientApp:
@@ -62,15 +66,46 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             # PFM from round 2: momentum-free backbone steps plus the global momentum.
             momentum = {k: a.numpy() for k, a in msg.content[MOMENTUM].items()}
             hook = MomentumHook(backbone, momentum, ins.pfm_beta)
+        cid = client_id(context)
+        metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: cid, UNIT_WEIGHT: 1}
+        private = ledger = None
+        if cfg.dp_epsilon > 0:
+            # DP-SGD: plan from the budget, refuse a round that would overspend it
+            # (the error reply tells the server why), then wrap model and optimizer.
+            plan = plan_for_run(cfg, len(data.y_train), f"client {cid}")
+            ledger = load_ledger(context, ins, cid)
+            ledger.check_next_round(plan)
+            opt = make_optimizer(backbone, head, ins.lr, cfg.momentum, cfg.weight_decay,
+                                 hook is not None)
+            private = make_private(backbone, head, opt, plan, seed=seed,
+                                   grad_sample_mode=cfg.dp_grad_sample_mode)
+            if hook is not None:
+                private.attach_after_noise(hook)
+                hook = None
+        before = ({k: v.detach().clone().numpy() for k, v in backbone.state_dict().items()}
+                  if cfg.central_dp == "client-fixed" else None)
         res = train_epochs(backbone, head, data.x_train, data.y_train,
                            epochs=ins.local_epochs, batch_size=cfg.batch_size, lr=ins.lr,
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed,
-                           global_momentum=hook, proximal_mu=ins.proximal_mu)
+                           global_momentum=hook, proximal_mu=ins.proximal_mu,
+                           optimizer=private.optimizer if private else None,
+                           batches=private.batches if private else None,
+                           forward=private.forward if private else None)
         save_head(head, context, ins)
-        metrics = MetricRecord({NUM_EXAMPLES: len(data.y_train), "train-loss": res.loss,
-                                "train-seconds": res.seconds, "train-steps": res.steps,
-                                CLIENT_ID: client_id(context)})
-        content = RecordDict({ARRAYS: backbone_record(backbone), METRICS: metrics})
+        if private is not None:
+            spent = ledger.record(ins.server_round, private.plan, private.plan.steps_per_round)
+            keep_ledger(context, ledger)
+            metrics.update({"dp-epsilon": spent, "dp-delta": private.plan.delta,
+                            "dp-noise": private.plan.noise_multiplier})
+        record = backbone_record(backbone)
+        if before is not None:
+            after, norm = central_dp_share(cfg, ins, before, {k: a.numpy() for k, a in
+                                                              record.items()}, seed + 1)
+            record = numpy_record(after)
+            metrics["update-norm"] = norm
+        metrics.update({"train-loss": res.loss, "train-seconds": res.seconds,
+                        "train-steps": res.steps})
+        content = RecordDict({ARRAYS: record, METRICS: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

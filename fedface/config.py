@@ -22,6 +22,9 @@ DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
 # Names of server.strategies.STRATEGIES (a test keeps the two equal; the core does not
 # import the server package).
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+CENTRAL_DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
 
 
 def default_cache_dir() -> Path:
@@ -85,6 +88,29 @@ class RunConfig:
     max_update_ratio : float
         Replies whose update norm per local step exceeds this many times the round's
         median are excluded from aggregation.
+    dp_epsilon : float
+        Local DP-SGD (Opacus) on every client: the privacy budget epsilon each client may
+        spend over ``dp_rounds`` rounds. 0 turns DP-SGD off.
+    dp_delta : float
+        Delta of that budget; 0 picks ``min(1e-5, 1/(10 N))`` for a client of N images.
+    dp_clip : float
+        Per-sample gradient clipping norm.
+    dp_accountant : str
+        ``"prv"`` (default, tighter) or ``"rdp"``.
+    dp_rounds : int
+        Rounds a client's budget is planned for (0: ``rounds``). A client declines
+        rounds beyond its budget; its ledger persists across runs.
+    dp_max_noise : float
+        Refuse budgets that need a larger noise multiplier (steps would be mostly noise).
+    dp_grad_sample_mode : str
+        Opacus per-sample gradient mode: ``hooks``, ``ew`` or ``functorch``.
+    central_dp : str
+        Client-level DP of the federated backbone: ``off``, ``server-fixed`` or
+        ``server-adaptive`` (Flower's server-side clipping wrappers; plaintext only), or
+        ``client-fixed`` (clients clip and add their share of the noise; works with
+        encrypted aggregation). Aggregation weights become uniform.
+    central_dp_noise, central_dp_clip : float
+        Noise multiplier and clipping norm (initial norm for ``server-adaptive``).
     rounds, local_epochs : int
         Federated rounds and local epochs per round (centralized: rounds x local_epochs
         epochs).
@@ -138,6 +164,16 @@ class RunConfig:
     fv: bool = False
     fv_candidates: int = 4
     max_update_ratio: float = 10.0
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_clip: float = 1.0
+    dp_accountant: str = "prv"
+    dp_rounds: int = 0
+    dp_max_noise: float = 20.0
+    dp_grad_sample_mode: str = "hooks"
+    central_dp: str = "off"
+    central_dp_noise: float = 1.0
+    central_dp_clip: float = 1.0
     rounds: int = 10
     local_epochs: int = 2
     fraction_train: float = 1.0
@@ -194,8 +230,45 @@ class RunConfig:
             problems.append(
                 f"min_train_nodes={self.min_train_nodes} > num_clients={self.num_clients}"
             )
+        problems += self._privacy_problems()
         if problems:
             raise ValueError("Invalid run configuration: " + "; ".join(problems))
+
+    def _privacy_problems(self) -> list[str]:
+        """DP settings and the combinations that are refused (see ``fedface.privacy``).
+
+        Valid: local DP-SGD with any strategy and FV; ``client-fixed`` central DP with any
+        strategy, plaintext or encrypted; ``server-*`` central DP with plaintext updates.
+        Refused: central DP with FV (each FV candidate would be another noisy release of
+        the same updates, outside the accounting).
+        """
+        out = []
+        if self.dp_epsilon < 0 or self.dp_epsilon != self.dp_epsilon:
+            out.append(f"dp_epsilon={self.dp_epsilon}: use a value > 0 (0 turns DP-SGD off)")
+        if not 0.0 <= self.dp_delta < 1.0:
+            out.append(f"dp_delta={self.dp_delta}: use a value in (0, 1/N), or 0 for the default")
+        if self.dp_clip <= 0 or self.central_dp_clip <= 0:
+            out.append("dp_clip and central_dp_clip must be > 0")
+        if self.dp_accountant not in ACCOUNTANTS:
+            out.append(f"dp_accountant={self.dp_accountant!r}: use one of {', '.join(ACCOUNTANTS)}")
+        if self.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
+            out.append(f"dp_grad_sample_mode={self.dp_grad_sample_mode!r}: use one of "
+                       f"{', '.join(GRAD_SAMPLE_MODES)}")
+        if self.mode == "centralized" and (self.dp_epsilon > 0 or self.central_dp != "off"):
+            out.append("DP settings apply to federated clients: use mode=federated, or "
+                       "drop dp_epsilon / central_dp for the centralized baseline")
+        if self.dp_rounds < 0:
+            out.append(f"dp_rounds={self.dp_rounds}: use 0 (= rounds) or a positive count")
+        if self.central_dp not in CENTRAL_DP_MODES:
+            out.append(f"central_dp={self.central_dp!r}: use one of {', '.join(CENTRAL_DP_MODES)}")
+        elif self.central_dp != "off":
+            if self.fv:
+                out.append("central_dp with fv is refused: each FV candidate is another "
+                           "release of the same updates and would multiply the privacy cost; "
+                           "turn fv off, or use local DP-SGD (dp_epsilon) with fv")
+            if self.central_dp_noise < 0:
+                out.append(f"central_dp_noise={self.central_dp_noise}: must be >= 0")
+        return out
 
     @property
     def cache_path(self) -> Path:

@@ -6,8 +6,9 @@ Every train/evaluate message is a Flower ``RecordDict`` with these keys:
   ``state_dict``. The head never travels.
 - ``CONFIG`` (``"config"``): ``ConfigRecord`` with the round's settings (:class:`TrainInstructions`).
 - ``METRICS`` (``"metrics"``): ``MetricRecord`` in replies, always with ``num-examples``
-  and ``client-id`` (the partition or node id; replies are aggregated in its order so
-  that runs are reproducible).
+  ``client-id`` (the partition or node id; replies are aggregated in its order so
+  that runs are reproducible) and ``unit-weight`` (1: uniform weights under central DP);
+  with DP-SGD also ``dp-epsilon`` (spent so far), ``dp-delta`` and ``dp-noise``.
 - ``MOMENTUM`` (``"momentum"``): PFM's global momentum, same keys as the backbone.
 - FV candidates travel as ``fv-0``, ``fv-1``, ... ``ArrayRecord``s in evaluate messages.
 """
@@ -26,7 +27,10 @@ METRICS = "metrics"
 MOMENTUM = "momentum"
 NUM_EXAMPLES = "num-examples"
 CLIENT_ID = "client-id"
+UNIT_WEIGHT = "unit-weight"  # 1 in every reply: uniform aggregation (central DP)
 FV_PREFIX = "fv-"
+# Starts the error of a client that declines a round because its privacy budget is spent.
+DP_BUDGET_SPENT = "privacy budget exhausted"
 
 
 @dataclass
@@ -40,6 +44,7 @@ class TrainInstructions:
     state_dir: str = ""
     pfm_beta: float = 0.0
     proximal_mu: float = 0.0
+    sampled_clients: int = 1
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({k.replace("_", "-"): v for k, v in asdict(self).items()})

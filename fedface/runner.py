@@ -104,8 +104,7 @@ def run_centralized(cfg: RunConfig, progress: ProgressFn | None = None) -> dict:
     backbone = initial_backbone(cfg)
     torch.manual_seed(cfg.seed + 1)
     head = build_head(cfg.head, cfg.embedding_size, pooled.num_classes)
-    opt = make_optimizer(list(backbone.parameters()) + list(head.parameters()),
-                         cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = make_optimizer(backbone, head, cfg.lr, cfg.momentum, cfg.weight_decay)
     recorder = RunRecorder(cfg.out, cfg.to_dict(), data.summary)
     va, vb, vsame = verification_pairs(pooled.y_val, max_pairs=1000, seed=cfg.seed)
     for rnd in range(1, cfg.rounds + 1):

@@ -48,8 +48,14 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return xp[:, :, dy : dy + h, dx : dx + w]
 
 
-def make_optimizer(params, lr: float, momentum: float, weight_decay: float):
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_optimizer(backbone: nn.Module, head: nn.Module, lr: float, momentum: float,
+                   weight_decay: float, global_momentum: bool = False) -> torch.optim.SGD:
+    """SGD over backbone and head; with PFM's global momentum the backbone's local
+    momentum is off (the global one replaces it) while the head keeps its own."""
+    groups = [{"params": list(backbone.parameters()),
+               "momentum": 0.0 if global_momentum else momentum},
+              {"params": list(head.parameters()), "momentum": momentum}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def train_epochs(
@@ -67,6 +73,8 @@ def train_epochs(
     on_step=None,
     global_momentum=None,
     proximal_mu: float = 0.0,
+    batches=None,
+    forward=None,
 ) -> TrainResult:
     """Train ``backbone`` and ``head`` on aligned chips with cross-entropy on margin logits.
 
@@ -94,6 +102,12 @@ def train_epochs(
         the backbone then takes plain SGD steps while the head keeps local momentum.
     proximal_mu : float
         FedProx: adds ``mu / 2 * ||w - w_start||^2`` over the backbone to the loss.
+    batches : callable, optional
+        ``batches(generator)`` yields one epoch of index tensors; default: a shuffled
+        pass in full batches. DP-SGD passes Poisson sampling here
+        (:class:`fedface.privacy.PrivateTraining`).
+    forward : callable, optional
+        ``forward(x, labels)`` returns logits; default ``head(backbone(x), labels)``.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -102,10 +116,8 @@ def train_epochs(
     t0 = time.time()
     gen = torch.Generator().manual_seed(int(seed))
     if optimizer is None:
-        groups = [{"params": list(backbone.parameters()),
-                   "momentum": 0.0 if global_momentum is not None else momentum},
-                  {"params": list(head.parameters()), "momentum": momentum}]
-        optimizer = make_optimizer(groups, lr, momentum, weight_decay)
+        optimizer = make_optimizer(backbone, head, lr, momentum, weight_decay,
+                                   global_momentum is not None)
     opt = optimizer
     anchor = ([p.detach().clone() for p in backbone.parameters()] if proximal_mu > 0 else None)
     backbone.train()
@@ -114,15 +126,23 @@ def train_epochs(
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     n = len(x_all)
     bs = min(batch_size, n)
-    total_loss, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
+
+    def shuffled(g: torch.Generator):
+        order = torch.randperm(n, generator=g)
         stop = (n // bs) * bs if n >= bs else n
         for start in range(0, stop, bs):
-            idx = order[start : start + bs]
+            yield order[start : start + bs]
+
+    batches = batches or shuffled
+    forward = forward or (lambda x, y: head(backbone(x), y))
+    total_loss, seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for idx in batches(gen):
+            if len(idx) == 0:
+                continue  # Poisson drew nobody: probability ~exp(-batch), within delta
             x = augment(x_all[idx], gen)
             y = y_all[idx]
-            loss = F.cross_entropy(head(backbone(x), y), y)
+            loss = F.cross_entropy(forward(x, y), y)
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(backbone.parameters(), anchor))
                 loss = loss + 0.5 * proximal_mu * prox

@@ -29,6 +29,7 @@ from fedface.models import build_backbone
 from fedface.progress import ProgressFn
 from fedface.protocol import (
     CLIENT_ID,
+    DP_BUDGET_SPENT,
     FV_PREFIX,
     METRICS,
     TrainInstructions,
@@ -40,7 +41,13 @@ from fedface.protocol import (
 from fedface.training import cosine_lr, round_test_metrics
 from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint, set_rng_state
 from server.fv import FederatedValidation
-from server.strategies import build_strategy, load_strategy_state, strategy_state
+from server.strategies import (
+    build_strategy,
+    inner_strategy,
+    load_strategy_state,
+    sampled_clients,
+    strategy_state,
+)
 from server.validation import screen_replies
 
 
@@ -61,6 +68,7 @@ def _cast_like(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
 
 def momentum_norm(strategy) -> float | None:
     """Norm of the strategy's server-side momentum, if it keeps one."""
+    strategy = inner_strategy(strategy)
     if hasattr(strategy, "momentum") and isinstance(strategy.momentum, dict):
         return pfm.norm(strategy.momentum)
     vec = getattr(strategy, "momentum_vector", None)  # Flower's FedAvgM
@@ -68,6 +76,47 @@ def momentum_norm(strategy) -> float | None:
         values = vec.values() if isinstance(vec, dict) else vec
         return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in values)))
     return None
+
+
+def check_privacy(cfg: RunConfig, summary: dict) -> dict:
+    """Refuse impossible DP settings before round 1; the plans as run metadata."""
+    if cfg.dp_epsilon <= 0:
+        return {}
+    from fedface.privacy import check_dp_compatible, check_run
+
+    check_dp_compatible(initial_backbone(cfg), f"backbone {cfg.backbone!r}")
+    sizes = {int(c["client"]): int(c["train_images"]) for c in summary.get("clients", [])}
+    plans = check_run(cfg, sizes)
+    return {str(cid): {"noise_multiplier": round(p.noise_multiplier, 4), "delta": p.delta,
+                       "sample_rate": round(p.sample_rate, 5), "steps_per_round": p.steps_per_round,
+                       "target_epsilon": p.target_epsilon, "planned_rounds": p.planned_rounds}
+            for cid, p in plans.items()}
+
+
+def privacy_record(cfg: RunConfig, strategy, good: list, excluded: list, rnd: int) -> dict:
+    """Per-round privacy figures: epsilon spent per client, declines, central DP."""
+    out: dict = {}
+    if cfg.dp_epsilon > 0:
+        spent = {str(int(m.content[METRICS][CLIENT_ID])): round(float(m.content[METRICS]["dp-epsilon"]), 4)
+                 for m in good if "dp-epsilon" in m.content[METRICS]}
+        out["dp"] = {"epsilon_spent": spent, "epsilon_max": max(spent.values(), default=0.0),
+                     "declined": sum(DP_BUDGET_SPENT in e["reason"]
+                                     for e in excluded)}
+    if cfg.central_dp != "off":
+        from fedface.privacy import central_delta, central_epsilon
+
+        m = sampled_clients(cfg)
+        delta = central_delta(cfg.num_clients)
+        out["central_dp"] = {
+            "mode": cfg.central_dp, "noise_multiplier": cfg.central_dp_noise,
+            "clip": float(getattr(strategy, "clipping_norm", cfg.central_dp_clip)),
+            "delta": delta,
+            "epsilon": central_epsilon(cfg.central_dp_noise, m / cfg.num_clients, rnd, delta)}
+    return out
+
+
+def _budgets_spent(excluded: list[dict]) -> bool:
+    return bool(excluded) and all(DP_BUDGET_SPENT in e["reason"] for e in excluded)
 
 
 def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None,
@@ -79,6 +128,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
     """
     t_start = time.time()
     data = prepare(cfg, progress=progress)
+    dp_plans = check_privacy(cfg, data.summary)
     pairsets = data.load_pairsets()
     backbone = initial_backbone(cfg)
     arrays = ArrayRecord({k: v.detach().clone() for k, v in backbone.state_dict().items()})
@@ -86,6 +136,8 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
     strategy = build_strategy(cfg)
     fv = FederatedValidation(budget=cfg.fv_candidates) if cfg.fv else None
     recorder = RunRecorder(cfg.out, cfg.to_dict(), data.summary)
+    if dp_plans:
+        recorder.data["dp_plans"] = dp_plans
     state_dir = str((Path(cfg.out) / "clients").resolve())
     first = 1
     if resume:
@@ -103,7 +155,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         t0 = time.time()
         ins = TrainInstructions(server_round=rnd, lr=cosine_lr(cfg.lr, rnd - 1, cfg.rounds),
                                 local_epochs=cfg.local_epochs, data_dir=str(data.root),
-                                state_dir=state_dir)
+                                state_dir=state_dir, sampled_clients=sampled_clients(cfg))
         msgs = list(strategy.configure_train(rnd, arrays, ins.to_record(), grid))
         down = sum(payload_bytes(m.content) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
@@ -116,6 +168,13 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         # A fixed order (by client id) makes aggregation reproducible run to run.
         good = sorted(screening.good, key=lambda m: int(m.content[METRICS].get(CLIENT_ID, 0)))
         needed = min(cfg.min_train_nodes, len(msgs))
+        if len(good) < needed and _budgets_spent(excluded):
+            # Every client that could train has spent its privacy budget: the run ends
+            # with the model of the previous round.
+            recorder.data["stopped"] = (f"round {rnd}: privacy budgets spent ({len(excluded)} "
+                                        f"clients declined); the model of round {rnd - 1} "
+                                        "is final")
+            break
         if len(good) < needed:
             reasons = "; ".join(f"node {e['node']}: {e['reason'][:160]}" for e in excluded[:5])
             raise RuntimeError(f"Round {rnd}: only {len(good)} usable replies, "
@@ -165,6 +224,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         }
         if fv_record is not None:
             record["fv"] = fv_record
+        record.update(privacy_record(cfg, strategy, good, excluded, rnd))
         load_backbone_record(backbone, arrays)
         record.update(round_test_metrics(cfg, backbone, pairsets, rnd))
         record["seconds"] = round(time.time() - t0, 3)

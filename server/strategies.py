@@ -13,11 +13,27 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    Strategy,
+)
 
 from fedface import momentum as pfm
 from fedface.config import RunConfig
-from fedface.protocol import ARRAYS, CONFIG, MOMENTUM, NUM_EXAMPLES, numpy_record, weighted_metric
+from fedface.protocol import (
+    ARRAYS,
+    CONFIG,
+    MOMENTUM,
+    NUM_EXAMPLES,
+    UNIT_WEIGHT,
+    numpy_record,
+    weighted_metric,
+)
 
 
 class PFM(FedAvg):
@@ -84,10 +100,18 @@ class PFM(FedAvg):
 
 def _common(cfg: RunConfig) -> dict:
     n = cfg.num_clients
+    # Central DP bounds each client's influence on an unweighted mean: uniform weights.
+    weights = UNIT_WEIGHT if cfg.central_dp != "off" else NUM_EXAMPLES
     return dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
                 min_train_nodes=min(cfg.min_train_nodes, n),
                 min_evaluate_nodes=min(cfg.min_train_nodes, n), min_available_nodes=n,
-                weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
+                weighted_by_key=weights, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
+
+
+def sampled_clients(cfg: RunConfig) -> int:
+    """Clients asked to train each round (Flower's FedAvg sampling rule)."""
+    n = cfg.num_clients
+    return min(n, max(int(n * cfg.fraction_train), min(cfg.min_train_nodes, n)))
 
 
 STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
@@ -108,7 +132,23 @@ def build_strategy(cfg: RunConfig) -> Strategy:
         raise ValueError(
             f"Unknown strategy {cfg.strategy!r}; available: {sorted(STRATEGIES)}"
         ) from None
-    return factory(cfg)
+    strategy = factory(cfg)
+    m = sampled_clients(cfg)
+    if cfg.central_dp == "server-fixed":
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=cfg.central_dp_noise, clipping_norm=cfg.central_dp_clip,
+            num_sampled_clients=m)
+    elif cfg.central_dp == "server-adaptive":
+        strategy = DifferentialPrivacyServerSideAdaptiveClipping(
+            strategy, noise_multiplier=cfg.central_dp_noise, num_sampled_clients=m,
+            initial_clipping_norm=cfg.central_dp_clip)
+    return strategy
+
+
+def inner_strategy(strategy: Strategy) -> Strategy:
+    """The aggregation strategy inside a DP wrapper (or the strategy itself)."""
+    inner = getattr(strategy, "strategy", None)
+    return inner if isinstance(inner, Strategy) else strategy
 
 
 # ---------------------------------------------------------------- state for checkpoints
@@ -120,13 +160,15 @@ def strategy_state(strategy: Strategy) -> dict:
     """
     state = {}
     for name, value in vars(strategy).items():
-        if isinstance(value, ArrayRecord):
+        if isinstance(value, Strategy):  # a DP wrapper's inner strategy
+            state[name] = {"kind": "strategy", "value": strategy_state(value)}
+        elif isinstance(value, ArrayRecord):
             state[name] = {"kind": "arrayrecord", "value": {k: a.numpy() for k, a in value.items()}}
         elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
             state[name] = {"kind": "dict", "value": dict(value)}
         elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
             state[name] = {"kind": "list", "value": list(value)}
-        elif isinstance(value, float) and name in ("round_lr",):
+        elif isinstance(value, float) and name in ("round_lr", "clipping_norm"):
             state[name] = {"kind": "float", "value": value}
     return state
 
@@ -135,7 +177,9 @@ def load_strategy_state(strategy: Strategy, state: dict) -> None:
     """Restore what :func:`strategy_state` saved."""
     for name, item in state.items():
         kind, value = item["kind"], item["value"]
-        if kind == "arrayrecord":
+        if kind == "strategy":
+            load_strategy_state(getattr(strategy, name), value)
+        elif kind == "arrayrecord":
             setattr(strategy, name, numpy_record(value))
         elif kind == "dict":
             setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})

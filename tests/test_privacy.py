@@ -1,0 +1,205 @@
+"""Differential privacy: budgets, ledgers, DP-SGD through Opacus, central DP, the MIA audit."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedface.config import RunConfig
+from fedface.models import build_backbone, build_head
+from fedface.privacy import (
+    PrivacyBudgetExhausted,
+    PrivacyConfigError,
+    PrivacyLedger,
+    central_epsilon,
+    check_dp_compatible,
+    clip_and_noise_update,
+    epsilon_of,
+    make_private,
+    membership_inference_auc,
+    plan_dp,
+)
+from fedface.training import make_optimizer, train_epochs
+
+PLAN = dict(rounds=5, local_epochs=1, batch_size=16)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_plan_spends_exactly_the_budget_over_the_planned_rounds(accountant):
+    plan = plan_dp(400, epsilon=3.0, accountant=accountant, **PLAN)
+    assert plan.delta == 1e-5 and plan.sample_rate == 16 / 400 and plan.steps_per_round == 25
+    history = [[plan.noise_multiplier, plan.sample_rate, plan.steps_per_round]] * 5
+    eps = epsilon_of(history, plan.delta, accountant)
+    assert 2.95 <= eps <= 3.0 + 1e-3
+    # A smaller budget needs more noise; a larger one less.
+    assert plan_dp(400, epsilon=1.0, **PLAN).noise_multiplier > plan.noise_multiplier
+    assert plan_dp(400, epsilon=8.0, **PLAN).noise_multiplier < plan.noise_multiplier
+
+
+def test_default_delta_is_below_one_over_n():
+    assert plan_dp(50, epsilon=8, rounds=2, local_epochs=1, batch_size=10).delta == 1e-5
+    big = plan_dp(200_000, epsilon=8, rounds=1, local_epochs=1, batch_size=2000)
+    assert big.delta == pytest.approx(1 / 2_000_000)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(epsilon=8, delta=0.01), "dp-delta=0.01 is not below 1/N"),
+    (dict(epsilon=8, batch_size=500), "batch-size=500 is not below N"),
+    (dict(epsilon=0.001), "too small for even one round"),
+    (dict(epsilon=0.05), "dp-max-noise=20"),
+    (dict(epsilon=0.0), "dp-epsilon=0.0"),
+    (dict(epsilon=8, accountant="gdp2"), "dp-accountant"),
+])
+def test_impossible_budgets_are_refused_with_what_to_change(kwargs, needle):
+    args = {**PLAN, **kwargs}
+    with pytest.raises(PrivacyConfigError) as err:
+        plan_dp(400, client="client 3", **args)
+    assert needle in str(err.value)
+    if "delta" in kwargs or "batch_size" in kwargs:
+        assert "client 3 (N=400" in str(err.value)
+
+
+def test_ledger_persists_and_declines_the_round_that_would_overspend(tmp_path):
+    plan = plan_dp(400, epsilon=3.0, **PLAN)
+    path = tmp_path / "ledger.json"
+    spent = []
+    for rnd in range(1, 6):
+        ledger = PrivacyLedger.load(path)  # a restarted client reads what it spent
+        ledger.check_next_round(plan)
+        spent.append(ledger.record(rnd, plan, plan.steps_per_round))
+    assert all(a < b for a, b in zip(spent, spent[1:]))
+    assert spent[-1] <= 3.0 + 1e-3
+    doc = json.loads(path.read_text())
+    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3, 4, 5]
+    with pytest.raises(PrivacyBudgetExhausted, match="privacy budget exhausted: 5 rounds"):
+        PrivacyLedger.load(path).check_next_round(plan)
+    # The budget spans the federation: a run with another budget is refused.
+    with pytest.raises(PrivacyConfigError, match="keep the same settings"):
+        PrivacyLedger.load(path).check_next_round(plan_dp(400, epsilon=8.0, **PLAN))
+    path.write_text("{not json")
+    with pytest.raises(PrivacyConfigError, match="unreadable.*never delete"):
+        PrivacyLedger.load(path)
+
+
+def _tiny(classes=4, size=32, seed=0):
+    torch.manual_seed(seed)
+    return (build_backbone("tinyface", embedding_size=32, input_size=size),
+            build_head("softmax", 32, classes))
+
+
+def _faces(n=64, classes=4, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    base = rng.integers(0, 255, (classes, size, size, 3))
+    x = np.clip(base[y] + rng.normal(0, 20, (n, size, size, 3)), 0, 255).astype(np.uint8)
+    return x, y
+
+
+def test_dp_sgd_clips_each_sample_and_adds_the_planned_noise():
+    x, y = _faces()
+    plan = plan_dp(len(y), epsilon=8.0, rounds=1, local_epochs=1, batch_size=16)
+    clip = 0.01
+    plan = plan.__class__(**{**plan.__dict__, "noise_multiplier": 0.0, "max_grad_norm": clip})
+    backbone, head = _tiny()
+    before = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
+    opt = make_optimizer(backbone, head, lr=1.0, momentum=0.0, weight_decay=0.0)
+    private = make_private(backbone, head, opt, plan, seed=1)
+    sizes = []
+    batches = list(private.batches())
+    res = train_epochs(backbone, head, x, y, optimizer=private.optimizer,
+                       batches=lambda g: iter(batches[:1]), forward=private.forward)
+    sizes.append(len(batches[0]))
+    after = [p.detach() for p in [*backbone.parameters(), *head.parameters()]]
+    step = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(after, before)))
+    # Without noise, one step moves by at most clip x actual batch / expected batch.
+    assert res.steps == 1 and 0 < step <= clip * sizes[0] / plan.batch_size + 1e-6
+    # The same step without DP is far larger: the clipping is what bounds it.
+    backbone2, head2 = _tiny()
+    train_epochs(backbone2, head2, x, y, lr=1.0, momentum=0.0, weight_decay=0.0,
+                 batches=lambda g: iter(batches[:1]))
+    plain = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in
+                          zip([*backbone2.parameters(), *head2.parameters()], before)))
+    assert plain > 20 * step
+    # With noise: the step's size matches noise x clip / batch per coordinate.
+    backbone3, head3 = _tiny()
+    noisy = plan.__class__(**{**plan.__dict__, "noise_multiplier": 2.0})
+    opt3 = make_optimizer(backbone3, head3, lr=1.0, momentum=0.0, weight_decay=0.0)
+    p3 = make_private(backbone3, head3, opt3, noisy, seed=1)
+    train_epochs(backbone3, head3, x, y, optimizer=p3.optimizer,
+                 batches=lambda g: iter(batches[:1]), forward=p3.forward)
+    moved = torch.cat([(a.detach() - b).flatten() for a, b in
+                       zip([*backbone3.parameters(), *head3.parameters()], before)])
+    assert moved.std().item() == pytest.approx(2.0 * clip / plan.batch_size, rel=0.05)
+
+
+def test_poisson_batches_vary_and_follow_the_sample_rate():
+    plan = plan_dp(400, epsilon=8.0, rounds=1, local_epochs=1, batch_size=16)
+    backbone, head = _tiny()
+    private = make_private(backbone, head, make_optimizer(backbone, head, 0.1, 0.9, 0.0), plan)
+    sizes = [len(b) for b in private.batches()]
+    assert len(sizes) == plan.steps_per_round == 25
+    assert len(set(sizes)) > 3 and 12 < np.mean(sizes) < 20
+
+
+def test_incompatible_model_is_refused_naming_the_layer_and_the_fix():
+    check_dp_compatible(build_backbone("tinyface"))
+    check_dp_compatible(build_backbone("mobilefacenet", input_size=64, norm="group", act="relu"))
+    with pytest.raises(PrivacyConfigError, match="BatchNorm.*GroupNorm") as err:
+        check_dp_compatible(build_backbone("mobilefacenet", input_size=64), "backbone")
+    assert "ModuleValidator.fix" in str(err.value)
+
+
+def test_client_side_central_dp_clips_and_noises_its_share():
+    rng = np.random.default_rng(0)
+    before = {"w": np.zeros((200, 100), np.float32), "b": np.zeros(50, np.float32)}
+    after = {"w": rng.normal(0, 1, (200, 100)).astype(np.float32),
+             "b": rng.normal(0, 1, 50).astype(np.float32)}
+    clipped, norm = clip_and_noise_update(before, after, clip=1.0, noise_multiplier=0.0,
+                                          num_sampled_clients=4, rng=rng)
+    assert norm > 100
+    assert math.sqrt(sum(float((v ** 2).sum()) for v in clipped.values())) == pytest.approx(1.0, rel=1e-4)
+    # Each of m=4 clients adds std noise*clip/sqrt(m): the sum carries noise*clip.
+    small = {"w": np.full((200, 100), 1e-4, np.float32), "b": np.zeros(50, np.float32)}
+    noisy, _ = clip_and_noise_update(before, small, clip=1.0, noise_multiplier=2.0,
+                                     num_sampled_clients=4, rng=rng)
+    assert noisy["w"].std() == pytest.approx(2.0 / 2, rel=0.03)
+    assert noisy["w"].dtype == np.float32
+
+
+def test_central_epsilon_shrinks_with_noise():
+    e1 = central_epsilon(1.0, 1.0, 10, 1e-5)
+    e2 = central_epsilon(2.0, 1.0, 10, 1e-5)
+    assert e2 < e1 and central_epsilon(2.0, 0.5, 10, 1e-5) < e2
+    assert central_epsilon(0.0, 1.0, 10, 1e-5) == math.inf
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(central_dp="server-fixed", fv=True), "central_dp with fv is refused"),
+    (dict(dp_epsilon=8, mode="centralized"), "apply to federated clients"),
+    (dict(central_dp="sometimes"), "central_dp='sometimes'"),
+    (dict(dp_accountant="moments"), "dp_accountant='moments'"),
+    (dict(dp_epsilon=-1.0), "dp_epsilon=-1.0"),
+])
+def test_invalid_privacy_combinations_are_refused_at_start(changes, needle):
+    with pytest.raises(ValueError, match="Invalid run configuration") as err:
+        RunConfig(**changes)
+    assert needle in str(err.value)
+
+
+def test_membership_inference_sees_an_overfit_model_and_not_a_fresh_one():
+    from fedface.data.synthetic import SyntheticConfig, generate
+
+    x, y = generate(SyntheticConfig(num_identities=16, images_per_identity=6, size=32))
+    members = y < 8  # the client's people; non-members are other people's images
+    backbone, head = _tiny(classes=8)
+    fresh = membership_inference_auc(backbone, head, x[members], x[~members])
+    train_epochs(backbone, head, x[members], y[members], epochs=50, batch_size=16, lr=0.05)
+    trained = membership_inference_auc(backbone, head, x[members], x[~members])
+    assert abs(fresh["auc"] - 0.5) < 0.15
+    best = trained["by_loss"][trained["attack"]]
+    assert trained["auc"] > 0.75 and best["member_loss"] < best["non_member_loss"]
+    assert trained["auc"] == max(v["auc"] for v in trained["by_loss"].values())
+    with pytest.raises(ValueError, match="at least one member"):
+        membership_inference_auc(backbone, head, x[:0], x)
