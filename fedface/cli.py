@@ -94,7 +94,34 @@ def print_summary(doc: dict, title: str = "fedface run") -> None:
                    f"{rep['auc']:.3f}", _pct(rep["eer"]), _pct(rep["tar_at_far_1e-3"]),
                    _pct(raw.get("accuracy")), "-" if gain is None else f"{gain:+.1f}")
     console.print(ft)
+    print_privacy(doc)
+    if doc.get("stopped"):
+        console.print(f"[yellow]stopped early:[/] {doc['stopped']}")
     console.print(f"wall time {final.get('wall_seconds', 0):.0f} s; model: {final.get('model')}")
+
+
+def print_privacy(doc: dict) -> None:
+    """Per-client epsilon spent (DP-SGD) and the central-DP epsilon, if the run had them."""
+    rounds, plans = doc["rounds"], doc.get("dp_plans", {})
+    if plans:
+        spent: dict[str, float] = {}
+        for r in rounds:
+            spent.update(r.get("dp", {}).get("epsilon_spent", {}))
+        cfg = doc["config"]
+        t = Table(title=f"DP-SGD: epsilon spent per institution (budget {cfg['dp_epsilon']} over "
+                  f"{cfg['dp_rounds'] or cfg['rounds']} rounds, {cfg['dp_accountant']} accountant)")
+        for col in ("institution", "epsilon spent", "delta", "noise multiplier", "steps/round"):
+            t.add_column(col, justify="right")
+        for cid, p in plans.items():
+            t.add_row(cid, f"{spent[cid]:.3f}" if cid in spent else "-", f"{p['delta']:g}",
+                      f"{p['noise_multiplier']:.3f}", str(p["steps_per_round"]))
+        console.print(t)
+    central = [r["central_dp"] for r in rounds if "central_dp" in r]
+    if central:
+        c = central[-1]
+        console.print(f"central DP ({c['mode']}): client-level epsilon {c['epsilon']:.3f} at "
+                      f"delta {c['delta']:g}, noise multiplier {c['noise_multiplier']}, "
+                      f"clip {c['clip']:.3g}")
 
 
 def _run(cfg: RunConfig, verbose: bool, title: str, resume: bool = False) -> dict:
@@ -127,6 +154,9 @@ ImageSizeOpt = Annotated[int | None, typer.Option(help="Aligned chip size.")]
 CacheOpt = Annotated[str | None, typer.Option(help="Cache folder.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Any other run setting as KEY=VALUE (see RunConfig), repeatable.")]
+EpsilonOpt = Annotated[float | None, typer.Option(
+    "--epsilon", help="DP-SGD on every client: the privacy budget epsilon each may spend "
+    "over the run (delta min(1e-5, 1/10N); see --set dp-*).")]
 
 
 @app.command()
@@ -153,6 +183,7 @@ def train(
     cache_dir: CacheOpt = None,
     out: OutOpt = "runs/train",
     sets: SetOpt = None,
+    epsilon: EpsilonOpt = None,
     fv: Annotated[bool, typer.Option("--fv", help="Federated validation of client weightings.")] = False,
     resume: Annotated[str | None, typer.Option(
         help="Continue the stopped run in this folder (its settings; --rounds may grow).")] = None,
@@ -179,7 +210,7 @@ def train(
                   strategy=strategy, partition=partition, partition_alpha=alpha,
                   backbone=backbone, head=head, image_size=image_size, batch_size=batch_size,
                   lr=lr, seed=seed, flip_tta=flip or None, cache_dir=cache_dir, out=out,
-                  fv=fv or None, sets=sets)
+                  fv=fv or None, dp_epsilon=epsilon, sets=sets)
     _run(cfg, verbose, f"fedface train ({cfg.mode})")
 
 
@@ -188,6 +219,7 @@ def demo(
     data: DataOpt = "synthetic",
     out: OutOpt = "runs/demo",
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    epsilon: EpsilonOpt = None,
     sets: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's log.")] = False,
 ) -> None:
@@ -195,8 +227,12 @@ def demo(
 
     On the generated synthetic set by default (no real faces, nothing downloaded; about
     a minute on 2 CPU cores); --data PATH runs the same on an identity folder or LFW.
+    --epsilon E trains every institution with DP-SGD under budget E (batch size 8, so that
+    Poisson sampling also fits the smallest institution) and reports the epsilon spent.
     """
-    cfg = _config(data=data, out=out, rounds=rounds, sets=sets)
+    dp_batch = 8 if epsilon and not any(s.startswith("batch-size") for s in sets or []) else None
+    cfg = _config(data=data, out=out, rounds=rounds, dp_epsilon=epsilon, batch_size=dp_batch,
+                  sets=sets)
     console.print("[bold]fedface demo[/]: " + (
         "generated synthetic faces (not real people)" if cfg.data == "synthetic" else cfg.data))
     _run(cfg, verbose, "fedface demo")
@@ -306,6 +342,29 @@ def bench_scale(
     counts = [int(c) for c in clients.split(",") if c.strip()]
     t0 = time.time()
     res = run_bench(counts, overrides=_parse_sets(sets), log=console.print)
+    res["bench_seconds"] = round(time.time() - t0, 1)
+    write_json(json_path, res)
+    print(json.dumps(res, indent=2))
+
+
+@bench_app.command("dp")
+def bench_dp(
+    json_path: Annotated[Path, typer.Option("--json", help="Write results here.")],
+    backbones: Annotated[str, typer.Option(help="Comma-separated backbones.")] =
+        "tinyface,mobilefacenet",
+    image_size: Annotated[int, typer.Option(help="Chip size.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    mode: Annotated[str, typer.Option(help="Opacus grad-sample mode.")] = "hooks",
+    repeats: Annotated[int, typer.Option(help="Alternating blocks per mode.")] = 3,
+) -> None:
+    """Time per local step, DP-SGD vs non-private, side by side: dp_step_ratio."""
+    from fedface.bench import bench_dp as run_bench
+    from fedface.metrics import write_json
+
+    t0 = time.time()
+    res = run_bench(tuple(b for b in backbones.split(",") if b), image_size=image_size,
+                    batch_size=batch_size, grad_sample_mode=mode, repeats=repeats,
+                    log=console.print)
     res["bench_seconds"] = round(time.time() - t0, 1)
     write_json(json_path, res)
     print(json.dumps(res, indent=2))

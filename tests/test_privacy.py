@@ -48,7 +48,7 @@ def test_default_delta_is_below_one_over_n():
     (dict(epsilon=8, delta=0.01), "dp-delta=0.01 is not below 1/N"),
     (dict(epsilon=8, batch_size=500), "batch-size=500 is not below N"),
     (dict(epsilon=0.001), "too small for even one round"),
-    (dict(epsilon=0.05), "dp-max-noise=20"),
+    (dict(epsilon=0.3, max_noise_multiplier=5.0), "dp-max-noise=5"),
     (dict(epsilon=0.0), "dp-epsilon=0.0"),
     (dict(epsilon=8, accountant="gdp2"), "dp-accountant"),
 ])
@@ -203,3 +203,86 @@ def test_membership_inference_sees_an_overfit_model_and_not_a_fresh_one():
     assert trained["auc"] == max(v["auc"] for v in trained["by_loss"].values())
     with pytest.raises(ValueError, match="at least one member"):
         membership_inference_auc(backbone, head, x[:0], x)
+
+
+# ----------------------------------------------------------------- federated, end to end
+SMALL = dict(synthetic_identities=60, synthetic_images=6, image_size=48, num_clients=3,
+             batch_size=8, min_train_nodes=3, local_epochs=1)
+
+
+@pytest.mark.slow
+def test_federated_dp_accounts_every_round_and_stops_when_budgets_are_spent(tmp_path):
+    from fedface.runner import run
+
+    # Budgets planned for 2 rounds; the run asks for 3: every client declines round 3.
+    cfg = RunConfig(**SMALL, rounds=3, dp_epsilon=4.0, dp_rounds=2, out=str(tmp_path / "dp"))
+    doc = run(cfg)
+    assert [r["round"] for r in doc["rounds"]] == [1, 2]
+    assert "privacy budgets spent" in doc["stopped"] and "round 2 is final" in doc["stopped"]
+    plans = doc["dp_plans"]
+    assert set(plans) == {"0", "1", "2"} and all(p["noise_multiplier"] > 0.5 for p in plans.values())
+    first, second = (r["dp"]["epsilon_spent"] for r in doc["rounds"])
+    for cid in plans:
+        assert 0 < first[cid] < second[cid] <= 4.0 + 1e-2
+        assert second[cid] == pytest.approx(4.0, abs=0.05)
+    assert doc["final"]  # the run still reports its final verification figures
+    # A restarted client knows what it spent: its ledger is on disk.
+    ledger = PrivacyLedger.load(tmp_path / "dp" / "clients" / "client_000_privacy.json")
+    assert [r["round"] for r in ledger.rounds] == [1, 2]
+    assert ledger.spent == pytest.approx(second["0"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_client_with_a_spent_ledger_declines_and_the_others_carry_on(tmp_path):
+    from fedface.privacy import plan_for_run
+    from fedface.runner import run
+
+    cfg = RunConfig(**{**SMALL, "min_train_nodes": 2}, rounds=2, dp_epsilon=4.0,
+                    out=str(tmp_path / "dp"))
+    # Client 1 spent its whole budget in an earlier run (its ledger says so).
+    from fedface.data.prepare import prepare
+
+    n1 = {c["client"]: c["train_images"] for c in prepare(cfg).summary["clients"]}[1]
+    plan = plan_for_run(cfg, n1, "client 1")
+    ledger = PrivacyLedger.load(tmp_path / "dp" / "clients" / "client_001_privacy.json")
+    for rnd in (1, 2):
+        ledger.record(rnd, plan, plan.steps_per_round)
+    doc = run(cfg)
+    for r in doc["rounds"]:
+        assert r["clients_ok"] == 2 and r["dp"]["declined"] == 1
+        assert "1" not in r["dp"]["epsilon_spent"]
+        (exc,) = r["excluded"]
+        assert "privacy budget exhausted" in exc["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed"])
+def test_central_dp_runs_and_reports_its_epsilon(tmp_path, mode):
+    from fedface.runner import run
+
+    cfg = RunConfig(**SMALL, rounds=2, central_dp=mode, central_dp_noise=0.05,
+                    central_dp_clip=0.5, out=str(tmp_path / mode))
+    doc = run(cfg)
+    eps = [r["central_dp"]["epsilon"] for r in doc["rounds"]]
+    assert 0 < eps[0] < eps[1] < math.inf
+    assert all(r["central_dp"]["mode"] == mode for r in doc["rounds"])
+    assert np.isfinite(doc["rounds"][-1]["train_loss"])
+
+
+def test_gdc_per_sample_gradients_match_autograd():
+    from opacus import GradSampleModule
+
+    from fedface.models.layers import GlobalDepthwiseConv
+
+    torch.manual_seed(0)
+    layer = GlobalDepthwiseConv(6, 4)
+    conv = torch.nn.Conv2d(6, 6, 4, groups=6, bias=False)
+    conv.weight.data.copy_(layer.weight.data)
+    x = torch.randn(5, 6, 4, 4)
+    torch.testing.assert_close(layer(x), conv(x).flatten(1))
+    gsm = GradSampleModule(torch.nn.Sequential(layer), loss_reduction="sum")
+    (gsm(x) ** 2).sum().backward()
+    for i in range(5):
+        conv.weight.grad = None
+        (conv(x[i : i + 1]) ** 2).sum().backward()
+        torch.testing.assert_close(layer.weight.grad_sample[i], conv.weight.grad)

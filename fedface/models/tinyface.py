@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .layers import GlobalDepthwiseConv
 from .registry import feature_size, register_backbone
 
 __all__ = ["TinyFace", "tinyface"]
@@ -136,7 +137,7 @@ class TinyFace(nn.Module):
         if pool == "avg":
             self.pool = nn.AdaptiveAvgPool2d(1)
         else:
-            self.pool = nn.Conv2d(in_ch, in_ch, fsize, groups=in_ch, bias=False)
+            self.pool = GlobalDepthwiseConv(in_ch, fsize)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_ch, embedding_size)
         self._init_weights()
@@ -145,8 +146,6 @@ class TinyFace(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m.groups == 1:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Conv2d):  # GDC: start as average pooling
-                nn.init.constant_(m.weight, 1.0 / (m.kernel_size[0] * m.kernel_size[1]))
             elif isinstance(m, nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

@@ -21,6 +21,9 @@ from torch import nn
 from fedface.config import GRAD_SAMPLE_MODES
 from fedface.privacy.budget import DPPlan, PrivacyConfigError
 
+# Opacus' hooks fire on the first layer although the input needs no gradient: expected.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
 
 class _Joint(nn.Module):
     """Backbone and head as one module, so Opacus sees every trainable layer."""
@@ -100,9 +103,9 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
     index = torch.utils.data.TensorDataset(torch.arange(plan.num_examples))
     loader = torch.utils.data.DataLoader(index, batch_size=plan.batch_size,
                                          generator=torch.Generator().manual_seed(int(seed)))
-    engine = PrivacyEngine(accountant=plan.accountant)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure-RNG and optimizer-state notices
+        engine = PrivacyEngine(accountant=plan.accountant)
         module, dp_opt, dp_loader = engine.make_private(
             module=joint, optimizer=optimizer, data_loader=loader,
             noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
