@@ -80,7 +80,7 @@ def bench_scale(counts: list[int], overrides: dict | None = None,
             "fits_24gb": all(r["peak_memory_gb"] < 24 for r in results)}
 
 
-def bench_dp(backbones: tuple[str, ...] = ("tinyface", "mobilefacenet"), image_size: int = 64,
+def bench_dp(backbones: tuple[str, ...] = ("tinyface", "mobilefacenet-dp"), image_size: int = 64,
              batch_size: int = 64, classes: int = 100, steps: int = 8, repeats: int = 3,
              grad_sample_mode: str = "hooks", threads: int = 2,
              log: Callable[[str], None] = print) -> dict:
@@ -90,7 +90,7 @@ def bench_dp(backbones: tuple[str, ...] = ("tinyface", "mobilefacenet"), image_s
     with momentum) on the same random chips; DP-SGD adds Opacus' Poisson sampling,
     per-sample gradients, clipping and noise. The two alternate ``repeats`` times in
     blocks of ``steps`` steps and the medians are compared, so machine noise hits both.
-    ``mobilefacenet`` is the DP-compatible variant (GroupNorm, ReLU).
+    ``mobilefacenet-dp`` is MobileFaceNet with GroupNorm and ReLU.
     """
     import numpy as np
     import torch
@@ -107,11 +107,9 @@ def bench_dp(backbones: tuple[str, ...] = ("tinyface", "mobilefacenet"), image_s
     plan = plan_dp(n, epsilon=8.0, rounds=10, local_epochs=1, batch_size=batch_size)
     rows = []
     for name in backbones:
-        kwargs = {"norm": "group", "act": "relu"} if name == "mobilefacenet" else {}
-
-        def models(name=name, kwargs=kwargs):
+        def models(name=name):
             torch.manual_seed(0)
-            return (build_backbone(name, input_size=image_size, **kwargs),
+            return (build_backbone(name, input_size=image_size),
                     build_head("softmax", 128, classes))
 
         fixed = [torch.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps + 1)]

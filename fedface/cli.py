@@ -351,7 +351,7 @@ def bench_scale(
 def bench_dp(
     json_path: Annotated[Path, typer.Option("--json", help="Write results here.")],
     backbones: Annotated[str, typer.Option(help="Comma-separated backbones.")] =
-        "tinyface,mobilefacenet",
+        "tinyface,mobilefacenet-dp",
     image_size: Annotated[int, typer.Option(help="Chip size.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     mode: Annotated[str, typer.Option(help="Opacus grad-sample mode.")] = "hooks",

@@ -60,10 +60,12 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
 
     from client.app import build_client_app
     from server.app import build_server_app
+    from server.loop import check_privacy
 
-    # Prepare (align, partition) before the engine starts, so failures surface early
-    # and the progress bar is not interleaved with the engine's start-up.
-    prepare(cfg, progress=progress)
+    # Prepare (align, partition) and check DP budgets before the engine starts, so
+    # failures surface early and the progress bar is not interleaved with its start-up.
+    prepared = prepare(cfg, progress=progress)
+    check_privacy(cfg, prepared.summary)
     result: dict = {}
     overrides = cfg.to_run_config()
     server_app = build_server_app(overrides, progress=progress, result=result, resume=resume)

@@ -145,10 +145,12 @@ def test_poisson_batches_vary_and_follow_the_sample_rate():
 
 def test_incompatible_model_is_refused_naming_the_layer_and_the_fix():
     check_dp_compatible(build_backbone("tinyface"))
-    check_dp_compatible(build_backbone("mobilefacenet", input_size=64, norm="group", act="relu"))
-    with pytest.raises(PrivacyConfigError, match="BatchNorm.*GroupNorm") as err:
+    check_dp_compatible(build_backbone("mobilefacenet-dp", input_size=64))
+    with pytest.raises(PrivacyConfigError, match="BatchNorm.*mobilefacenet-dp") as err:
         check_dp_compatible(build_backbone("mobilefacenet", input_size=64), "backbone")
     assert "ModuleValidator.fix" in str(err.value)
+    with pytest.raises(PrivacyConfigError, match="backbone 'iresnet18'.*BatchNorm"):
+        check_dp_compatible(build_backbone("iresnet18", input_size=64), "backbone 'iresnet18'")
 
 
 def test_client_side_central_dp_clips_and_noises_its_share():
@@ -286,3 +288,50 @@ def test_gdc_per_sample_gradients_match_autograd():
         conv.weight.grad = None
         (conv(x[i : i + 1]) ** 2).sum().backward()
         torch.testing.assert_close(layer.weight.grad_sample[i], conv.weight.grad)
+
+
+@pytest.mark.slow
+def test_cli_reports_epsilon_per_institution_and_refuses_bad_batches(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedface.cli import app
+
+    base = ["train", "--clients", "3", "--rounds", "2", "--image-size", "48", "--local-epochs", "1",
+            "--set", "synthetic-identities=60", "--set", "synthetic-images=6",
+            "--set", "min-train-nodes=3", "--epsilon", "4"]
+    res = CliRunner().invoke(app, [*base, "--batch-size", "8", "--out", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output
+    assert "DP-SGD: epsilon spent per institution (budget 4.0 over 2 rounds" in res.output
+    doc = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    spent = doc["rounds"][-1]["dp"]["epsilon_spent"]
+    assert len(spent) == 3 and all(3.9 < e <= 4.001 for e in spent.values())
+    # A batch larger than an institution's data is refused before any training.
+    res = CliRunner().invoke(app, [*base, "--batch-size", "500", "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2
+    assert "batch-size=500 is not below N" in res.output and "use --batch-size" in res.output
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_pfm_global_momentum_is_added_after_the_noise():
+    """PFM's momentum is public: it joins the step after clipping and noise."""
+    from fedface.momentum import MomentumHook
+
+    x, y = _faces()
+    plan = plan_dp(len(y), epsilon=8.0, rounds=1, local_epochs=1, batch_size=16)
+    moved = []
+    for with_hook in (False, True):
+        backbone, head = _tiny()
+        before = {k: v.detach().clone() for k, v in backbone.named_parameters()}
+        opt = make_optimizer(backbone, head, lr=1.0, momentum=0.0, weight_decay=0.0,
+                             global_momentum=True)
+        private = make_private(backbone, head, opt, plan, seed=3)
+        if with_hook:
+            m = {k: np.full(v.shape, 0.01, np.float32) for k, v in before.items()}
+            private.attach_after_noise(MomentumHook(backbone, m, beta=0.5))
+        batch = next(iter(private.batches()))
+        train_epochs(backbone, head, x, y, optimizer=private.optimizer,
+                     batches=lambda g, b=batch: iter([b]), forward=private.forward, seed=1)
+        moved.append({k: v.detach() - before[k] for k, v in backbone.named_parameters()})
+    for k in moved[0]:  # same batch, same noise: the hook adds exactly -lr * beta * m
+        torch.testing.assert_close(moved[1][k] - moved[0][k],
+                                   torch.full_like(moved[0][k], -0.005), atol=1e-5, rtol=0)

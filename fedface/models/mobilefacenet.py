@@ -25,7 +25,7 @@ from torch import nn
 
 from .registry import feature_size, register_backbone
 
-__all__ = ["MobileFaceNet", "mobilefacenet"]
+__all__ = ["MobileFaceNet", "mobilefacenet", "mobilefacenet_dp"]
 
 # (expansion t, output channels c, repeats n, first stride s)
 _SETTINGS = (
@@ -194,4 +194,11 @@ class MobileFaceNet(nn.Module):
 @register_backbone("mobilefacenet")
 def mobilefacenet(embedding_size: int = 128, input_size: int = 112, **kwargs) -> MobileFaceNet:
     """Build :class:`MobileFaceNet` (``norm="batch"``, ``act="prelu"`` by default)."""
+    return MobileFaceNet(embedding_size=embedding_size, input_size=input_size, **kwargs)
+
+
+@register_backbone("mobilefacenet-dp")
+def mobilefacenet_dp(embedding_size: int = 128, input_size: int = 112, **kwargs) -> MobileFaceNet:
+    """:class:`MobileFaceNet` for DP-SGD: GroupNorm and ReLU (passes Opacus' validator)."""
+    kwargs = {"norm": "group", "act": "relu", **kwargs}
     return MobileFaceNet(embedding_size=embedding_size, input_size=input_size, **kwargs)

@@ -45,8 +45,8 @@ def check_dp_compatible(module: nn.Module, name: str = "model") -> None:
         more = f" (and {len(errors) - 4} more)" if len(errors) > 4 else ""
         raise PrivacyConfigError(
             f"{name} cannot be trained with DP-SGD: {detail}{more}. BatchNorm mixes samples "
-            "of a batch, so per-sample gradients do not exist: use --backbone tinyface, or "
-            "mobilefacenet with norm='group' (GroupNorm), or convert with "
+            "of a batch, so per-sample gradients do not exist: use --backbone tinyface or "
+            "mobilefacenet-dp (GroupNorm), or convert your own model with "
             "opacus.validators.ModuleValidator.fix(model)")
 
 
