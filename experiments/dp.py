@@ -94,7 +94,7 @@ def main() -> None:
         doc = run(cfg)
         mia = audit(cfg)
         spent = doc["rounds"][-1].get("dp", {}).get("epsilon_spent", {})
-        row = {"epsilon": eps, "seconds": round(time.time() - t0, 1),
+        row = {"epsilon": eps if math.isfinite(eps) else "inf", "seconds": round(time.time() - t0, 1),
                "epsilon_spent_max": max(spent.values(), default=None),
                "delta": max((p["delta"] for p in doc.get("dp_plans", {}).values()), default=None),
                "noise_multiplier": [p["noise_multiplier"] for p in doc.get("dp_plans", {}).values()],
@@ -117,6 +117,12 @@ def main() -> None:
     print((args.out / f"{tag}.md").read_text())
 
 
+def _eps(row: dict) -> float:
+    """A row's epsilon; JSON keeps the non-private run as "inf" (or null)."""
+    e = row["epsilon"]
+    return math.inf if e in (None, "inf") else float(e)
+
+
 def markdown(summary: dict) -> str:
     sets = summary["pairs"]
     head = " | ".join(f"{p.removesuffix('.txt')} acc %" for p in sets)
@@ -134,7 +140,7 @@ def markdown(summary: dict) -> str:
                           for p in sets)
         spent = "-" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.2f}"
         delta = "-" if r["delta"] is None else f"{r['delta']:g}"
-        lines.append(f"| {r['epsilon']:g} | {spent} | {delta} | {accs} | "
+        lines.append(f"| {_eps(r):g} | {spent} | {delta} | {accs} | "
                      f"{r['mia_auc_mean']:.3f} | {r['mia_auc_max']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -145,29 +151,31 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finite = [r for r in rows if not math.isinf(r["epsilon"])]
+    finite = [r for r in rows if not math.isinf(_eps(r))]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [_eps(r) for r in finite]
     for pset in rows[0]["final"]:
-        xs = [r["epsilon"] for r in finite]
-        a1.plot(xs, [100 * r["final"][pset]["accuracy"] for r in finite], "o-", label=pset)
-        inf = [r for r in rows if math.isinf(r["epsilon"])]
+        (line,) = a1.plot(xs, [100 * r["final"][pset]["accuracy"] for r in finite], "o-",
+                          label=pset)
+        inf = [r for r in rows if math.isinf(_eps(r))]
         if inf:
-            a1.axhline(100 * inf[0]["final"][pset]["accuracy"], ls="--", alpha=0.5,
-                       label=f"{pset}, no DP")
+            a1.axhline(100 * inf[0]["final"][pset]["accuracy"], ls="--", alpha=0.6,
+                       color=line.get_color(), label=f"{pset}, no DP")
     a1.set(xscale="log", xlabel="epsilon (delta <= 1e-5)", ylabel="verification accuracy %",
            title="Utility vs privacy budget")
     a1.legend()
     a1.grid(alpha=0.3)
-    a2.plot([r["epsilon"] for r in finite], [r["mia_auc_mean"] for r in finite], "o-",
-            label="mean over institutions")
-    a2.plot([r["epsilon"] for r in finite], [r["mia_auc_max"] for r in finite], "s--",
-            label="max")
-    inf = [r for r in rows if math.isinf(r["epsilon"])]
+    a2.plot(xs, [r["mia_auc_mean"] for r in finite], "o-", label="mean over institutions")
+    a2.plot(xs, [r["mia_auc_max"] for r in finite], "s--", label="max")
+    inf = [r for r in rows if math.isinf(_eps(r))]
     if inf:
         a2.axhline(inf[0]["mia_auc_mean"], ls=":", color="gray", label="no DP (mean)")
     a2.axhline(0.55, color="red", alpha=0.4, label="target 0.55")
     a2.set(xscale="log", xlabel="epsilon", ylabel="membership inference AUC",
            title="Loss-threshold attack")
+    for ax in (a1, a2):
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
     a2.legend()
     a2.grid(alpha=0.3)
     fig.tight_layout()

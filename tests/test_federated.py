@@ -139,13 +139,15 @@ def test_resume_after_a_stop_ends_with_the_same_model(tmp_path):
 def test_a_crashing_client_is_excluded_and_the_run_goes_on(tmp_path):
     from fedface.data.prepare import prepare
 
-    cfg = RunConfig(**{**SMALL, "min_train_nodes": 2}, out=str(tmp_path / "crash"))
+    # Its own cache: the data loss below must not leak into other tests' prepared data.
+    cfg = RunConfig(**{**SMALL, "min_train_nodes": 2}, out=str(tmp_path / "crash"),
+                    cache_dir=str(tmp_path / "cache"))
     prepare(cfg).client_files[1].unlink()  # institution 1 loses its data: it errors each round
     doc = run(cfg)
     for r in doc["rounds"]:
         assert r["clients_ok"] == 2 and r["num_excluded"] == 1
         assert "client error" in r["excluded"][0]["reason"]
         assert "client_001.npz" in r["excluded"][0]["reason"]
-    strict = RunConfig(**SMALL, out=str(tmp_path / "strict"))  # needs all 3
+    strict = cfg.replace(min_train_nodes=3, out=str(tmp_path / "strict"))  # needs all 3
     with pytest.raises(RuntimeError, match="only 2 usable replies, min-train-nodes=3"):
         run(strict)

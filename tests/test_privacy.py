@@ -258,7 +258,7 @@ def test_a_client_with_a_spent_ledger_declines_and_the_others_carry_on(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["server-fixed", "client-fixed"])
+@pytest.mark.parametrize("mode", ["server-fixed", "server-adaptive", "client-fixed"])
 def test_central_dp_runs_and_reports_its_epsilon(tmp_path, mode):
     from fedface.runner import run
 
