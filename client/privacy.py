@@ -1,4 +1,4 @@
-"""A client's differential privacy: its DP-SGD plan, its ledger, its central-DP share.
+"""A client's differential privacy: where its ledger lives, and its central-DP share.
 
 Where the ledger lives (it must outlive the process, so a restarted client still knows
 what it has spent):

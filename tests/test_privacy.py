@@ -1,5 +1,6 @@
 """Differential privacy: budgets, ledgers, DP-SGD through Opacus, central DP, the MIA audit."""
 
+import dataclasses
 import json
 import math
 
@@ -101,7 +102,7 @@ def test_dp_sgd_clips_each_sample_and_adds_the_planned_noise():
     x, y = _faces()
     plan = plan_dp(len(y), epsilon=8.0, rounds=1, local_epochs=1, batch_size=16)
     clip = 0.01
-    plan = plan.__class__(**{**plan.__dict__, "noise_multiplier": 0.0, "max_grad_norm": clip})
+    plan = dataclasses.replace(plan, noise_multiplier=0.0, max_grad_norm=clip)
     backbone, head = _tiny()
     before = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
     opt = make_optimizer(backbone, head, lr=1.0, momentum=0.0, weight_decay=0.0)
@@ -124,7 +125,7 @@ def test_dp_sgd_clips_each_sample_and_adds_the_planned_noise():
     assert plain > 20 * step
     # With noise: the step's size matches noise x clip / batch per coordinate.
     backbone3, head3 = _tiny()
-    noisy = plan.__class__(**{**plan.__dict__, "noise_multiplier": 2.0})
+    noisy = dataclasses.replace(plan, noise_multiplier=2.0)
     opt3 = make_optimizer(backbone3, head3, lr=1.0, momentum=0.0, weight_decay=0.0)
     p3 = make_private(backbone3, head3, opt3, noisy, seed=1)
     train_epochs(backbone3, head3, x, y, optimizer=p3.optimizer,

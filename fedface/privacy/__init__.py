@@ -8,6 +8,7 @@ and the membership-inference audit.
 - :func:`membership_inference_auc`: the loss-threshold attack.
 """
 
+from fedface.config import CENTRAL_DP_MODES  # valid combinations: RunConfig.validate
 from fedface.privacy.attacks import membership_inference_auc, sample_losses
 from fedface.privacy.budget import (
     ACCOUNTANTS,
@@ -22,7 +23,6 @@ from fedface.privacy.budget import (
     plan_for_run,
 )
 from fedface.privacy.central import (
-    CENTRAL_DP_MODES,
     central_delta,
     central_epsilon,
     clip_and_noise_update,

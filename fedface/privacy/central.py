@@ -25,7 +25,6 @@ import warnings
 
 import numpy as np
 
-from fedface.config import CENTRAL_DP_MODES  # noqa: F401  (valid combinations: RunConfig.validate)
 from fedface.privacy.budget import PrivacyConfigError, default_delta
 
 
