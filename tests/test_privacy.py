@@ -150,8 +150,9 @@ def test_incompatible_model_is_refused_naming_the_layer_and_the_fix():
     with pytest.raises(PrivacyConfigError, match="BatchNorm.*mobilefacenet-dp") as err:
         check_dp_compatible(build_backbone("mobilefacenet", input_size=64), "backbone")
     assert "ModuleValidator.fix" in str(err.value)
-    with pytest.raises(PrivacyConfigError, match="backbone 'iresnet18'.*BatchNorm"):
+    with pytest.raises(PrivacyConfigError, match="backbone 'iresnet18'.*BatchNorm") as err:
         check_dp_compatible(build_backbone("iresnet18", input_size=64), "backbone 'iresnet18'")
+    assert "bn1 (BatchNorm2d)" in str(err.value) and "more." in str(err.value)
 
 
 def test_client_side_central_dp_clips_and_noises_its_share():

@@ -39,13 +39,17 @@ class _Joint(nn.Module):
 
 def check_dp_compatible(module: nn.Module, name: str = "model") -> None:
     """Refuse a module Opacus cannot train privately, naming the layers and the fix."""
-    errors = ModuleValidator.validate(module, strict=False)
-    if errors:
-        detail = "; ".join(str(e) for e in errors[:4])
-        more = f" (and {len(errors) - 4} more)" if len(errors) > 4 else ""
+    bad = []
+    for layer_name, layer in module.named_modules():
+        validate = ModuleValidator.VALIDATORS.get(type(layer))
+        if validate is not None and validate(layer):
+            bad.append(f"{layer_name} ({type(layer).__name__})")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise PrivacyConfigError(
-            f"{name} cannot be trained with DP-SGD: {detail}{more}. BatchNorm mixes samples "
-            "of a batch, so per-sample gradients do not exist: use --backbone tinyface or "
+            f"{name} cannot be trained with DP-SGD: Opacus does not support its layers "
+            f"{', '.join(bad[:5])}{more}. BatchNorm mixes the samples of a batch, so "
+            "per-sample gradients do not exist: use --backbone tinyface or "
             "mobilefacenet-dp (GroupNorm), or convert your own model with "
             "opacus.validators.ModuleValidator.fix(model)")
 
