@@ -1,7 +1,8 @@
 """fedface ClientApp (Flower Message API).
 
 Each institution receives the global backbone, trains it with its own margin head on its
-own faces for the configured local epochs, and replies with the backbone and metrics.
+own faces for the configured local epochs, and replies with the backbone and metrics
+(under encrypted aggregation: with an encrypted update, see :mod:`client.he`).
 ``evaluate`` scores the received backbone on the institution's private validation split
 (verification pairs among its held-out identities); only scalar metrics leave.
 """
@@ -12,6 +13,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import he
 from client.privacy import central_dp_share, keep_ledger, load_ledger
 from client.task import (
     build_backbone_only,
@@ -31,6 +33,9 @@ from fedface.protocol import (
     CLIENT_ID,
     CONFIG,
     FV_PREFIX,
+    HE_COMMIT_ROUND,
+    HE_JOIN,
+    HE_RELEASE,
     METRICS,
     MOMENTUM,
     NUM_EXAMPLES,
@@ -60,11 +65,21 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         seed = client_seed(cfg, context, ins.server_round)
         torch.manual_seed(seed)
         backbone, head = build_models(cfg, data.num_classes, context, ins)
-        load_backbone_record(backbone, msg.content[ARRAYS])
+        keys = None
+        if cfg.encrypted:
+            # The global model and momentum are this institution's own copies.
+            keys = he.client_keys(cfg, context)
+            he.check_key(keys, msg.content[CONFIG])
+            he.sync(context, msg.content[CONFIG], ins.server_round - 1)
+            start, momentum = he.global_model(context)
+            load_backbone_record(backbone, numpy_record(start))
+        else:
+            load_backbone_record(backbone, msg.content[ARRAYS])
+            momentum = ({k: a.numpy() for k, a in msg.content[MOMENTUM].items()}
+                        if MOMENTUM in msg.content.array_records else None)
         hook = None
-        if ins.pfm_beta > 0 and MOMENTUM in msg.content.array_records:
+        if ins.pfm_beta > 0 and momentum:
             # PFM from round 2: momentum-free backbone steps plus the global momentum.
-            momentum = {k: a.numpy() for k, a in msg.content[MOMENTUM].items()}
             hook = MomentumHook(backbone, momentum, ins.pfm_beta)
         cid = client_id(context)
         metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: cid, UNIT_WEIGHT: 1}
@@ -83,7 +98,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
                 private.attach_after_noise(hook)
                 hook = None
         before = ({k: v.detach().clone().numpy() for k, v in backbone.state_dict().items()}
-                  if cfg.central_dp == "client-fixed" else None)
+                  if cfg.central_dp == "client-fixed" or keys is not None else None)
         res = train_epochs(backbone, head, data.x_train, data.y_train,
                            epochs=ins.local_epochs, batch_size=cfg.batch_size, lr=ins.lr,
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed,
@@ -98,11 +113,16 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             metrics.update({"dp-epsilon": spent, "dp-delta": private.plan.delta,
                             "dp-noise": private.plan.noise_multiplier})
         record = backbone_record(backbone)
-        if before is not None:
+        if cfg.central_dp == "client-fixed":
             after, norm = central_dp_share(cfg, ins, before, {k: a.numpy() for k, a in
                                                               record.items()}, seed + 1)
             record = numpy_record(after)
             metrics["update-norm"] = norm
+        if keys is not None:  # the update leaves encrypted
+            record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], before,
+                                       {k: a.numpy() for k, a in record.items()},
+                                       len(data.y_train), ins.server_round, seed + 2)
+            metrics.update(extra)
         metrics.update({"train-loss": res.loss, "train-seconds": res.seconds,
                         "train-steps": res.steps})
         content = RecordDict({ARRAYS: record, METRICS: MetricRecord(metrics)})
@@ -110,19 +130,47 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg, _, data = setup(msg, context)
+        cfg, ins, data = setup(msg, context)
         a, b, same = validation_pairs(data, cfg.seed)
         metrics = {NUM_EXAMPLES: int(len(same)), CLIENT_ID: client_id(context)}
+        # The round's model, then any FV candidates (fv-0, fv-1, ...): one score each.
+        keys = [ARRAYS] + sorted(k for k in msg.content.array_records if k.startswith(FV_PREFIX))
+        records = [msg.content[k] for k in keys]
+        if cfg.encrypted:  # aggregates: decrypt into pending models (always, to stay in step)
+            hkeys = he.client_keys(cfg, context)
+            he.check_key(hkeys, msg.content[CONFIG])
+            he.sync(context, msg.content[CONFIG], ins.server_round - 1)
+            records = [numpy_record(m) for m in he.open_candidates(
+                context, hkeys, msg.content[CONFIG], records, ins.server_round)]
         if len(same):
             backbone = build_backbone_only(cfg)
-            # The round's model, then any FV candidates (fv-0, fv-1, ...): one score each.
-            keys = [ARRAYS] + sorted(k for k in msg.content.array_records if k.startswith(FV_PREFIX))
-            for key in keys:
-                load_backbone_record(backbone, msg.content[key])
+            for key, record in zip(keys, records):
+                load_backbone_record(backbone, record)
                 rep = verify_pairs(backbone, data.x_val, a, b, same, flip=cfg.flip_tta)
                 prefix = "val" if key == ARRAYS else key
                 metrics.update({f"{prefix}-accuracy": rep["accuracy"], f"{prefix}-auc": rep["auc"]})
         return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Encrypted runs: join (key and size check, initial model) and release."""
+        cfg = client_config(context, overrides)
+        config = msg.content[CONFIG]
+        if not cfg.encrypted:
+            raise ValueError("query messages are part of encrypted aggregation, which this "
+                             "run does not use")
+        keys = he.client_keys(cfg, context)
+        if config.get(HE_JOIN):
+            data = load_client_data(context, str(config.get("data-dir", "")))
+            he.join(context, keys, config, msg.content[ARRAYS])
+            metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: client_id(context)}
+            return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+        if config.get(HE_RELEASE):
+            he.check_key(keys, config)
+            he.sync(context, config, int(config[HE_COMMIT_ROUND]))
+            model, _ = he.global_model(context)
+            return Message(content=RecordDict({ARRAYS: numpy_record(model)}), reply_to=msg)
+        raise ValueError(f"unknown query {sorted(config.keys())}")
 
     return app
 

@@ -1,5 +1,30 @@
-"""Homomorphic-encryption building blocks (TenSEAL contexts, keys, packing, envelopes).
+"""Homomorphic encryption for fedface: BFV contexts, the key ceremony, packing, envelopes.
 
-Filled by the encrypted-aggregation capability; the package exists so that the
-distribution installs its four import packages from the start.
+- :mod:`crypto.context`: :class:`HEParams`, :class:`HEContext` (SEAL via TenSEAL).
+- :mod:`crypto.keys`: the ceremony (``init_keys``, ``rotate_keys``) and the bundles.
+- :mod:`crypto.packing`: clip, stochastic quantization, several values per slot.
+- :mod:`crypto.envelope`: the versioned, authenticated envelope on the wire.
+- :mod:`crypto.update`: encrypt a model update / decrypt an aggregate (the one path
+  clients use).
 """
+
+from crypto.context import BadCiphertext, HEContext, HEParams, MissingSecretKey
+from crypto.envelope import Envelope, EnvelopeError, open_envelope, seal_envelope
+from crypto.keys import (
+    ClientKeys,
+    KeyBundleError,
+    ServerKeys,
+    describe_keys,
+    init_keys,
+    load_client_keys,
+    load_server_keys,
+    rotate_keys,
+)
+from crypto.packing import Layout, make_layout
+
+__all__ = [
+    "BadCiphertext", "ClientKeys", "Envelope", "EnvelopeError", "HEContext", "HEParams",
+    "KeyBundleError", "Layout", "MissingSecretKey", "ServerKeys", "describe_keys",
+    "init_keys", "load_client_keys", "load_server_keys", "make_layout", "open_envelope",
+    "rotate_keys", "seal_envelope",
+]

@@ -111,6 +111,20 @@ class RunConfig:
         encrypted aggregation). Aggregation weights become uniform.
     central_dp_noise, central_dp_clip : float
         Noise multiplier and clipping norm (initial norm for ``server-adaptive``).
+    he_keys : str
+        Homomorphically encrypted aggregation: the key folder of ``fedface keys init``
+        (the server reads only its ``server/`` bundle, clients their ``client/`` bundle;
+        a node's ``he-keys`` node config overrides it). Empty: plaintext aggregation.
+    he_bits : int
+        Quantization bits per update value (stochastic rounding).
+    he_clip : float
+        Update values (after the client's weight pre-scaling) are clipped to
+        ``[-he_clip, he_clip]`` before quantization.
+    he_max_clients : int
+        Most updates summed in one aggregate: sets the headroom bits of the packing.
+    he_fv_bits : int
+        With ``fv``: bits of the integer multipliers the server applies to updates to
+        form each candidate weighting homomorphically.
     rounds, local_epochs : int
         Federated rounds and local epochs per round (centralized: rounds x local_epochs
         epochs).
@@ -174,6 +188,11 @@ class RunConfig:
     central_dp: str = "off"
     central_dp_noise: float = 1.0
     central_dp_clip: float = 1.0
+    he_keys: str = ""
+    he_bits: int = 15
+    he_clip: float = 0.5
+    he_max_clients: int = 16
+    he_fv_bits: int = 4
     rounds: int = 10
     local_epochs: int = 2
     fraction_train: float = 1.0
@@ -231,6 +250,7 @@ class RunConfig:
                 f"min_train_nodes={self.min_train_nodes} > num_clients={self.num_clients}"
             )
         problems += self._privacy_problems()
+        problems += self._encryption_problems()
         if problems:
             raise ValueError("Invalid run configuration: " + "; ".join(problems))
 
@@ -268,6 +288,41 @@ class RunConfig:
                            "turn fv off, or use local DP-SGD (dp_epsilon) with fv")
             if self.central_dp_noise < 0:
                 out.append(f"central_dp_noise={self.central_dp_noise}: must be >= 0")
+        return out
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.he_keys)
+
+    def _encryption_problems(self) -> list[str]:
+        """Combinations that encrypted aggregation refuses (the server sees no plaintext).
+
+        Valid: fedavg, pfm (momentum applied by clients) and fedprox, with or without FV,
+        local DP-SGD and ``client-fixed`` central DP.
+        """
+        if not self.encrypted:
+            return []
+        out = []
+        if self.mode != "federated":
+            out.append("he_keys applies to federated runs: drop it for mode=centralized")
+        if self.strategy not in ("fedavg", "pfm", "fedprox"):
+            out.append(f"strategy={self.strategy!r} keeps a server-side optimizer state that "
+                       "needs plaintext updates: with he_keys use fedavg, pfm or fedprox")
+        if self.central_dp.startswith("server-"):
+            out.append(f"central_dp={self.central_dp!r} clips plaintext updates on the server: "
+                       "with he_keys use central_dp=client-fixed")
+        if not 2 <= self.he_bits <= 30:
+            out.append(f"he_bits={self.he_bits}: use 2..30")
+        if not self.he_clip > 0:
+            out.append(f"he_clip={self.he_clip}: use a positive range")
+        if self.he_max_clients < self.num_clients:
+            out.append(f"he_max_clients={self.he_max_clients} < num_clients={self.num_clients}: "
+                       "the packing's headroom must hold the sum over every client; raise it")
+        if not 0 <= self.he_fv_bits <= 8:
+            out.append(f"he_fv_bits={self.he_fv_bits}: use 0..8")
+        if self.pause_after:
+            out.append("pause_after with he_keys: encrypted runs keep no plaintext checkpoint "
+                       "to resume from; drop pause-after")
         return out
 
     @property

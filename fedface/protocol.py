@@ -11,6 +11,12 @@ Every train/evaluate message is a Flower ``RecordDict`` with these keys:
   with DP-SGD also ``dp-epsilon`` (spent so far), ``dp-delta`` and ``dp-noise``.
 - ``MOMENTUM`` (``"momentum"``): PFM's global momentum, same keys as the backbone.
 - FV candidates travel as ``fv-0``, ``fv-1``, ... ``ArrayRecord``s in evaluate messages.
+
+Under encrypted aggregation (``he-keys``, see :mod:`server.encrypted`) ``arrays`` and the
+``fv-*`` records hold envelopes (:mod:`crypto.envelope`) instead of plaintext arrays:
+clients reply an update envelope, evaluate messages carry aggregate envelopes, train
+messages carry none; the ``he-*`` config keys below keep clients in step, and replies
+add ``he-scale`` (the client's weight pre-scaling) and ``he-clipped`` to their metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ NUM_EXAMPLES = "num-examples"
 CLIENT_ID = "client-id"
 UNIT_WEIGHT = "unit-weight"  # 1 in every reply: uniform aggregation (central DP)
 FV_PREFIX = "fv-"
+HE_RUN = "he-run"  # id of the encrypted run (envelopes of other runs are replays)
+HE_JOIN = "he-join"  # query: start of a run (public initial model, key and size check)
+HE_RELEASE = "he-release"  # query: return the final model in plaintext
+HE_FINGERPRINT = "he-fingerprint"  # the server's key fingerprint
+HE_WEIGHT_REF = "he-weight-ref"  # clients pre-scale updates by n_k / ref (0: uniform)
+HE_COMMIT_ROUND = "he-commit-round"  # the round and FV candidate every client must hold
+HE_COMMIT_INDEX = "he-commit-index"
+HE_SCALE = "he-scale"
 # Starts the error of a client that declines a round because its privacy budget is spent.
 DP_BUDGET_SPENT = "privacy budget exhausted"
 

@@ -115,6 +115,30 @@ def privacy_record(cfg: RunConfig, strategy, good: list, excluded: list, rnd: in
     return out
 
 
+def encryption_summary(cfg: RunConfig, strategy, joined: dict) -> dict:
+    """Run metadata of encrypted aggregation: scheme, packing, keys (no secrets)."""
+    from crypto.update import Quantization
+
+    params = strategy.keys.context.params
+    quant = Quantization.from_config(cfg)
+    n_float = sum(int(np.prod(v.shape)) for v in initial_backbone(cfg).state_dict().values()
+                  if v.dtype.is_floating_point)
+    layout = quant.layout(n_float, strategy.keys)
+    return {**joined, "params": params.to_dict(), "layout": layout.to_dict(),
+            "ciphertexts_per_update": layout.ciphertexts, "step": layout.step}
+
+
+def encryption_record(aggregate: ArrayRecord, good: list) -> dict:
+    """Per-round figures of encrypted aggregation (plaintext metadata only)."""
+    from server.encrypted import aggregate_meta
+
+    meta = aggregate_meta(aggregate)
+    clipped = [float(m.content[METRICS].get("he-clipped", 0.0)) for m in good]
+    return {"clients": meta["count"], "multipliers": meta["multipliers"],
+            "weight_sum": round(meta["weight_sum"], 6),
+            "clipped_max": round(max(clipped, default=0.0), 6)}
+
+
 def _budgets_spent(excluded: list[dict]) -> bool:
     return bool(excluded) and all(DP_BUDGET_SPENT in e["reason"] for e in excluded)
 
@@ -139,6 +163,12 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
     if dp_plans:
         recorder.data["dp_plans"] = dp_plans
     state_dir = str((Path(cfg.out) / "clients").resolve())
+    encrypted = cfg.encrypted
+    if encrypted:
+        # The public initial model goes to every institution, which checks its key.
+        join = TrainInstructions(server_round=0, data_dir=str(data.root), state_dir=state_dir)
+        recorder.data["encryption"] = encryption_summary(
+            cfg, strategy, strategy.join(grid, arrays, join.to_record(), cfg.round_timeout))
     first = 1
     if resume:
         ck = load_checkpoint(cfg.out)
@@ -160,7 +190,8 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         down = sum(payload_bytes(m.content) for m in msgs)
         replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
         up = sum(payload_bytes(m.content) for m in replies if not m.has_error())
-        screening = screen_replies(replies, _numpy(arrays), max_ratio=cfg.max_update_ratio)
+        screening = (strategy.screen(replies, rnd) if encrypted else
+                     screen_replies(replies, _numpy(arrays), max_ratio=cfg.max_update_ratio))
         replied = {int(m.metadata.src_node_id) for m in replies}
         excluded = screening.excluded + [
             {"node": int(m.metadata.dst_node_id), "reason": "no reply before the round timeout"}
@@ -188,11 +219,11 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         else:
             candidates = fv.aggregate_candidates(strategy, rnd, good)
             new_arrays = candidates[0]["arrays"]
-        arrays = _cast_like(new_arrays, dtypes)
+        arrays = new_arrays if encrypted else _cast_like(new_arrays, dtypes)
 
         emsgs = list(strategy.configure_evaluate(rnd, arrays, ins.to_record(), grid))
         for i, cand in enumerate(candidates[1:], start=1):
-            record = _cast_like(cand["arrays"], dtypes)
+            record = cand["arrays"] if encrypted else _cast_like(cand["arrays"], dtypes)
             for m in emsgs:
                 m.content[f"{FV_PREFIX}{i}"] = record
         down += sum(payload_bytes(m.content) for m in emsgs)
@@ -204,7 +235,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
             best = fv.choose(scores)
             chosen = candidates[best]
             strategy = chosen["strategy"]
-            arrays = _cast_like(chosen["arrays"], dtypes)
+            arrays = chosen["arrays"] if encrypted else _cast_like(chosen["arrays"], dtypes)
             fv.tau = chosen["tau"]
             fv.history.append(chosen["tau"])
             prefix = "val" if best == 0 else f"{FV_PREFIX}{best}"
@@ -225,19 +256,29 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         if fv_record is not None:
             record["fv"] = fv_record
         record.update(privacy_record(cfg, strategy, good, excluded, rnd))
-        load_backbone_record(backbone, arrays)
-        record.update(round_test_metrics(cfg, backbone, pairsets, rnd))
+        if encrypted:
+            # The server holds only the aggregate ciphertext: clients commit the chosen
+            # candidate with the next message; no plaintext test or checkpoint here.
+            strategy.commit = (rnd, fv.choose(scores) if fv is not None else 0)
+            record["encryption"] = encryption_record(arrays, good)
+        else:
+            load_backbone_record(backbone, arrays)
+            record.update(round_test_metrics(cfg, backbone, pairsets, rnd))
         record["seconds"] = round(time.time() - t0, 3)
         recorder.add_round(record)
-        save_checkpoint(cfg.out, rnd, _numpy(arrays),
-                        {"strategy": strategy_state(strategy),
-                         "fv": fv.state() if fv is not None else {}},
-                        cfg.to_dict(), {"rounds": recorder.data["rounds"]})
+        if not encrypted:
+            save_checkpoint(cfg.out, rnd, _numpy(arrays),
+                            {"strategy": strategy_state(strategy),
+                             "fv": fv.state() if fv is not None else {}},
+                            cfg.to_dict(), {"rounds": recorder.data["rounds"]})
         if progress is not None:
             progress("Federated rounds", rnd, cfg.rounds)
         if cfg.pause_after and rnd == cfg.pause_after and rnd < cfg.rounds:
             recorder.data["paused_after_round"] = rnd
             recorder.write()
             return recorder.data
+    if encrypted:  # the release: the final model is the one plaintext the server receives
+        arrays, node = strategy.release(grid, cfg.round_timeout)
+        recorder.data["encryption"]["released_by_node"] = node
     load_backbone_record(backbone, arrays)
     return finalize_run(cfg, backbone, pairsets, recorder, time.time() - t_start)

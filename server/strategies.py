@@ -132,6 +132,8 @@ def build_strategy(cfg: RunConfig) -> Strategy:
         raise ValueError(
             f"Unknown strategy {cfg.strategy!r}; available: {sorted(STRATEGIES)}"
         ) from None
+    if cfg.encrypted:
+        return encrypted_strategy(cfg)
     strategy = factory(cfg)
     m = sampled_clients(cfg)
     if cfg.central_dp == "server-fixed":
@@ -143,6 +145,18 @@ def build_strategy(cfg: RunConfig) -> Strategy:
             strategy, noise_multiplier=cfg.central_dp_noise, num_sampled_clients=m,
             initial_clipping_norm=cfg.central_dp_clip)
     return strategy
+
+
+def encrypted_strategy(cfg: RunConfig) -> Strategy:
+    """FedAvg, PFM or FedProx over encrypted updates (keys: the ceremony's server bundle)."""
+    from crypto.keys import load_server_keys
+    from crypto.update import Quantization
+    from server.encrypted import EncryptedFedAvg
+
+    return EncryptedFedAvg(
+        load_server_keys(cfg.he_keys), Quantization.from_config(cfg),
+        pfm_beta=cfg.pfm_beta if cfg.strategy == "pfm" else 0.0,
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, **_common(cfg))
 
 
 def inner_strategy(strategy: Strategy) -> Strategy:

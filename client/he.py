@@ -1,0 +1,167 @@
+"""The institution's side of encrypted aggregation (see :mod:`server.encrypted`).
+
+Each institution keeps the global model (and, under PFM, the global momentum) in its
+node state, since the server only ever holds ciphertexts. Round by round it encrypts
+its update, decrypts the aggregate and its FV candidates into pending models, and
+commits the candidate the server names in the next message. Every institution computes
+the same model from the same aggregate, so they stay identical without the server
+seeing it; one that missed an exchange says so (``out of sync``) and is excluded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context
+
+from crypto.envelope import to_record
+from crypto.keys import ClientKeys, load_client_keys
+from crypto.packing import float_keys
+from crypto.update import Quantization, decrypt_aggregate, encrypt_update
+from fedface.config import RunConfig
+from fedface.momentum import momentum_update
+from fedface.protocol import (
+    HE_COMMIT_INDEX,
+    HE_COMMIT_ROUND,
+    HE_FINGERPRINT,
+    HE_RUN,
+    HE_SCALE,
+    HE_WEIGHT_REF,
+    numpy_record,
+)
+
+STATE = "he-state"
+GLOBAL = "he-global"
+MOMENTUM = "he-momentum"
+PENDING = "he-pending-"
+PENDING_MOMENTUM = "he-pending-momentum-"
+
+
+class OutOfSync(RuntimeError):
+    """This institution's copy of the global model is not the one the round builds on."""
+
+
+@functools.lru_cache(maxsize=8)
+def _keys(path: str, sender: int, mtime: float) -> ClientKeys:
+    return load_client_keys(path, sender)
+
+
+def client_keys(cfg: RunConfig, context: Context) -> ClientKeys:
+    """This node's keys: node config ``he-keys`` / ``he-sender`` (deployment), else the
+    run's ``he-keys`` folder and the partition id (simulation)."""
+    node = context.node_config
+    path = Path(str(node.get("he-keys", cfg.he_keys)))
+    if "he-sender" in node:
+        sender = int(node["he-sender"])
+    elif "partition-id" in node:
+        sender = int(node["partition-id"])
+    else:
+        raise ValueError("Encrypted aggregation: set node config he-sender=K, this "
+                         "institution's index in the key ceremony (its mac/client_K.key)")
+    stamp = os.path.getmtime(path) if path.exists() else 0.0
+    keys = _keys(str(path), sender, stamp)
+    return keys
+
+
+def _state(context: Context) -> ConfigRecord:
+    if STATE not in context.state:
+        context.state[STATE] = ConfigRecord({"run": "", "round": -1, "pending-round": -1,
+                                             "pending-count": 0})
+    return context.state[STATE]
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def check_key(keys: ClientKeys, config: ConfigRecord) -> None:
+    """Refuse a server that holds another ceremony's keys."""
+    theirs = str(config.get(HE_FINGERPRINT, ""))
+    if theirs != keys.fingerprint:
+        raise ValueError(f"key mismatch: the server holds key fingerprint {theirs}, this "
+                         f"institution {keys.fingerprint} (generation {keys.generation}); "
+                         "both must come from the same `fedface keys init` / rotation")
+
+
+def join(context: Context, keys: ClientKeys, config: ConfigRecord, initial: ArrayRecord) -> None:
+    """Start a run: keep the public initial model as round 0's global model."""
+    check_key(keys, config)
+    context.state[GLOBAL] = initial
+    context.state.pop(MOMENTUM, None)
+    context.state[STATE] = ConfigRecord({"run": str(config[HE_RUN]), "round": 0,
+                                         "pending-round": -1, "pending-count": 0})
+
+
+def sync(context: Context, config: ConfigRecord, needed_round: int) -> None:
+    """Commit the candidate the server chose and check we hold round ``needed_round``."""
+    state = _state(context)
+    if state["run"] != str(config.get(HE_RUN, "")):
+        raise OutOfSync("out of sync: this institution did not join this encrypted run "
+                        "(it was unreachable at the start); it can join the next run")
+    rnd, idx = int(config[HE_COMMIT_ROUND]), int(config[HE_COMMIT_INDEX])
+    if int(state["round"]) != rnd and int(state["pending-round"]) == rnd:
+        if idx >= int(state["pending-count"]):
+            raise OutOfSync(f"out of sync: candidate {idx} of round {rnd} was never received")
+        context.state[GLOBAL] = context.state[f"{PENDING}{idx}"]
+        if f"{PENDING_MOMENTUM}{idx}" in context.state:
+            context.state[MOMENTUM] = context.state[f"{PENDING_MOMENTUM}{idx}"]
+        for i in range(int(state["pending-count"])):
+            context.state.pop(f"{PENDING}{i}", None)
+            context.state.pop(f"{PENDING_MOMENTUM}{i}", None)
+        state["round"], state["pending-round"], state["pending-count"] = rnd, -1, 0
+    if int(state["round"]) != needed_round:
+        raise OutOfSync(f"out of sync: this institution holds the global model of round "
+                        f"{state['round']}, this step needs round {needed_round} (it missed "
+                        "an exchange); it is left out until the next run")
+
+
+def global_model(context: Context) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The global backbone this institution holds, and the global momentum (PFM)."""
+    momentum = _numpy(context.state[MOMENTUM]) if MOMENTUM in context.state else None
+    return _numpy(context.state[GLOBAL]), momentum
+
+
+def weight_scale(config: ConfigRecord, num_examples: int) -> float:
+    """The client's pre-scaling weight ``n_k / he-weight-ref`` (1: uniform weights)."""
+    ref = int(config.get(HE_WEIGHT_REF, 0))
+    return 1.0 if ref <= 0 else min(1.0, num_examples / ref)
+
+
+def encrypt(cfg: RunConfig, keys: ClientKeys, config: ConfigRecord, before: dict,
+            after: dict, num_examples: int, server_round: int, seed: int
+            ) -> tuple[ArrayRecord, dict]:
+    """The update envelope of ``after - before`` and the plaintext metrics it allows."""
+    fk = float_keys(before)
+    delta = {k: np.asarray(after[k], np.float32) - np.asarray(before[k], np.float32) for k in fk}
+    scale = weight_scale(config, num_examples)
+    env, info = encrypt_update(keys, delta, fk, Quantization.from_config(cfg), scale=scale,
+                               run=str(config[HE_RUN]), server_round=server_round,
+                               rng=np.random.default_rng(seed))
+    return to_record(env), {HE_SCALE: scale, "he-clipped": info["clipped"]}
+
+
+def open_candidates(context: Context, keys: ClientKeys, config: ConfigRecord,
+                    records: list[ArrayRecord], server_round: int) -> list[dict[str, np.ndarray]]:
+    """Decrypt the round's aggregate and FV candidates into pending global models."""
+    before, _ = global_model(context)
+    fk = float_keys(before)
+    models = []
+    state = _state(context)
+    for i, record in enumerate(records):
+        mean, env = decrypt_aggregate(keys, record, before, fk, run=str(config[HE_RUN]),
+                                      server_round=server_round)
+        model = dict(before)
+        for k in fk:
+            model[k] = (np.asarray(before[k], np.float32) + mean[k]).astype(before[k].dtype)
+        context.state[f"{PENDING}{i}"] = numpy_record(model)
+        beta = float(env.meta.get("pfm_beta", 0.0))
+        if beta > 0:
+            m = momentum_update(None, before, model, float(env.meta["lr"]),
+                                max(float(env.meta["steps"]), 1.0), beta)
+            context.state[f"{PENDING_MOMENTUM}{i}"] = numpy_record(m)
+        models.append(model)
+    state["pending-round"], state["pending-count"] = server_round, len(records)
+    return models

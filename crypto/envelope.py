@@ -1,0 +1,133 @@
+"""The versioned, authenticated envelope every ciphertext travels in.
+
+An envelope is one Flower ``ArrayRecord`` (so Flower chunks it on the wire like any
+model): ``header`` (UTF-8 JSON as uint8), ``tag`` (HMAC-SHA256, 32 bytes) and the
+ciphertexts ``ct-00000``, ``ct-00001``, ... (uint8). The header names the scheme and
+parameters, the packing :class:`~crypto.packing.Layout`, the model spec, the run and
+round, the sender, the key fingerprint and generation, plaintext aggregation metadata
+(``meta``) and the length and SHA-256 of every ciphertext; the tag covers the header,
+so it covers the ciphertexts too.
+
+:func:`open_envelope` checks, in this order, and raises :class:`EnvelopeError` naming
+the first failure: structure, version, key fingerprint (wrong key), the tag (tampered,
+or signed with another key), chunk lengths and hashes (truncated), kind, run and round
+(replayed), layout and spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+VERSION = 1
+HEADER = "header"
+TAG = "tag"
+CHUNK = "ct-"
+
+
+class EnvelopeError(ValueError):
+    """An envelope that must not be aggregated or decrypted, and why."""
+
+
+@dataclass
+class Envelope:
+    header: dict
+    chunks: list[bytes]
+    tag: bytes
+
+    @property
+    def meta(self) -> dict:
+        return self.header.get("meta", {})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(c) for c in self.chunks) + len(self.tag) + len(_canonical(self.header))
+
+
+def _canonical(header: dict) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _tag(key: bytes, header: dict) -> bytes:
+    return hmac.new(key, _canonical(header), hashlib.sha256).digest()
+
+
+def seal_envelope(kind: str, chunks: list[bytes], *, mac_key: bytes, fingerprint: str,
+                  generation: int, params: dict, run: str, server_round: int, sender: int | str,
+                  layout: dict, spec: str, meta: dict | None = None) -> Envelope:
+    """Wrap ciphertexts with their header and authentication tag."""
+    header = {"version": VERSION, "kind": kind, "params": params, "fingerprint": fingerprint,
+              "generation": int(generation), "run": run, "round": int(server_round),
+              "sender": sender, "layout": layout, "spec": spec, "meta": meta or {},
+              "chunks": [[len(c), hashlib.sha256(c).hexdigest()] for c in chunks]}
+    return Envelope(header=header, chunks=list(chunks), tag=_tag(mac_key, header))
+
+
+def to_record(env: Envelope) -> ArrayRecord:
+    arrays = {HEADER: Array(np.frombuffer(_canonical(env.header), dtype=np.uint8).copy()),
+              TAG: Array(np.frombuffer(env.tag, dtype=np.uint8).copy())}
+    for i, c in enumerate(env.chunks):
+        arrays[f"{CHUNK}{i:05d}"] = Array(np.frombuffer(c, dtype=np.uint8).copy())
+    return ArrayRecord(arrays)
+
+
+def from_record(record: ArrayRecord) -> Envelope:
+    """Parse (not verify) an envelope record."""
+    if HEADER not in record or TAG not in record:
+        raise EnvelopeError("not an encrypted envelope (no header or tag): the sender is not "
+                            "running encrypted aggregation, or the record was stripped")
+    try:
+        header = json.loads(record[HEADER].numpy().tobytes())
+    except (ValueError, UnicodeDecodeError):
+        raise EnvelopeError("envelope header is not valid JSON: the envelope was tampered with "
+                            "or truncated") from None
+    if not isinstance(header, dict):
+        raise EnvelopeError("envelope header is not an object")
+    names = sorted(k for k in record if k.startswith(CHUNK))
+    chunks = [record[k].numpy().tobytes() for k in names]
+    return Envelope(header=header, chunks=chunks, tag=record[TAG].numpy().tobytes())
+
+
+def open_envelope(record: ArrayRecord | Envelope, *, kind: str, fingerprint: str,
+                  mac_keys: dict, run: str, server_round: int) -> Envelope:
+    """Verify an envelope; ``mac_keys`` maps sender -> MAC key."""
+    env = record if isinstance(record, Envelope) else from_record(record)
+    h = env.header
+    if h.get("version") != VERSION:
+        raise EnvelopeError(f"envelope version {h.get('version')!r}, this node reads version "
+                            f"{VERSION}: upgrade fedface on both sides")
+    if h.get("fingerprint") != fingerprint:
+        raise EnvelopeError(
+            f"encrypted under another key: fingerprint {h.get('fingerprint')} (generation "
+            f"{h.get('generation')}), this node holds {fingerprint}. Distribute the current "
+            "ceremony's bundles (`fedface keys show`) to every node")
+    sender = h.get("sender")
+    key = mac_keys.get(sender)
+    if key is None:
+        raise EnvelopeError(f"unknown sender {sender!r}: no MAC key for it in this bundle "
+                            "(a node outside the ceremony, or a wrong he-sender)")
+    if not hmac.compare_digest(_tag(key, h), env.tag):
+        raise EnvelopeError(f"authentication tag of sender {sender!r} does not verify: the "
+                            "envelope was tampered with, or signed with another MAC key")
+    listed = h.get("chunks", [])
+    if len(listed) != len(env.chunks):
+        raise EnvelopeError(f"envelope holds {len(env.chunks)} ciphertexts, its header lists "
+                            f"{len(listed)}: truncated in transit")
+    for i, ((n, digest), c) in enumerate(zip(listed, env.chunks)):
+        if len(c) != n or hashlib.sha256(c).hexdigest() != digest:
+            raise EnvelopeError(f"ciphertext {i} is {len(c)} bytes and does not match its "
+                                f"header ({n} bytes, sha256 {digest[:12]}): truncated or tampered")
+    if h.get("kind") != kind:
+        raise EnvelopeError(f"expected a {kind!r} envelope, got {h.get('kind')!r}")
+    if h.get("run") != run:
+        raise EnvelopeError(f"envelope from run {h.get('run')!r}, this is run {run!r}: replayed "
+                            "from another run")
+    if int(h.get("round", -1)) != int(server_round):
+        raise EnvelopeError(f"envelope of round {h.get('round')}, expected round {server_round}: "
+                            "replayed (old round) or out of order")
+    return env
