@@ -1,8 +1,9 @@
 """The ``fedface`` command line: a thin layer over the library.
 
 Commands: ``demo`` (the main job on the generated default set), ``train`` (federated or
-centralized), ``eval`` (verification of a saved model on a pair file), ``bench``
-(measurements that print JSON), ``models`` (what the registries hold).
+centralized), ``eval`` (verification of a saved model on a pair file), ``keys`` (the
+encryption key ceremony), ``bench`` (measurements that print JSON), ``models`` (what the
+registries hold).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
 app.add_typer(bench_app, name="bench")
+keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys: ceremony, fingerprints, "
+                       "rotation.")
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 
@@ -154,6 +158,9 @@ ImageSizeOpt = Annotated[int | None, typer.Option(help="Aligned chip size.")]
 CacheOpt = Annotated[str | None, typer.Option(help="Cache folder.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Any other run setting as KEY=VALUE (see RunConfig), repeatable.")]
+HeKeysOpt = Annotated[str | None, typer.Option(
+    "--he-keys", help="Encrypted aggregation with the keys of `fedface keys init` in this "
+    "folder: the server adds ciphertexts and never sees an update.")]
 EpsilonOpt = Annotated[float | None, typer.Option(
     "--epsilon", help="DP-SGD on every client: the privacy budget epsilon each may spend "
     "over the run (delta min(1e-5, 1/10N); see --set dp-*).")]
@@ -184,6 +191,7 @@ def train(
     out: OutOpt = "runs/train",
     sets: SetOpt = None,
     epsilon: EpsilonOpt = None,
+    he_keys: HeKeysOpt = None,
     fv: Annotated[bool, typer.Option("--fv", help="Federated validation of client weightings.")] = False,
     resume: Annotated[str | None, typer.Option(
         help="Continue the stopped run in this folder (its settings; --rounds may grow).")] = None,
@@ -210,7 +218,7 @@ def train(
                   strategy=strategy, partition=partition, partition_alpha=alpha,
                   backbone=backbone, head=head, image_size=image_size, batch_size=batch_size,
                   lr=lr, seed=seed, flip_tta=flip or None, cache_dir=cache_dir, out=out,
-                  fv=fv or None, dp_epsilon=epsilon, sets=sets)
+                  fv=fv or None, dp_epsilon=epsilon, he_keys=he_keys, sets=sets)
     _run(cfg, verbose, f"fedface train ({cfg.mode})")
 
 
@@ -220,6 +228,10 @@ def demo(
     out: OutOpt = "runs/demo",
     rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
     epsilon: EpsilonOpt = None,
+    encrypted: Annotated[bool, typer.Option(
+        "--encrypted", help="Encrypted aggregation; keys from --he-keys, else a ceremony "
+        "run into OUT/keys.")] = False,
+    he_keys: HeKeysOpt = None,
     sets: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's log.")] = False,
 ) -> None:
@@ -229,10 +241,20 @@ def demo(
     a minute on 2 CPU cores); --data PATH runs the same on an identity folder or LFW.
     --epsilon E trains every institution with DP-SGD under budget E (batch size 8, so that
     Poisson sampling also fits the smallest institution) and reports the epsilon spent.
+    --encrypted aggregates homomorphically encrypted updates (BFV): the server never sees
+    an update; the key ceremony runs into OUT/keys unless --he-keys names a key folder.
     """
     dp_batch = 8 if epsilon and not any(s.startswith("batch-size") for s in sets or []) else None
     cfg = _config(data=data, out=out, rounds=rounds, dp_epsilon=epsilon, batch_size=dp_batch,
                   sets=sets)
+    if encrypted or he_keys:
+        keys = he_keys or str(Path(out) / "keys")
+        if not he_keys and not (Path(keys) / "key.json").exists():
+            from crypto.keys import init_keys
+
+            desc = init_keys(keys, cfg.num_clients)
+            console.print(f"key ceremony: {keys} (fingerprint {desc['fingerprint']})")
+        cfg = cfg.replace(he_keys=keys)
     console.print("[bold]fedface demo[/]: " + (
         "generated synthetic faces (not real people)" if cfg.data == "synthetic" else cfg.data))
     _run(cfg, verbose, "fedface demo")
@@ -327,6 +349,86 @@ def models() -> None:
         t.add_row(name, f"{count_parameters(build_backbone(name)):,}")
     console.print(t)
     console.print("Heads: " + ", ".join(list_heads()))
+
+
+def _keys_table(desc: dict, folder: str) -> Table:
+    t = Table(title=f"Encryption keys in {folder}", show_header=False)
+    p = desc["params"]
+    for k, v in (("fingerprint", desc["fingerprint"]), ("generation", desc["generation"]),
+                 ("scheme", f"{p['scheme'].upper()}, n={p['poly_modulus_degree']}, "
+                  f"q {p['coeff_bits']} bits, t {p['plain_bits']} bits, 128-bit security"),
+                 ("institutions", desc["clients"]), ("created", desc["created"])):
+        t.add_row(k, str(v))
+    return t
+
+
+@keys_app.command("init")
+def keys_init(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the key bundles.")],
+    clients: Annotated[int, typer.Option(help="Institutions (one MAC key each).")] = 8,
+    poly_modulus_degree: Annotated[int, typer.Option(help="BFV ring dimension.")] = 4096,
+    plain_bits: Annotated[int, typer.Option(help="Plaintext modulus bits.")] = 40,
+) -> None:
+    """The key ceremony: a client bundle (with the secret key shared by the institutions)
+    and a server bundle (no secret key), owner-only files, one fingerprint."""
+    from crypto.context import HEParams
+    from crypto.keys import KeyBundleError, init_keys
+
+    try:
+        desc = init_keys(out, clients, HEParams(poly_modulus_degree=poly_modulus_degree,
+                                                plain_bits=plain_bits))
+    except (KeyBundleError, ValueError) as err:
+        _fail(str(err))
+    console.print(_keys_table(desc, str(out)))
+    console.print(f"give every institution {out}/client/ (bundle.json, secret.key) and its own "
+                  f"mac/client_K.key; give the server only {out}/server/")
+
+
+@keys_app.command("show")
+def keys_show(folder: Annotated[Path, typer.Argument(help="Key folder or bundle folder.")]) -> None:
+    """Fingerprint and parameters of a key folder (prints no secret)."""
+    from crypto.keys import KeyBundleError, describe_keys
+
+    try:
+        desc = describe_keys(folder)
+    except KeyBundleError as err:
+        _fail(str(err))
+    console.print(_keys_table(desc, str(folder)))
+
+
+@keys_app.command("rotate")
+def keys_rotate(folder: Annotated[Path, typer.Argument(help="Key folder of `keys init`.")]) -> None:
+    """A new key generation (same parameters); the old one moves to retired/gen-G."""
+    from crypto.keys import KeyBundleError, rotate_keys
+
+    try:
+        desc = rotate_keys(folder)
+    except KeyBundleError as err:
+        _fail(str(err))
+    console.print(_keys_table(desc, str(folder)))
+    console.print("envelopes under the old generation are now refused ('another key'): "
+                  "redistribute the bundles before the next run")
+
+
+@bench_app.command("he")
+def bench_he(
+    json_path: Annotated[Path, typer.Option("--json", help="Write results here.")],
+    clients: Annotated[int, typer.Option(help="Clients per aggregate.")] = 8,
+    synthetic_params: Annotated[int, typer.Option(help="Size of the synthetic update.")] =
+        10_000_000,
+    round_check: Annotated[bool, typer.Option(
+        "--round/--no-round", help="Also time real federated rounds, plain vs encrypted.")] = True,
+) -> None:
+    """Encrypted vs plaintext aggregation side by side: seconds, bytes, error, round time."""
+    from fedface.bench import bench_he as run_bench
+    from fedface.metrics import write_json
+
+    t0 = time.time()
+    res = run_bench(clients=clients, synthetic_params=synthetic_params, round_check=round_check,
+                    log=console.print)
+    res["bench_seconds"] = round(time.time() - t0, 1)
+    write_json(json_path, res)
+    print(json.dumps(res, indent=2))
 
 
 @bench_app.command("scale")
