@@ -103,11 +103,19 @@ def add_updates(keys: ServerKeys, updates: list[Envelope], multipliers: list[int
     if len(layouts) != 1 or len(specs) != 1:
         raise EnvelopeError("updates were packed with different layouts or models: every "
                             "client must run the same backbone and he-* settings")
+    senders = [u.header["sender"] for u in updates]
+    if len(set(senders)) != len(senders):
+        raise EnvelopeError(f"the same sender appears twice in one aggregate ({senders}): an "
+                            "envelope was replayed within the round")
     if any(int(m) < 1 for m in multipliers):
         raise ValueError(f"multipliers must be positive integers, got {multipliers}")
-    if sum(multipliers) > max_units:
+    layout = Layout.from_dict(updates[0].header["layout"])
+    # The digits must hold the largest possible sum: the layout's own headroom decides,
+    # whatever the server was configured with.
+    units = min(max_units, 2 ** (layout.digit_bits - layout.bits))
+    if sum(multipliers) > units:
         raise EnvelopeError(f"sum of multipliers {sum(multipliers)} exceeds the headroom of the "
-                            f"packing ({max_units}): raise he-max-clients")
+                            f"packing ({units}): raise he-max-clients on every node")
     chunks = keys.context.weighted_sum([u.chunks for u in updates], [int(m) for m in multipliers])
     scales = [float(u.meta["scale"]) for u in updates]
     meta = {"count": len(updates), "senders": [u.header["sender"] for u in updates],

@@ -115,6 +115,18 @@ def weighted_metric(replies, key: str) -> float | None:
     return num / den if den else None
 
 
+def error_reason(msg) -> str:
+    """What went wrong in a client's error reply, without the transport's wrapping.
+
+    The simulation engine wraps a client's exception in Ray's and Flower's own
+    ("<class 'ray...'>:<'... Message: the client's text'>"); the client's text is kept.
+    """
+    reason = str(msg.error.reason)
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1]
+    return reason.strip().rstrip(">").rstrip("'").strip()
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays a message carries (model payload, without protocol framing)."""
     total = 0

@@ -52,6 +52,7 @@ from fedface.protocol import (
     HE_WEIGHT_REF,
     METRICS,
     NUM_EXAMPLES,
+    error_reason,
     weighted_metric,
 )
 from server.validation import Screening
@@ -110,20 +111,24 @@ class EncryptedFedAvg(FedAvg):
         config = self.he_config(config)
         config[HE_JOIN] = True
         replies = self._query(grid, nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), timeout)
-        problems, counts = [], []
+        excluded, counts = [], []
         for m in replies:
             if m.has_error():
-                problems.append(f"node {m.metadata.src_node_id}: {m.error.reason}")
+                excluded.append({"node": int(m.metadata.src_node_id), "reason": error_reason(m)})
             else:
                 counts.append(int(m.content[METRICS][NUM_EXAMPLES]))
-        if problems:
-            raise RuntimeError("Encrypted run cannot start: " + "; ".join(problems[:5]))
-        if len(replies) < len(nodes):
-            raise RuntimeError(f"Encrypted run cannot start: {len(nodes) - len(replies)} of "
-                               f"{len(nodes)} nodes did not answer the key check")
+        answered = {int(m.metadata.src_node_id) for m in replies}
+        excluded += [{"node": n, "reason": "no reply to the join before the round timeout"}
+                     for n in nodes if n not in answered]
+        if len(counts) < min(self.min_train_nodes, len(nodes)) or not counts:
+            reasons = "; ".join(f"node {e['node']}: {e['reason'][:200]}" for e in excluded[:5])
+            raise RuntimeError(f"Encrypted run cannot start: {len(counts)} of {len(nodes)} "
+                               f"institutions joined, min-train-nodes={self.min_train_nodes}. "
+                               f"{reasons}")
         self.weight_ref = max(counts) if self.weighted_by_key == NUM_EXAMPLES else 0
-        return {"nodes": len(nodes), "weight_ref": self.weight_ref,
-                "fingerprint": self.keys.fingerprint, "generation": self.keys.generation}
+        return {"nodes": len(nodes), "joined": len(counts), "join_excluded": excluded,
+                "weight_ref": self.weight_ref, "fingerprint": self.keys.fingerprint,
+                "generation": self.keys.generation}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -143,7 +148,7 @@ class EncryptedFedAvg(FedAvg):
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                out.excluded.append({"node": node, "reason": f"client error: {msg.error.reason}"})
+                out.excluded.append({"node": node, "reason": f"client error: {error_reason(msg)}"})
                 continue
             try:
                 if ARRAYS not in msg.content.array_records or METRICS not in msg.content.metric_records:
@@ -202,7 +207,7 @@ class EncryptedFedAvg(FedAvg):
             reply = self._query(grid, [node], RecordDict({CONFIG: config}), timeout)
             if reply and not reply[0].has_error() and ARRAYS in reply[0].content.array_records:
                 return reply[0].content[ARRAYS], node
-            problems.append(f"node {node}: {reply[0].error.reason if reply else 'no reply'}")
+            problems.append(f"node {node}: {error_reason(reply[0]) if reply else 'no reply'}")
         raise RuntimeError("No institution released the final model: " + "; ".join(problems[:5]))
 
 

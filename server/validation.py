@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedface.protocol import ARRAYS, METRICS, NUM_EXAMPLES
+from fedface.protocol import ARRAYS, METRICS, NUM_EXAMPLES, error_reason
 
 
 @dataclass
@@ -92,7 +92,7 @@ def screen_replies(replies: list[Message], reference: dict[str, np.ndarray],
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         if msg.has_error():
-            out.excluded.append({"node": node, "reason": f"client error: {msg.error.reason}"})
+            out.excluded.append({"node": node, "reason": f"client error: {error_reason(msg)}"})
             continue
         reason = check_reply(msg.content, reference)
         if reason is not None:

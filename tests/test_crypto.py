@@ -1,0 +1,638 @@
+"""crypto/: key ceremony, server without secret, rotation, packing, encrypted sums, envelopes."""
+
+import json
+import math
+import os
+import shutil
+import stat
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from crypto.context import BadCiphertext, HEContext, HEParams, MissingSecretKey
+from crypto.envelope import Envelope, EnvelopeError, from_record, open_envelope, seal_envelope, to_record
+from crypto.keys import (
+    KeyBundleError,
+    describe_keys,
+    init_keys,
+    load_client_keys,
+    load_server_keys,
+    rotate_keys,
+)
+from crypto.packing import (
+    dequantize_sum,
+    error_bound,
+    float_keys,
+    make_layout,
+    pack,
+    quantize,
+    unpack,
+)
+from crypto.update import (
+    AGGREGATE,
+    SERVER,
+    UPDATE,
+    Quantization,
+    add_updates,
+    aggregate_error_bound,
+    decrypt_aggregate,
+    encrypt_update,
+    open_update,
+)
+
+N = 5
+RUN = "run-0123"
+ROUND = 3
+SHAPES = {"w": (40, 300), "b": (17,)}
+N_VALUES = 40 * 300 + 17  # two ciphertexts at 8192 values each
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _delta(rng, amp=0.45):
+    """A backbone update: two float arrays and an integer buffer in between (not federated)."""
+    return {"w": rng.uniform(-amp, amp, SHAPES["w"]).astype(np.float32),
+            "bn.num_batches_tracked": np.array(rng.integers(1, 1000), dtype=np.int64),
+            "b": rng.uniform(-amp, amp, SHAPES["b"]).astype(np.float32)}
+
+
+def _copy(env):
+    return Envelope(header=json.loads(json.dumps(env.header)), chunks=list(env.chunks), tag=env.tag)
+
+
+def _open(server, env, **kw):
+    args = {"run": RUN, "server_round": ROUND, **kw}
+    return open_update(server, env, **args)
+
+
+@pytest.fixture(scope="module")
+def ceremony(tmp_path_factory):
+    d = tmp_path_factory.mktemp("he") / "keys"
+    init_keys(d, clients=N)
+    return d
+
+
+@pytest.fixture(scope="module")
+def clients(ceremony):
+    return [load_client_keys(ceremony, k) for k in range(N)]
+
+
+@pytest.fixture(scope="module")
+def server(ceremony):
+    return load_server_keys(ceremony)
+
+
+@pytest.fixture(scope="module")
+def deltas():
+    rng = np.random.default_rng(7)
+    return [_delta(rng) for _ in range(N)]
+
+
+@pytest.fixture(scope="module")
+def update(clients, deltas):
+    """Client 1's update envelope of round ROUND (two ciphertexts)."""
+    env, _ = encrypt_update(clients[1], deltas[1], float_keys(deltas[1]), Quantization(), scale=0.5,
+                            run=RUN, server_round=ROUND, rng=np.random.default_rng(1))
+    assert len(env.chunks) == 2
+    return env
+
+
+# ----------------------------------------------------------------------------- ceremony
+def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
+    d = tmp_path / "keys"
+    public = init_keys(d, clients=3)
+    files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+    assert files == ["client/bundle.json", "client/mac/client_000.key", "client/mac/client_001.key",
+                     "client/mac/client_002.key", "client/secret.key", "key.json", "server/bundle.json"]
+    for f in files:
+        if f != "key.json":  # key.json is the public description
+            assert _mode(d / f) == 0o600, f
+    for folder in (d, d / "client", d / "client" / "mac", d / "server"):
+        assert _mode(folder) == 0o700, folder
+
+    key = json.loads((d / "key.json").read_text())
+    cb = json.loads((d / "client" / "bundle.json").read_text())
+    sb = json.loads((d / "server" / "bundle.json").read_text())
+    fp = key["fingerprint"]
+    assert len(fp) == 19 and fp.count(":") == 3
+    assert fp == cb["fingerprint"] == sb["fingerprint"] == public["fingerprint"]
+    assert key["generation"] == cb["generation"] == sb["generation"] == 1
+    assert key["clients"] == 3 and key["params"] == HEParams().to_dict()
+    ck = [load_client_keys(d, k) for k in range(3)]
+    sk = load_server_keys(d)
+    assert {c.fingerprint for c in ck} == {sk.fingerprint} == {fp}
+    # each institution its own MAC key, all known to the server; one server MAC key
+    assert len({c.mac_key for c in ck}) == 3 and all(len(c.mac_key) == 32 for c in ck)
+    assert sk.mac_keys == {k: ck[k].mac_key for k in range(3)}
+    assert {c.server_mac_key for c in ck} == {sk.server_mac_key}
+    assert [c.sender for c in ck] == [0, 1, 2]
+    with pytest.raises(KeyBundleError, match="MAC key of institution 3"):
+        load_client_keys(d, 3)
+
+    # the public description holds no secret, whichever folder it is read from
+    secrets_hex = [cb["server_mac"], *sb["client_macs"].values()]
+    secret_key = (d / "client" / "secret.key").read_bytes()
+    for where in (d, d / "client", d / "server"):
+        desc = describe_keys(where)
+        text = json.dumps(desc)
+        assert desc["fingerprint"] == fp
+        assert "server_mac" not in desc and "client_macs" not in desc
+        assert not any(h in text for h in secrets_hex)
+        assert secret_key.hex()[:64] not in text
+    with pytest.raises(KeyBundleError, match="no keys"):
+        describe_keys(tmp_path)
+
+
+def test_ceremony_refuses_to_overwrite_unless_forced(tmp_path):
+    d = tmp_path / "keys"
+    first = init_keys(d, clients=2)
+    with pytest.raises(KeyBundleError, match="already holds keys"):
+        init_keys(d, clients=2)
+    assert describe_keys(d)["fingerprint"] == first["fingerprint"]
+    second = init_keys(d, clients=2, force=True)
+    assert second["fingerprint"] != first["fingerprint"]
+    assert load_server_keys(d).fingerprint == load_client_keys(d, 1).fingerprint == second["fingerprint"]
+    with pytest.raises(KeyBundleError, match="at least one"):
+        init_keys(tmp_path / "none", clients=0)
+
+
+@pytest.mark.parametrize("path,loader", [
+    ("client/secret.key", "client"),
+    ("client/bundle.json", "client"),
+    ("client/mac/client_000.key", "client"),
+    ("server/bundle.json", "server"),
+])
+def test_key_file_readable_by_others_is_refused(tmp_path, path, loader):
+    d = tmp_path / "keys"
+    init_keys(d, clients=1)
+    os.chmod(d / path, 0o644)
+    load = (lambda: load_client_keys(d, 0)) if loader == "client" else (lambda: load_server_keys(d))
+    with pytest.raises(KeyBundleError, match="chmod 600") as err:
+        load()
+    assert str(d / path) in str(err.value) and "0o644" in str(err.value)
+    os.chmod(d / path, 0o600)
+    load()
+
+
+def test_secret_key_of_another_ceremony_is_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    init_keys(a, clients=1)
+    init_keys(b, clients=1)
+    shutil.copy(b / "client" / "secret.key", a / "client" / "secret.key")
+    with pytest.raises(KeyBundleError, match="does not belong to this bundle"):
+        load_client_keys(a, 0)
+
+
+def test_deployment_copy_with_a_single_mac_key(ceremony, server, tmp_path):
+    node = tmp_path / "node2"
+    node.mkdir(mode=0o700)
+    for f in ("bundle.json", "secret.key"):
+        shutil.copy(ceremony / "client" / f, node / f)
+    shutil.copy(ceremony / "client" / "mac" / "client_002.key", node / "mac.key")
+    keys = load_client_keys(node, 2)
+    assert keys.fingerprint == server.fingerprint and keys.mac_key == server.mac_keys[2]
+
+
+# ----------------------------------------------------------------------------- server side
+def test_server_holds_no_secret_and_cannot_decrypt(ceremony, server, clients):
+    assert server.context.has_secret_key is False
+    assert clients[0].context.has_secret_key is True
+    blobs = clients[0].context.encrypt(np.ones((1, 4096), np.uint64))
+    with pytest.raises(MissingSecretKey, match="cannot decrypt"):
+        server.context.decrypt(blobs)
+    with pytest.raises(MissingSecretKey, match="cannot encrypt"):
+        server.context.encrypt(np.ones((1, 4096), np.uint64))
+    with pytest.raises(MissingSecretKey):
+        server.context.noise_budget(blobs[0])
+    assert issubclass(MissingSecretKey, PermissionError)
+    # the server can still add (and scale) what it cannot read
+    summed = server.context.weighted_sum([blobs, blobs], [1, 2])
+    assert np.all(clients[0].context.decrypt(summed) == 3)
+
+    server_files = [p for p in (ceremony / "server").rglob("*") if p.is_file()]
+    assert [p.name for p in server_files] == ["bundle.json"]
+    secret = (ceremony / "client" / "secret.key").read_bytes()
+    bundle = server_files[0].read_bytes()
+    assert secret[-64:] not in bundle and secret[-64:].hex().encode() not in bundle
+
+
+def test_bundles_are_not_interchangeable(ceremony):
+    with pytest.raises(KeyBundleError, match="holds a client bundle"):
+        load_server_keys(ceremony / "client")
+    with pytest.raises(KeyBundleError, match="holds the server bundle"):
+        load_client_keys(ceremony / "server", 0)
+    with pytest.raises(KeyBundleError, match="missing"):
+        load_server_keys(ceremony / "nowhere")
+
+
+# ----------------------------------------------------------------------------- rotation
+def test_rotation_retires_the_generation_and_rejects_its_updates(tmp_path, deltas):
+    d = tmp_path / "keys"
+    first = init_keys(d, clients=2)
+    old_client, old_server = load_client_keys(d, 0), load_server_keys(d)
+    second = rotate_keys(d)
+    assert second["generation"] == 2 and describe_keys(d)["generation"] == 2
+    assert second["fingerprint"] != first["fingerprint"]
+    retired = d / "retired" / "gen-1"
+    assert (retired / "key.json").exists() and (retired / "server" / "bundle.json").exists()
+    assert _mode(retired) == 0o700 and _mode(retired / "client" / "secret.key") == 0o600
+    assert describe_keys(retired)["fingerprint"] == first["fingerprint"]
+    assert (retired / "client" / "secret.key").read_bytes() != (d / "client" / "secret.key").read_bytes()
+    assert load_client_keys(retired, 0).fingerprint == first["fingerprint"]
+
+    new_client, new_server = load_client_keys(d, 0), load_server_keys(d)
+    assert (new_client.generation, new_server.generation) == (2, 2)
+    assert new_server.fingerprint == second["fingerprint"]
+    keys = float_keys(deltas[0])
+    kw = {"scale": 1.0, "run": RUN, "server_round": ROUND, "rng": np.random.default_rng(0)}
+    stale, _ = encrypt_update(old_client, deltas[0], keys, Quantization(), **kw)
+    with pytest.raises(EnvelopeError, match="another key") as err:
+        _open(new_server, stale)
+    assert "generation 1" in str(err.value) and second["fingerprint"] in str(err.value)
+    fresh, _ = encrypt_update(new_client, deltas[0], keys, Quantization(), **kw)
+    with pytest.raises(EnvelopeError, match="another key"):
+        _open(old_server, fresh)
+    agg = add_updates(new_server, [_open(new_server, fresh)], [1], run=RUN, server_round=ROUND,
+                      max_units=16)
+    with pytest.raises(EnvelopeError, match="another key"):  # an old node cannot read the new aggregate
+        decrypt_aggregate(old_client, agg, deltas[0], keys, run=RUN, server_round=ROUND)
+    mean, _ = decrypt_aggregate(new_client, agg, deltas[0], keys, run=RUN, server_round=ROUND)
+    assert np.abs(mean["w"] - deltas[0]["w"]).max() < aggregate_error_bound(agg)
+
+
+# ----------------------------------------------------------------------------- packing
+def test_layout_fits_digits_and_names_he_bits_when_it_cannot():
+    lay = make_layout(N_VALUES, 15, 0.5, max_clients=16, max_multiplier=1, slots=4096, plain_bits=40)
+    assert (lay.digit_bits, lay.digits) == (19, 2)
+    assert lay.values_per_ciphertext == 8192 and lay.ciphertexts == 2
+    assert lay.step == pytest.approx(1.0 / 32767)
+    # 16 clients x multipliers up to 4 need 6 bits of headroom: 21-bit digits, one per slot
+    assert make_layout(10, 15, 0.5, 16, 4, 4096, 40).digits == 1
+    assert make_layout(10, 8, 0.5, 5, 1, 4096, 40).digit_bits == 11  # ceil(log2 5) = 3
+    assert make_layout(10, 15, 0.5, 1, 1, 4096, 40).digit_bits == 15  # one client: no headroom
+    with pytest.raises(ValueError, match="he_bits") as err:
+        make_layout(10, 30, 0.5, 1024, 1, 4096, 40)  # 30 + 10 bits > 39 usable
+    assert "10 bits of headroom" in str(err.value)
+    with pytest.raises(ValueError, match="he_bits"):
+        make_layout(10, 31, 0.5, 1, 1, 4096, 40)
+    with pytest.raises(ValueError, match="he_clip"):
+        make_layout(10, 15, 0.0, 1, 1, 4096, 40)
+    with pytest.raises(ValueError, match="he_max_clients"):
+        make_layout(10, 15, 0.5, 0, 1, 4096, 40)
+
+
+def test_pack_unpack_round_trip_and_headroom_holds_the_largest_sum():
+    rng = np.random.default_rng(0)
+    lay = make_layout(20000, 15, 0.5, 16, 1, 4096, 40)  # 3 ciphertexts, the last one partly used
+    codes = rng.integers(0, 2 ** 15, 20000).astype(np.uint64)
+    slots = pack(codes, lay)
+    assert slots.shape == (3, 4096) and slots.dtype == np.uint64
+    np.testing.assert_array_equal(unpack(slots, lay), codes)
+    # codes from quantize survive too
+    q, _ = quantize(rng.uniform(-0.5, 0.5, 20000), lay, rng)
+    np.testing.assert_array_equal(unpack(pack(q, lay), lay), q)
+    # 16 clients at the largest code: the digits never carry and the slot stays below t
+    top = np.full(20000, 2 ** 15 - 1, np.uint64)
+    total = sum(pack(top, lay) for _ in range(16))
+    assert int(total.max()) < 2 ** 39
+    np.testing.assert_array_equal(unpack(total, lay), top * np.uint64(16))
+    mixed = [rng.integers(0, 2 ** 15, 20000).astype(np.uint64) for _ in range(16)]
+    np.testing.assert_array_equal(unpack(sum(pack(c, lay) for c in mixed), lay), sum(mixed))
+
+
+def test_stochastic_rounding_is_unbiased_and_within_one_step():
+    lay = make_layout(200_000, 4, 1.0, 1, 1, 4096, 40)  # coarse grid: step 2/15
+    x0 = -1.0 + 3.3 * lay.step  # 0.3 of a step above a grid point
+    x = np.full(lay.length, x0)
+    codes, clipped = quantize(x, lay, np.random.default_rng(5))
+    assert clipped == 0.0 and set(np.unique(codes).tolist()) == {3, 4}
+    err = codes.astype(np.float64) * lay.step - lay.clip - x
+    assert np.abs(err).max() < lay.step
+    # floor/round would be 0.3 step off; the mean error's std is ~0.46 step / sqrt(200k) = 0.001 step
+    assert abs(err.mean()) < 0.005 * lay.step
+    assert np.mean(codes == 4) == pytest.approx(0.3, abs=0.005)
+    # random values on the real grid: every error below one step
+    lay15 = make_layout(50_000, 15, 0.5, 16, 1, 4096, 40)
+    rng = np.random.default_rng(6)
+    v = rng.uniform(-0.5, 0.5, lay15.length)
+    q, _ = quantize(v, lay15, rng)
+    e = q.astype(np.float64) * lay15.step - 0.5 - v
+    assert np.abs(e).max() < lay15.step and abs(e.mean()) < 0.01 * lay15.step
+
+
+def test_quantize_refuses_nan_and_reports_clipping():
+    lay = make_layout(5, 15, 0.5, 16, 1, 4096, 40)
+    rng = np.random.default_rng(0)
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN"):
+            quantize(np.array([0.0, bad, 0.1, 0.2, 0.3]), lay, rng)
+    codes, clipped = quantize(np.array([-1.0, -0.5, 0.0, 0.5, 0.7]), lay, rng)
+    assert clipped == pytest.approx(0.4)
+    assert codes[0] == 0 and codes[-1] == 2 ** 15 - 1  # clipped to the ends of the range
+    assert codes[3] == 2 ** 15 - 1 and codes[1] == 0
+    with pytest.raises(ValueError, match="does not match the layout"):
+        quantize(np.zeros(6), lay, rng)
+    # decoding: sums of codes back to the weighted mean
+    sums = np.array([0, 2 ** 15 - 1, 2 * (2 ** 15 - 1)], np.uint64)
+    np.testing.assert_allclose(dequantize_sum(sums, lay, 2.0, 1.0), [-1.0, 0.0, 1.0], atol=1e-6)
+    assert error_bound(lay, 4.0, 2.0) == pytest.approx(2 * lay.step)
+
+
+# ----------------------------------------------------------------------------- end to end
+def _round(clients, server, deltas, scales, multipliers, quant, senders=None, seed=11):
+    senders = list(range(len(clients))) if senders is None else senders
+    keys = float_keys(deltas[0])
+    assert keys == ["w", "b"]  # the integer buffer is not federated
+    rng = np.random.default_rng(seed)
+    opened, reports = [], []
+    for k in senders:
+        env, report = encrypt_update(clients[k], deltas[k], keys, quant, scale=scales[k], run=RUN,
+                                     server_round=ROUND, rng=rng)
+        reports.append(report)
+        opened.append(open_update(server, to_record(env), run=RUN, server_round=ROUND))
+    mult = [multipliers[k] for k in senders]
+    agg = add_updates(server, opened, mult, run=RUN, server_round=ROUND,
+                      max_units=quant.max_clients * quant.max_multiplier, meta={"lr": 0.1})
+    assert agg.header["kind"] == AGGREGATE and agg.header["sender"] == SERVER
+    mean, env = decrypt_aggregate(clients[senders[0]], to_record(agg), deltas[0], keys, run=RUN,
+                                  server_round=ROUND)
+    weight = sum(mult[i] * scales[k] for i, k in enumerate(senders))
+    expected = {key: sum(mult[i] * scales[k] * deltas[k][key].astype(np.float64)
+                         for i, k in enumerate(senders)) / weight for key in keys}
+    assert env.meta["senders"] == senders and env.meta["count"] == len(senders)
+    assert env.meta["multipliers"] == mult and env.meta["multiplier_sum"] == sum(mult)
+    assert env.meta["weight_sum"] == pytest.approx(weight) and env.meta["lr"] == 0.1
+    assert all(r["clipped"] == 0.0 for r in reports)
+    assert [r["scale"] for r in reports] == [scales[k] for k in senders]
+    return mean, expected, env, mult, weight
+
+
+@pytest.mark.parametrize("multipliers,quant", [
+    ([1, 1, 1, 1, 1], Quantization()),
+    ([1, 3, 2, 1, 4], Quantization(bits=14, max_clients=4, max_multiplier=4)),  # 19-bit digits
+])
+def test_encrypted_sum_decodes_to_the_weighted_mean(clients, server, deltas, multipliers, quant):
+    scales = [1.0, 0.25, 0.6, 0.9, 0.05]
+    mean, expected, env, mult, weight = _round(clients, server, deltas, scales, multipliers, quant)
+    assert set(mean) == {"w", "b"}
+    assert all(mean[k].dtype == np.float32 and mean[k].shape == SHAPES[k] for k in mean)
+    layout = make_layout(N_VALUES, quant.bits, quant.clip, quant.max_clients, quant.max_multiplier,
+                         4096, 40)
+    assert env.header["layout"] == layout.to_dict() and layout.digits == 2
+    bound = aggregate_error_bound(env)
+    assert bound == pytest.approx(layout.step * sum(mult) / weight)
+    err = np.concatenate([(mean[k] - expected[k]).ravel() for k in ("w", "b")])
+    assert np.abs(err).max() < bound
+    # stochastic rounding: error std at most step/2 per client, added with the multipliers
+    rms_cap = 0.5 * layout.step * math.sqrt(sum(m * m for m in mult)) / weight
+    assert np.sqrt(np.mean(err ** 2)) < rms_cap
+    assert abs(err.mean()) < 0.05 * rms_cap
+    assert np.abs(np.concatenate([expected[k].ravel() for k in expected])).max() > 100 * bound
+
+
+def test_dropouts_sum_exactly_the_clients_that_replied(clients, server, deltas):
+    scales = [1.0, 0.25, 0.6, 0.9, 0.05]
+    mean, expected, env, mult, weight = _round(clients, server, deltas, scales, [1] * N, Quantization(),
+                                               senders=[0, 2, 4])
+    assert env.meta["senders"] == [0, 2, 4] and weight == pytest.approx(1.65)
+    bound = aggregate_error_bound(env)
+    for k in ("w", "b"):
+        assert np.abs(mean[k] - expected[k]).max() < bound
+    # and not the mean of all five
+    everyone = sum(s * d["w"].astype(np.float64) for s, d in zip(scales, deltas)) / sum(scales)
+    assert np.abs(mean["w"] - everyone).max() > 100 * bound
+
+
+def test_encrypted_update_costs_about_its_float32_bytes(clients):
+    n = 100_000
+    delta = {"v": np.random.default_rng(0).normal(0, 0.05, n).astype(np.float32)}
+    env, _ = encrypt_update(clients[0], delta, ["v"], Quantization(), scale=1.0, run=RUN,
+                            server_round=1, rng=np.random.default_rng(1))
+    assert len(env.chunks) == math.ceil(n / 8192) == 13
+    ratio = env.nbytes / (4 * n)
+    assert ratio < 1.1, ratio
+    # seeded ciphertexts: one polynomial each, about the 32 KiB of the 8192 floats they hold
+    assert all(len(c) < 1.05 * 4 * 8192 for c in env.chunks)
+
+
+# ----------------------------------------------------------------------------- envelopes
+def test_record_round_trip_keeps_the_envelope(server, update):
+    rec = to_record(update)
+    assert isinstance(rec, ArrayRecord)
+    assert sorted(rec) == ["ct-00000", "ct-00001", "header", "tag"]
+    back = from_record(rec)
+    assert back.header == update.header and back.chunks == update.chunks and back.tag == update.tag
+    assert back.header["sender"] == 1 and back.meta["scale"] == 0.5
+    opened = _open(server, rec)
+    assert opened.header["round"] == ROUND and opened.header["generation"] == 1
+
+
+def _reject(server, env_or_record, *substrings, **kw):
+    with pytest.raises(EnvelopeError) as err:
+        _open(server, env_or_record, **kw)
+    msg = str(err.value)
+    assert any(s in msg for s in substrings), msg
+    return msg
+
+
+def test_tampered_truncated_and_dropped_chunks_are_rejected(server, update):
+    env = _copy(update)
+    flipped = bytearray(env.chunks[1])
+    flipped[len(flipped) // 2] ^= 0x01
+    env.chunks[1] = bytes(flipped)
+    assert "ciphertext 1" in _reject(server, env, "tampered", "truncated")
+
+    rec = to_record(update)  # tampering with the Flower record itself
+    raw = rec["ct-00000"].numpy().copy()
+    raw[100] ^= 0xFF
+    rec["ct-00000"] = Array(raw)
+    assert "ciphertext 0" in _reject(server, rec, "tampered")
+
+    env = _copy(update)
+    env.chunks[0] = env.chunks[0][:-16]
+    _reject(server, env, "truncated")
+
+    env = _copy(update)
+    env.chunks = env.chunks[:1]
+    msg = _reject(server, env, "truncated in transit")
+    assert "holds 1 ciphertexts" in msg and "lists 2" in msg
+
+    env = _copy(update)
+    env.chunks = env.chunks[::-1]
+    _reject(server, env, "tampered")
+
+
+def test_modified_header_replay_and_other_runs_are_rejected(server, update):
+    for field, value in (("round", ROUND + 1), ("meta", {"scale": 1.0}), ("run", "other"),
+                         ("kind", AGGREGATE)):
+        env = _copy(update)
+        env.header[field] = value
+        msg = _reject(server, env, "does not verify", server_round=int(env.header["round"]),
+                      run=env.header["run"])
+        assert "tampered" in msg
+    rec = to_record(update)  # header edited inside the record
+    header = json.loads(rec["header"].numpy().tobytes())
+    header["round"] = ROUND + 1
+    rec["header"] = Array(np.frombuffer(json.dumps(header).encode(), np.uint8).copy())
+    _reject(server, rec, "does not verify", server_round=ROUND + 1)
+    rec["header"] = Array(np.frombuffer(b"{not json", np.uint8).copy())
+    with pytest.raises(EnvelopeError, match="not valid JSON"):
+        from_record(rec)
+
+    msg = _reject(server, update, "replayed", server_round=ROUND + 1)
+    assert f"round {ROUND}" in msg
+    _reject(server, update, "another run", run="run-other")
+    # an update offered where an aggregate is expected
+    with pytest.raises(EnvelopeError, match="expected a 'aggregate' envelope, got 'update'"):
+        open_envelope(update, kind=AGGREGATE, fingerprint=server.fingerprint, mac_keys=server.mac_keys,
+                      run=RUN, server_round=ROUND)
+    env = _copy(update)
+    env.header["version"] = 2
+    _reject(server, env, "version")
+
+
+def test_senders_outside_the_ceremony_or_impersonating_are_rejected(server, clients, update, deltas):
+    with pytest.raises(EnvelopeError, match="unknown sender 1"):
+        open_envelope(update, kind=UPDATE, fingerprint=server.fingerprint,
+                      mac_keys={0: server.mac_keys[0]}, run=RUN, server_round=ROUND)
+    env = _copy(update)
+    env.header["sender"] = 99
+    _reject(server, env, "unknown sender 99")
+    # client 0 signs with its own MAC key but claims to be client 1
+    forged = seal_envelope(UPDATE, update.chunks, mac_key=clients[0].mac_key,
+                           fingerprint=server.fingerprint, generation=1, params=update.header["params"],
+                           run=RUN, server_round=ROUND, sender=1, layout=update.header["layout"],
+                           spec=update.header["spec"], meta=update.meta)
+    _reject(server, forged, "does not verify")
+    # a client cannot take an update for an aggregate (it is not signed by the server)
+    with pytest.raises(EnvelopeError, match="unknown sender 1"):
+        decrypt_aggregate(clients[0], update, deltas[1], float_keys(deltas[1]), run=RUN,
+                          server_round=ROUND)
+
+
+def test_envelope_of_another_ceremony_or_without_header_is_rejected(server, deltas, tmp_path):
+    init_keys(tmp_path / "other", clients=N)
+    stranger = load_client_keys(tmp_path / "other", 1)
+    env, _ = encrypt_update(stranger, deltas[1], float_keys(deltas[1]), Quantization(), scale=1.0,
+                            run=RUN, server_round=ROUND, rng=np.random.default_rng(0))
+    msg = _reject(server, to_record(env), "another key")
+    assert stranger.fingerprint in msg and server.fingerprint in msg
+
+    plain = ArrayRecord({"w": Array(deltas[0]["w"])})
+    for rec in (plain, ArrayRecord({"ct-00000": Array(np.zeros(8, np.uint8))}), ArrayRecord()):
+        with pytest.raises(EnvelopeError, match="not an encrypted envelope"):
+            _open(server, rec)
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_garbage_ciphertexts_raise_bad_ciphertext(server, update):
+    rng = np.random.default_rng(0)
+    for blob in (b"", b"garbage" * 20, rng.bytes(5000), update.chunks[0][:200], update.chunks[0][:-1]):
+        with pytest.raises(BadCiphertext):
+            server.context.load(blob)
+    assert issubclass(BadCiphertext, ValueError)
+    other = HEContext(HEParams(plain_bits=30, coeff_bits=50))
+    with pytest.raises(BadCiphertext):
+        other.load(update.chunks[0])
+
+
+def test_add_updates_refuses_overflowing_multipliers_and_mixed_layouts(clients, server, deltas, update):
+    a = _open(server, update)
+    keys = float_keys(deltas[0])
+    kw = {"scale": 1.0, "run": RUN, "server_round": ROUND}
+    b, _ = encrypt_update(clients[2], deltas[2], keys, Quantization(), rng=np.random.default_rng(2), **kw)
+    with pytest.raises(EnvelopeError, match="he-max-clients"):
+        add_updates(server, [a, b], [10, 7], run=RUN, server_round=ROUND, max_units=16)
+    add_updates(server, [a, b], [10, 6], run=RUN, server_round=ROUND, max_units=16)  # exactly 16 fits
+    with pytest.raises(ValueError, match="positive integers"):
+        add_updates(server, [a, b], [1, 0], run=RUN, server_round=ROUND, max_units=16)
+    with pytest.raises(ValueError, match="no updates"):
+        add_updates(server, [], [], run=RUN, server_round=ROUND, max_units=16)
+
+    other_bits, _ = encrypt_update(clients[2], deltas[2], keys, Quantization(bits=14),
+                                   rng=np.random.default_rng(2), **kw)
+    with pytest.raises(EnvelopeError, match="different layouts"):
+        add_updates(server, [a, other_bits], [1, 1], run=RUN, server_round=ROUND, max_units=16)
+    # same number of values, another model (spec differs)
+    transposed = {"w": deltas[2]["w"].T.copy(), "b": deltas[2]["b"]}
+    other_model, _ = encrypt_update(clients[2], transposed, ["w", "b"], Quantization(),
+                                    rng=np.random.default_rng(2), **kw)
+    assert other_model.header["layout"] == a.header["layout"]
+    with pytest.raises(EnvelopeError, match="different layouts or models"):
+        add_updates(server, [a, other_model], [1, 1], run=RUN, server_round=ROUND, max_units=16)
+    agg = add_updates(server, [other_model], [1], run=RUN, server_round=ROUND, max_units=16)
+    with pytest.raises(EnvelopeError, match="spec differs"):
+        decrypt_aggregate(clients[0], agg, deltas[0], keys, run=RUN, server_round=ROUND)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        encrypt_update(clients[2], deltas[2], keys, Quantization(), rng=np.random.default_rng(2),
+                       **{**kw, "scale": 1.5})
+    nan = {k: v.copy() for k, v in deltas[2].items()}
+    nan["w"][3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        encrypt_update(clients[2], nan, keys, Quantization(), rng=np.random.default_rng(2), **kw)
+
+
+def test_add_updates_refuses_the_same_sender_twice(server, update):
+    a = _open(server, update)
+    with pytest.raises(EnvelopeError, match="sender"):
+        add_updates(server, [a, _copy(a)], [1, 1], run=RUN, server_round=ROUND, max_units=16)
+
+
+def test_add_updates_refuses_sums_beyond_the_layout_headroom(clients, server, deltas):
+    keys = float_keys(deltas[0])
+    narrow = Quantization(max_clients=2)
+    envs = [encrypt_update(clients[k], deltas[k], keys, narrow, scale=1.0, run=RUN, server_round=ROUND,
+                           rng=np.random.default_rng(k))[0] for k in range(N)]
+    with pytest.raises(EnvelopeError, match="headroom"):
+        add_updates(server, [_open(server, e) for e in envs], [1] * N, run=RUN, server_round=ROUND,
+                    max_units=16)
+
+
+# ----------------------------------------------------------------------------- noise budget
+def test_noise_budget_survives_sixteen_updates_times_sixteen(clients, server):
+    ctx = clients[0].context
+    t = ctx.plain_modulus
+    assert t.bit_length() == 40
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(0, t // 256, (2, 4096), dtype=np.uint64) for _ in range(16)]
+    fresh = [ctx.encrypt(r) for r in rows]
+    assert all(ctx.noise_budget(b) > 8 for b in fresh[0])
+    total = server.context.weighted_sum(fresh, [16] * 16)
+    assert all(ctx.noise_budget(b) > 0 for b in total)
+    expected = sum(r.astype(object) for r in rows) * 16
+    assert int(expected.max()) < t
+    np.testing.assert_array_equal(ctx.decrypt(total).astype(object), expected)
+    # multipliers spelled with hex letters (10, 11, 15) scale exactly too
+    small = [rng.integers(0, 2 ** 20, (1, 4096), dtype=np.uint64) for _ in range(3)]
+    mixed = server.context.weighted_sum([ctx.encrypt(s) for s in small], [10, 11, 15])
+    np.testing.assert_array_equal(ctx.decrypt(mixed), small[0] * 10 + small[1] * 11 + small[2] * 15)
+    with pytest.raises(ValueError, match="one multiplier per input"):
+        server.context.weighted_sum(fresh[:2], [1])
+    with pytest.raises(ValueError, match="below the plaintext modulus"):
+        ctx.encrypt(np.full((1, 4096), t, np.uint64))
+
+
+# ----------------------------------------------------------------------------- strategy
+class _Reply:
+    """A client reply as the server sees it (Flower's Message needs a live run to build)."""
+
+    def __init__(self, metrics):
+        self.content = RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def test_encrypted_fedavg_multipliers(server):
+    from server.encrypted import EncryptedFedAvg
+
+    strat = EncryptedFedAvg(server, Quantization(max_multiplier=4))
+    # clients pre-scaled by n_k / ref: the weighting is already in the ciphertexts
+    ref = 40
+    same = [_Reply({"num-examples": n, "he-scale": n / ref}) for n in (10, 25, 40)]
+    assert strat.multipliers(same) == [1, 1, 1]
+    # unscaled updates (scale 1) weighted by their sample counts: integers up to the bound
+    unscaled = [_Reply({"num-examples": n}) for n in (10, 20, 40)]
+    assert strat.multipliers(unscaled) == [1, 2, 4]
+    tiny = [_Reply({"num-examples": n, "he-scale": 1.0}) for n in (1, 100)]
+    assert strat.multipliers(tiny) == [1, 4]  # never below 1
