@@ -99,6 +99,17 @@ def print_summary(doc: dict, title: str = "fedface run") -> None:
                    _pct(raw.get("accuracy")), "-" if gain is None else f"{gain:+.1f}")
     console.print(ft)
     print_privacy(doc)
+    enc = doc.get("encryption")
+    if enc:
+        lay = enc["layout"]
+        console.print(
+            f"encrypted aggregation: BFV n={enc['params']['poly_modulus_degree']}, "
+            f"{lay['bits']}-bit values (clip {lay['clip']}), {lay['digits']} per slot, "
+            f"{enc['ciphertexts_per_update']} ciphertexts per update; key {enc['fingerprint']} "
+            f"(generation {enc['generation']}); {enc['joined']} of {enc['nodes']} institutions "
+            "joined; the server saw no update, only the released final model")
+        for e in enc.get("join_excluded", []):
+            console.print(f"  [yellow]not joined[/] node {e['node']}: {e['reason'][:200]}")
     if doc.get("stopped"):
         console.print(f"[yellow]stopped early:[/] {doc['stopped']}")
     console.print(f"wall time {final.get('wall_seconds', 0):.0f} s; model: {final.get('model')}")

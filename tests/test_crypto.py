@@ -8,7 +8,8 @@ import stat
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from fakes import Reply
+from flwr.app import Array, ArrayRecord
 
 from crypto.context import BadCiphertext, HEContext, HEParams, MissingSecretKey
 from crypto.envelope import Envelope, EnvelopeError, from_record, open_envelope, seal_envelope, to_record
@@ -616,23 +617,16 @@ def test_noise_budget_survives_sixteen_updates_times_sixteen(clients, server):
 
 
 # ----------------------------------------------------------------------------- strategy
-class _Reply:
-    """A client reply as the server sees it (Flower's Message needs a live run to build)."""
-
-    def __init__(self, metrics):
-        self.content = RecordDict({"metrics": MetricRecord(metrics)})
-
-
 def test_encrypted_fedavg_multipliers(server):
     from server.encrypted import EncryptedFedAvg
 
     strat = EncryptedFedAvg(server, Quantization(max_multiplier=4))
     # clients pre-scaled by n_k / ref: the weighting is already in the ciphertexts
     ref = 40
-    same = [_Reply({"num-examples": n, "he-scale": n / ref}) for n in (10, 25, 40)]
+    same = [Reply(metrics={"num-examples": n, "he-scale": n / ref}) for n in (10, 25, 40)]
     assert strat.multipliers(same) == [1, 1, 1]
     # unscaled updates (scale 1) weighted by their sample counts: integers up to the bound
-    unscaled = [_Reply({"num-examples": n}) for n in (10, 20, 40)]
+    unscaled = [Reply(metrics={"num-examples": n}) for n in (10, 20, 40)]
     assert strat.multipliers(unscaled) == [1, 2, 4]
-    tiny = [_Reply({"num-examples": n, "he-scale": 1.0}) for n in (1, 100)]
+    tiny = [Reply(metrics={"num-examples": n, "he-scale": 1.0}) for n in (1, 100)]
     assert strat.multipliers(tiny) == [1, 4]  # never below 1

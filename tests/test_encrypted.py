@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from fakes import Reply
 from flwr.app import MetricRecord, RecordDict
 from typer.testing import CliRunner
 
@@ -173,26 +174,16 @@ def test_refused_combinations_name_the_fix(keys):
             RunConfig(**SMALL, he_keys=keys, **bad)
 
 
-class _Reply:
-    def __init__(self, node, content):
-        self.content = content
-        self.metadata = type("Meta", (), {"src_node_id": node})()
-
-    def has_error(self):
-        return False
-
-
 def test_the_strategy_refuses_plaintext_replies_and_weights_by_integers(keys):
     strategy = EncryptedFedAvg(load_server_keys(keys), Quantization(max_multiplier=16))
     assert not strategy.keys.context.has_secret_key
-    plain = _Reply(7, RecordDict({ARRAYS: numpy_record({"w": np.ones(3, np.float32)}),
+    plain = Reply(7, RecordDict({ARRAYS: numpy_record({"w": np.ones(3, np.float32)}),
                                   METRICS: MetricRecord({NUM_EXAMPLES: 5, CLIENT_ID: 0})}))
     s = strategy.screen([plain], server_round=1)
     assert not s.good and "not an encrypted envelope" in s.excluded[0]["reason"]
 
     def reply(n, scale):
-        return _Reply(1, RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: n,
-                                                             "he-scale": scale})}))
+        return Reply(1, metrics={NUM_EXAMPLES: n, "he-scale": scale})
     # Clients pre-scaled by n / 100: sample-count weighting needs no multiplication ...
     assert strategy.multipliers([reply(100, 1.0), reply(25, 0.25)]) == [1, 1]
     # ... uniform weighting (an FV candidate) multiplies the small client up.

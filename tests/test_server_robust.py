@@ -4,6 +4,7 @@ import copy
 
 import numpy as np
 import pytest
+from fakes import Reply
 from flwr.app import MetricRecord, RecordDict
 
 from fedface.config import RunConfig
@@ -23,21 +24,10 @@ from server.validation import norm_outliers, screen_replies
 REF = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
 
-class _Reply:
-    """A client reply as the server sees it (Flower's Message needs a live run to build)."""
-
-    def __init__(self, node, content):
-        self.content = content
-        self.metadata = type("Meta", (), {"src_node_id": node})()
-
-    def has_error(self):
-        return False
-
-
 def _reply(node, arrays=None, n=10, metrics=None, cid=None):
     arrays = arrays if arrays is not None else {k: v + 0.01 * node for k, v in REF.items()}
     rec = {NUM_EXAMPLES: n, CLIENT_ID: cid if cid is not None else node, **(metrics or {})}
-    return _Reply(node, RecordDict({ARRAYS: numpy_record(arrays), METRICS: MetricRecord(rec)}))
+    return Reply(node, RecordDict({ARRAYS: numpy_record(arrays), METRICS: MetricRecord(rec)}))
 
 
 def test_screen_replies_excludes_each_kind_of_bad_reply_with_a_reason():
