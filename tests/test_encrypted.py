@@ -188,3 +188,29 @@ def test_the_strategy_refuses_plaintext_replies_and_weights_by_integers(keys):
     assert strategy.multipliers([reply(100, 1.0), reply(25, 0.25)]) == [1, 1]
     # ... uniform weighting (an FV candidate) multiplies the small client up.
     assert strategy.multipliers([reply(1, 1.0), reply(1, 0.25)]) == [4, 16]
+
+
+def test_keys_cli_and_demo_encrypted(tmp_path):
+    """`fedface demo --encrypted` runs the ceremony into OUT/keys; `keys show` prints the
+    fingerprint and no secret; `keys rotate` makes generation 2 and retires generation 1."""
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--encrypted", "--rounds", "1", "--out", str(out),
+                              "--set", "num-clients=3", "--set", "synthetic-identities=60",
+                              "--set", "synthetic-images=6", "--set", "image-size=48",
+                              "--set", "min-train-nodes=3", "--set", "batch-size=32"])
+    assert res.exit_code == 0, res.output
+    assert "key ceremony" in res.output and "encrypted aggregation: BFV" in res.output
+    keys = out / "keys"
+    desc = json.loads((keys / "key.json").read_text())
+    res = runner.invoke(app, ["keys", "show", str(keys)])
+    assert res.exit_code == 0 and desc["fingerprint"] in res.output
+    secret = (keys / "client" / "secret.key").read_bytes()
+    assert secret.hex()[:32] not in res.output
+    res = runner.invoke(app, ["keys", "rotate", str(keys)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((keys / "key.json").read_text())["generation"] == 2
+    assert (keys / "retired" / "gen-1" / "client" / "secret.key").read_bytes() == secret
+    res = runner.invoke(app, ["keys", "init", "--out", str(keys)])
+    assert res.exit_code == 2 and "keys rotate" in res.output  # never overwrites keys
+    res = runner.invoke(app, ["keys", "show", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "fedface keys init" in res.output
