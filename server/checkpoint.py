@@ -75,10 +75,21 @@ def save_checkpoint(out_dir: str | Path, server_round: int, arrays: dict[str, np
     return path
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def load_checkpoint(out_dir: str | Path) -> dict[str, Any]:
     """Read a checkpoint; a missing or foreign file gets a message saying what to do."""
     path = Path(out_dir) / CHECKPOINT
     if not path.exists():
+        if '"encryption"' in _text(Path(out_dir) / "metrics.json"):
+            raise FileNotFoundError(
+                f"{out_dir} is an encrypted run: the server holds no plaintext model to "
+                "checkpoint, so it cannot be resumed; start it again")
         raise FileNotFoundError(f"No checkpoint in {out_dir}: --resume needs the --out folder "
                                 "of a run that completed at least one round")
     try:

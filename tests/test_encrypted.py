@@ -71,6 +71,8 @@ def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(tmp_path):
         assert r_he["encryption"]["clients"] == 3
         assert "test_accuracy" not in r_he  # the server has no model to test mid-run
     assert not (tmp_path / "he" / "checkpoint.pt").exists()  # nothing plaintext kept
+    res = runner.invoke(app, ["train", "--resume", str(tmp_path / "he")])
+    assert res.exit_code == 2 and "encrypted run" in res.output
 
 
 def test_encrypted_pfm_equals_plaintext_pfm_and_fv_dp_compose(tmp_path, keys):
