@@ -33,9 +33,11 @@ from fedface.protocol import (
     CLIENT_ID,
     CONFIG,
     FV_PREFIX,
+    HE_CATCH_UP,
     HE_COMMIT_ROUND,
     HE_JOIN,
     HE_RELEASE,
+    HE_ROUND_PREFIX,
     METRICS,
     MOMENTUM,
     NUM_EXAMPLES,
@@ -153,7 +155,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Encrypted runs: join (key and size check, initial model) and release."""
+        """Encrypted runs: join (key and size check, initial model), catch up, release."""
         cfg = client_config(context, overrides)
         config = msg.content[CONFIG]
         if not cfg.encrypted:
@@ -165,6 +167,14 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             he.join(context, keys, config, msg.content[ARRAYS])
             metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: client_id(context)}
             return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+        if config.get(HE_CATCH_UP):
+            he.check_key(keys, config)
+            aggregates = {int(k[len(HE_ROUND_PREFIX):]): rec
+                          for k, rec in msg.content.array_records.items()
+                          if k.startswith(HE_ROUND_PREFIX)}
+            held = he.catch_up(context, keys, config, aggregates)
+            return Message(content=RecordDict({METRICS: MetricRecord({"he-round": held})}),
+                           reply_to=msg)
         if config.get(HE_RELEASE):
             he.check_key(keys, config)
             he.sync(context, config, int(config[HE_COMMIT_ROUND]))

@@ -95,6 +95,19 @@ def join(context: Context, keys: ClientKeys, config: ConfigRecord, initial: Arra
                                          "pending-round": -1, "pending-count": 0})
 
 
+def _commit(context: Context, state: ConfigRecord, rnd: int, idx: int) -> None:
+    """Make pending candidate ``idx`` of round ``rnd`` this institution's global model."""
+    if idx >= int(state["pending-count"]):
+        raise OutOfSync(f"out of sync: candidate {idx} of round {rnd} was never received")
+    context.state[GLOBAL] = context.state[f"{PENDING}{idx}"]
+    if f"{PENDING_MOMENTUM}{idx}" in context.state:
+        context.state[MOMENTUM] = context.state[f"{PENDING_MOMENTUM}{idx}"]
+    for i in range(int(state["pending-count"])):
+        context.state.pop(f"{PENDING}{i}", None)
+        context.state.pop(f"{PENDING_MOMENTUM}{i}", None)
+    state["round"], state["pending-round"], state["pending-count"] = rnd, -1, 0
+
+
 def sync(context: Context, config: ConfigRecord, needed_round: int) -> None:
     """Commit the candidate the server chose and check we hold round ``needed_round``."""
     state = _state(context)
@@ -103,19 +116,40 @@ def sync(context: Context, config: ConfigRecord, needed_round: int) -> None:
                         "(it was unreachable at the start); it can join the next run")
     rnd, idx = int(config[HE_COMMIT_ROUND]), int(config[HE_COMMIT_INDEX])
     if int(state["round"]) != rnd and int(state["pending-round"]) == rnd:
-        if idx >= int(state["pending-count"]):
-            raise OutOfSync(f"out of sync: candidate {idx} of round {rnd} was never received")
-        context.state[GLOBAL] = context.state[f"{PENDING}{idx}"]
-        if f"{PENDING_MOMENTUM}{idx}" in context.state:
-            context.state[MOMENTUM] = context.state[f"{PENDING_MOMENTUM}{idx}"]
-        for i in range(int(state["pending-count"])):
-            context.state.pop(f"{PENDING}{i}", None)
-            context.state.pop(f"{PENDING_MOMENTUM}{i}", None)
-        state["round"], state["pending-round"], state["pending-count"] = rnd, -1, 0
+        _commit(context, state, rnd, idx)
     if int(state["round"]) != needed_round:
         raise OutOfSync(f"out of sync: this institution holds the global model of round "
                         f"{state['round']}, this step needs round {needed_round} (it missed "
-                        "an exchange); it is left out until the next run")
+                        "an exchange); the server sends it the missed aggregates")
+
+
+def catch_up(context: Context, keys: ClientKeys, config: ConfigRecord,
+             aggregates: dict[int, ArrayRecord]) -> int:
+    """Apply the committed aggregates of the rounds this institution missed, in order.
+
+    Decoding is deterministic, so the result is bit for bit the model (and momentum)
+    of the institutions that never missed a round. Returns the round now held.
+    """
+    state = _state(context)
+    target = int(config[HE_COMMIT_ROUND])
+    try:
+        sync(context, config, target)
+        return target
+    except OutOfSync:
+        if state["run"] != str(config.get(HE_RUN, "")):
+            raise
+    have = int(state["round"])
+    for rnd in sorted(r for r in aggregates if r > have):
+        if rnd != have + 1:
+            raise OutOfSync(f"out of sync: this institution holds round {have} and the server "
+                            f"keeps aggregates from round {min(aggregates)} on; it is left out "
+                            "until the next run")
+        open_candidates(context, keys, config, [aggregates[rnd]], rnd)
+        _commit(context, state, rnd, 0)
+        have = rnd
+    if have != target:
+        raise OutOfSync(f"out of sync: caught up to round {have}, the federation is at {target}")
+    return have
 
 
 def global_model(context: Context) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:

@@ -18,7 +18,10 @@ and the secret key; the protocol per run:
 4. **Evaluate** (every node): the aggregate (and FV's candidates) go out; clients
    decrypt, form the candidate models, score them and keep them pending; the next
    message names the candidate to commit (``he-commit-round``, ``he-commit-index``), and
-   under PFM every client derives the global momentum from it, identically.
+   under PFM every client derives the global momentum from it, identically. An
+   institution that missed an exchange (no reply, or ``out of sync``) is sent the
+   committed aggregates of the rounds it missed before the next round (the last
+   ``keep_rounds`` are kept) and applies them in order: bit for bit the same model.
 5. **Release** (a ``query`` at the end): one institution returns the final model in
    plaintext: the only plaintext the server receives, and what DP protects.
 
@@ -42,11 +45,13 @@ from crypto.update import Quantization, add_updates, open_update
 from fedface.protocol import (
     ARRAYS,
     CONFIG,
+    HE_CATCH_UP,
     HE_COMMIT_INDEX,
     HE_COMMIT_ROUND,
     HE_FINGERPRINT,
     HE_JOIN,
     HE_RELEASE,
+    HE_ROUND_PREFIX,
     HE_RUN,
     HE_SCALE,
     HE_WEIGHT_REF,
@@ -71,13 +76,15 @@ class EncryptedFedAvg(FedAvg):
         PFM's momentum coefficient; clients apply the momentum (0: FedAvg).
     proximal_mu : float (default: 0.0)
         FedProx's proximal weight, sent to clients.
+    keep_rounds : int (default: 8)
+        Committed aggregates kept for institutions that missed rounds (catch-up).
     **kwargs
         FedAvg's sampling and key options (``weighted_by_key`` picks sample counts or
         uniform weights).
     """
 
     def __init__(self, keys: ServerKeys, quantization: Quantization, pfm_beta: float = 0.0,
-                 proximal_mu: float = 0.0, **kwargs) -> None:
+                 proximal_mu: float = 0.0, keep_rounds: int = 8, **kwargs) -> None:
         super().__init__(**kwargs)
         self.keys = keys
         self.quantization = quantization
@@ -87,6 +94,10 @@ class EncryptedFedAvg(FedAvg):
         self.weight_ref = 0
         self.commit = (0, 0)  # (round, candidate) every client must hold before the next step
         self.round_lr = 0.0
+        self.keep_rounds = int(keep_rounds)
+        self.history: dict[int, ArrayRecord] = {}  # committed aggregate of each recent round
+        self.lagging: set[int] = set()  # nodes that missed an exchange
+        self.members: set[int] = set()  # nodes that joined the run
 
     # ----------------------------------------------------------------- messages
     def he_config(self, config: ConfigRecord) -> ConfigRecord:
@@ -117,6 +128,7 @@ class EncryptedFedAvg(FedAvg):
                 excluded.append({"node": int(m.metadata.src_node_id), "reason": error_reason(m)})
             else:
                 counts.append(int(m.content[METRICS][NUM_EXAMPLES]))
+                self.members.add(int(m.metadata.src_node_id))
         answered = {int(m.metadata.src_node_id) for m in replies}
         excluded += [{"node": n, "reason": "no reply to the join before the round timeout"}
                      for n in nodes if n not in answered]
@@ -198,6 +210,35 @@ class EncryptedFedAvg(FedAvg):
         metrics = MetricRecord({"he-clients": len(updates),
                                 "he-bytes": int(sum(len(c) for c in env.chunks))})
         return to_record(env), metrics
+
+    def committed(self, server_round: int, index: int, aggregate: ArrayRecord) -> None:
+        """Record the candidate clients commit for ``server_round`` (kept for catch-up)."""
+        self.commit = (server_round, index)
+        self.history[server_round] = aggregate
+        for r in sorted(self.history)[:-self.keep_rounds]:
+            del self.history[r]
+
+    def missed(self, nodes: set[int]) -> None:
+        """Nodes that missed an exchange; members among them catch up next round."""
+        self.lagging |= set(nodes) & self.members
+
+    def catch_up(self, grid: Grid, timeout: float) -> list[dict]:
+        """Send the lagging nodes the committed aggregates they missed; who caught up."""
+        if not self.lagging or not self.history:
+            return []
+        content = RecordDict({CONFIG: self.he_config(ConfigRecord({HE_CATCH_UP: True}))})
+        for r, record in self.history.items():
+            content[f"{HE_ROUND_PREFIX}{r:05d}"] = record
+        events = []
+        for node in sorted(self.lagging):
+            reply = self._query(grid, [node], content, timeout)
+            if reply and not reply[0].has_error():
+                self.lagging.discard(node)
+                events.append({"node": node, "caught_up_to": int(reply[0].content[METRICS]["he-round"])})
+            else:
+                events.append({"node": node, "reason": error_reason(reply[0]) if reply
+                               else "no reply"})
+        return events
 
     def release(self, grid: Grid, timeout: float) -> tuple[ArrayRecord, int]:
         """The final model in plaintext from the first institution that returns it."""

@@ -32,6 +32,7 @@ from fedface.protocol import (
     DP_BUDGET_SPENT,
     FV_PREFIX,
     METRICS,
+    OUT_OF_SYNC,
     TrainInstructions,
     load_backbone_record,
     numpy_record,
@@ -183,6 +184,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         first = ck["round"] + 1
     for rnd in range(first, cfg.rounds + 1):
         t0 = time.time()
+        caught_up = strategy.catch_up(grid, cfg.round_timeout) if encrypted else []
         ins = TrainInstructions(server_round=rnd, lr=cosine_lr(cfg.lr, rnd - 1, cfg.rounds),
                                 local_epochs=cfg.local_epochs, data_dir=str(data.root),
                                 state_dir=state_dir, sampled_clients=sampled_clients(cfg))
@@ -259,8 +261,14 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         if encrypted:
             # The server holds only the aggregate ciphertext: clients commit the chosen
             # candidate with the next message; no plaintext test or checkpoint here.
-            strategy.commit = (rnd, fv.choose(scores) if fv is not None else 0)
+            # Nodes that missed the evaluate exchange or were out of sync catch up next round.
+            strategy.committed(rnd, fv.choose(scores) if fv is not None else 0, arrays)
+            strategy.missed(({int(m.metadata.dst_node_id) for m in emsgs}
+                             - {int(m.metadata.src_node_id) for m in eok})
+                            | {e["node"] for e in excluded if OUT_OF_SYNC in e["reason"]})
             record["encryption"] = encryption_record(arrays, good)
+            if caught_up:
+                record["encryption"]["caught_up"] = caught_up
         else:
             load_backbone_record(backbone, arrays)
             record.update(round_test_metrics(cfg, backbone, pairsets, rnd))
