@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -82,14 +83,18 @@ def bench_scale(counts: list[int], overrides: dict | None = None,
 
 def bench_dp(backbones: tuple[str, ...] = ("tinyface", "mobilefacenet-dp"), image_size: int = 64,
              batch_size: int = 64, classes: int = 100, steps: int = 8, repeats: int = 3,
-             grad_sample_mode: str = "hooks", threads: int = 2,
+             modes: tuple[str, ...] = ("bk", "hooks"), threads: tuple[int, ...] = (1, 2),
              log: Callable[[str], None] = print) -> dict:
     """Seconds per local step of DP-SGD and of non-private training, side by side.
 
-    Both run :func:`fedface.training.train_epochs` (augmentation, forward, backward, SGD
-    with momentum) on the same random chips; DP-SGD adds Opacus' Poisson sampling,
-    per-sample gradients, clipping and noise. The two alternate ``repeats`` times in
-    blocks of ``steps`` steps and the medians are compared, so machine noise hits both.
+    All run :func:`fedface.training.train_epochs` (augmentation, forward, backward, SGD
+    with momentum) on the same random chips; DP-SGD adds Poisson sampling, per-sample
+    clipping and noise, computed by each of ``modes`` (``bk``: fedface's book-keeping,
+    the default; ``hooks``: Opacus' per-sample gradients). Plain and DP blocks of
+    ``steps`` steps alternate ``repeats`` times and the medians are compared, so machine
+    noise hits all alike. Each backbone is timed with every thread count of ``threads``:
+    1 is what a simulated client uses (``num-cpus-per-client=1``). ``dp_step_ratio`` is
+    the first mode's ratio on the first backbone at the first thread count.
     ``mobilefacenet-dp`` is MobileFaceNet with GroupNorm and ReLU.
     """
     import numpy as np
@@ -99,44 +104,60 @@ def bench_dp(backbones: tuple[str, ...] = ("tinyface", "mobilefacenet-dp"), imag
     from fedface.privacy import make_private, plan_dp
     from fedface.training import make_optimizer, train_epochs
 
-    torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     n = batch_size * (steps + 2) * 4
     x = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
     y = rng.integers(0, classes, n)
     plan = plan_dp(n, epsilon=8.0, rounds=10, local_epochs=1, batch_size=batch_size)
     rows = []
-    for name in backbones:
+    for name, n_threads in [(b, t) for b in backbones for t in threads]:
+        torch.set_num_threads(n_threads)
+
         def models(name=name):
             torch.manual_seed(0)
             return (build_backbone(name, input_size=image_size),
                     build_head("softmax", 128, classes))
 
         fixed = [torch.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps + 1)]
-        times = {"plain": [], "dp": []}
+        times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
+        used = {}
         for _ in range(repeats):
-            backbone, head = models()  # non-private: shuffled full batches
-            res = train_epochs(backbone, head, x, y, batch_size=batch_size,
-                               batches=lambda g, f=fixed: iter(f))
-            times["plain"].append(res.seconds / res.steps)
-            backbone, head = models()  # DP-SGD: Poisson batches through Opacus
+            # Each block: one warm-up step (first-step allocations), then `steps` timed.
+            backbone, head = models()  # non-private: full batches
             opt = make_optimizer(backbone, head, 0.1, 0.9, 5e-4)
-            private = make_private(backbone, head, opt, plan, grad_sample_mode=grad_sample_mode)
-            drawn = [b for b, _ in zip(private.batches(), range(steps + 1))]
-            res = train_epochs(backbone, head, x, y, optimizer=private.optimizer,
-                               batches=lambda g, d=drawn: iter(d), forward=private.forward)
-            times["dp"].append(res.seconds / res.steps)
-        plain, dp = float(np.median(times["plain"])), float(np.median(times["dp"]))
-        row = {"backbone": name, "parameters": count_parameters(models()[0]),
-               "plain_ms_per_step": round(1000 * plain, 2), "dp_ms_per_step": round(1000 * dp, 2),
-               "dp_step_ratio": round(dp / plain, 3),
-               "plain_ms_all": [round(1000 * t, 1) for t in times["plain"]],
-               "dp_ms_all": [round(1000 * t, 1) for t in times["dp"]]}
+            for part in (fixed[:1], fixed[1:]):
+                res = train_epochs(backbone, head, x, y, batch_size=batch_size, optimizer=opt,
+                                   batches=lambda g, f=part: iter(f))
+            times["plain"].append(res.seconds / res.steps)
+            for mode in modes:  # DP-SGD: Poisson batches, clipping, noise
+                backbone, head = models()
+                opt = make_optimizer(backbone, head, 0.1, 0.9, 5e-4)
+                private = make_private(backbone, head, opt, plan, grad_sample_mode=mode)
+                used[mode] = private.mode
+                drawn = [b for b, _ in zip(private.batches(), range(steps + 1))]
+                for part in (drawn[:1], drawn[1:]):
+                    res = train_epochs(backbone, head, x, y, optimizer=private.optimizer,
+                                       batches=lambda g, d=part: iter(d),
+                                       forward=private.forward)
+                times[mode].append(res.seconds / res.steps)
+        plain = float(np.median(times["plain"]))
+        row = {"backbone": name, "threads": n_threads,
+               "parameters": count_parameters(models()[0]),
+               "plain_ms_per_step": round(1000 * plain, 2),
+               "plain_ms_all": [round(1000 * t, 1) for t in times["plain"]]}
+        for mode in modes:
+            dp = float(np.median(times[mode]))
+            row[f"{mode}_ms_per_step"] = round(1000 * dp, 2)
+            row[f"{mode}_step_ratio"] = round(dp / plain, 3)
+            row[f"{mode}_ms_all"] = [round(1000 * t, 1) for t in times[mode]]
+            row[f"{mode}_ran_as"] = used[mode]
+        row["dp_step_ratio"] = row[f"{modes[0]}_step_ratio"]
         log(f"{name}: {row}")
         rows.append(row)
     return {"benchmark": "dp", "image_size": image_size, "batch_size": batch_size,
-            "grad_sample_mode": grad_sample_mode, "threads": threads,
-            "steps_per_block": steps, "repeats": repeats, "results": rows,
+            "modes": list(modes), "threads": list(threads), "steps_per_block": steps,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "repeats": repeats, "results": rows,
             "dp_step_ratio": rows[0]["dp_step_ratio"] if rows else None,
             "target_ratio": 1.5}
 

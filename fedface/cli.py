@@ -467,8 +467,11 @@ def bench_dp(
         "tinyface,mobilefacenet-dp",
     image_size: Annotated[int, typer.Option(help="Chip size.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
-    mode: Annotated[str, typer.Option(help="Opacus grad-sample mode.")] = "hooks",
+    modes: Annotated[str, typer.Option(help="Comma-separated clipping modes (bk, hooks, "
+                                              "ew, functorch).")] = "bk,hooks",
     repeats: Annotated[int, typer.Option(help="Alternating blocks per mode.")] = 3,
+    threads: Annotated[str, typer.Option(help="Comma-separated torch thread counts (1: a "
+                                                "simulated client's).")] = "1,2",
 ) -> None:
     """Time per local step, DP-SGD vs non-private, side by side: dp_step_ratio."""
     from fedface.bench import bench_dp as run_bench
@@ -476,7 +479,8 @@ def bench_dp(
 
     t0 = time.time()
     res = run_bench(tuple(b for b in backbones.split(",") if b), image_size=image_size,
-                    batch_size=batch_size, grad_sample_mode=mode, repeats=repeats,
+                    batch_size=batch_size, modes=tuple(m for m in modes.split(",") if m),
+                    threads=tuple(int(t) for t in threads.split(",") if t), repeats=repeats,
                     log=console.print)
     res["bench_seconds"] = round(time.time() - t0, 1)
     write_json(json_path, res)

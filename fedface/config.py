@@ -23,7 +23,7 @@ DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
 # import the server package).
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
 ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+GRAD_SAMPLE_MODES = ("bk", "hooks", "ew", "functorch")
 CENTRAL_DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
 
 
@@ -103,7 +103,9 @@ class RunConfig:
     dp_max_noise : float
         Refuse budgets that need a larger noise multiplier (steps would be mostly noise).
     dp_grad_sample_mode : str
-        Opacus per-sample gradient mode: ``hooks``, ``ew`` or ``functorch``.
+        How per-sample clipping is computed: ``bk`` (book-keeping in one backward pass,
+        fedface's own; falls back to ``hooks`` for layers it has no rule for), or Opacus'
+        per-sample gradients: ``hooks``, ``ew`` or ``functorch``.
     central_dp : str
         Client-level DP of the federated backbone: ``off``, ``server-fixed`` or
         ``server-adaptive`` (Flower's server-side clipping wrappers; plaintext only), or
@@ -184,7 +186,7 @@ class RunConfig:
     dp_accountant: str = "prv"
     dp_rounds: int = 0
     dp_max_noise: float = 20.0
-    dp_grad_sample_mode: str = "hooks"
+    dp_grad_sample_mode: str = "bk"
     central_dp: str = "off"
     central_dp_noise: float = 1.0
     central_dp_clip: float = 1.0

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedface.config import RunConfig
 from fedface.models import build_backbone, build_head
@@ -98,7 +99,8 @@ def _faces(n=64, classes=4, size=32, seed=0):
     return x, y
 
 
-def test_dp_sgd_clips_each_sample_and_adds_the_planned_noise():
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+def test_dp_sgd_clips_each_sample_and_adds_the_planned_noise(mode):
     x, y = _faces()
     plan = plan_dp(len(y), epsilon=8.0, rounds=1, local_epochs=1, batch_size=16)
     clip = 0.01
@@ -106,7 +108,8 @@ def test_dp_sgd_clips_each_sample_and_adds_the_planned_noise():
     backbone, head = _tiny()
     before = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
     opt = make_optimizer(backbone, head, lr=1.0, momentum=0.0, weight_decay=0.0)
-    private = make_private(backbone, head, opt, plan, seed=1)
+    private = make_private(backbone, head, opt, plan, seed=1, grad_sample_mode=mode)
+    assert private.mode == mode
     sizes = []
     batches = list(private.batches())
     res = train_epochs(backbone, head, x, y, optimizer=private.optimizer,
@@ -127,7 +130,7 @@ def test_dp_sgd_clips_each_sample_and_adds_the_planned_noise():
     backbone3, head3 = _tiny()
     noisy = dataclasses.replace(plan, noise_multiplier=2.0)
     opt3 = make_optimizer(backbone3, head3, lr=1.0, momentum=0.0, weight_decay=0.0)
-    p3 = make_private(backbone3, head3, opt3, noisy, seed=1)
+    p3 = make_private(backbone3, head3, opt3, noisy, seed=1, grad_sample_mode=mode)
     train_epochs(backbone3, head3, x, y, optimizer=p3.optimizer,
                  batches=lambda g: iter(batches[:1]), forward=p3.forward)
     moved = torch.cat([(a.detach() - b).flatten() for a, b in
@@ -337,3 +340,52 @@ def test_pfm_global_momentum_is_added_after_the_noise():
     for k in moved[0]:  # same batch, same noise: the hook adds exactly -lr * beta * m
         torch.testing.assert_close(moved[1][k] - moved[0][k],
                                    torch.full_like(moved[0][k], -0.005), atol=1e-5, rtol=0)
+
+
+def test_book_keeping_clips_exactly_like_per_sample_gradients():
+    """The one-backward clipped sum equals clipping every sample's own gradient, for the
+    ghost-norm and the materialized convolution rules, depthwise convolutions, biases,
+    GroupNorm, GDC and Linear."""
+    from torch import nn
+
+    from fedface.models.layers import GlobalDepthwiseConv
+    from fedface.privacy.bookkeeping import BookKeeping
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=True),           # 16x16: materialized
+        nn.GroupNorm(2, 4), nn.ReLU(),
+        nn.Conv2d(4, 32, 3, stride=4, padding=1, bias=True),  # 4x4: ghost norm
+        nn.GroupNorm(4, 32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=True),  # depthwise
+        nn.ReLU(),
+        GlobalDepthwiseConv(32, 4), nn.Linear(32, 5, bias=True))
+    x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 5, (12,))
+    params = list(model.parameters())
+    grads, norms = [], []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        grads.append([p.grad.clone() for p in params])
+        norms.append(float(torch.sqrt(sum((t ** 2).sum() for t in grads[-1]))))
+    clip = float(np.median(norms))  # half the samples are clipped, half are not
+    expected = [sum(min(1.0, clip / (n + 1e-6)) * g[j] for g, n in zip(grads, norms))
+                for j in range(len(params))]
+    keeper = BookKeeping(model, clip)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(keeper.prepare(x)), y).backward()
+    assert all(p.grad is None for p in params)  # autograd computed no weight gradient
+    got = keeper.clipped_sum(scale=len(x))
+    keeper.release()
+    np.testing.assert_allclose(got.numpy(), norms, rtol=1e-4)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+
+
+def test_book_keeping_falls_back_to_opacus_for_layers_it_does_not_know():
+    x, y = _faces()
+    plan = plan_dp(len(y), epsilon=8.0, rounds=1, local_epochs=1, batch_size=16)
+    backbone, _ = _tiny()
+    head = build_head("cosface", 32, 4)
+    private = make_private(backbone, head, make_optimizer(backbone, head, 0.1, 0.9, 0.0), plan)
+    assert private.mode == "hooks"

@@ -19,6 +19,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedface.config import GRAD_SAMPLE_MODES
+from fedface.privacy.bookkeeping import BookKeeping, BookKeepingOptimizer, unsupported_layers
 from fedface.privacy.budget import DPPlan, PrivacyConfigError
 
 # Opacus' hooks fire on the first layer although the input needs no gradient: expected.
@@ -56,21 +57,32 @@ def check_dp_compatible(module: nn.Module, name: str = "model") -> None:
 
 @dataclass
 class PrivateTraining:
-    """What :func:`make_private` returns: pass ``optimizer`` and ``batches`` to
-    :func:`fedface.training.train_epochs`."""
+    """What :func:`make_private` returns: pass ``optimizer``, ``batches`` and ``forward``
+    to :func:`fedface.training.train_epochs`."""
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: torch.utils.data.DataLoader
+    loader: torch.utils.data.DataLoader | None
     plan: DPPlan
+    mode: str = "hooks"
+    keeper: BookKeeping | None = None
+    sampler: torch.Generator | None = None
 
     def batches(self, _generator: torch.Generator | None = None):
         """One epoch of Poisson-sampled index batches (sizes vary around the plan's)."""
-        for (idx,) in self.loader:
-            yield idx
+        if self.loader is not None:
+            for (idx,) in self.loader:
+                yield idx
+            return
+        n, q = self.plan.num_examples, self.plan.sample_rate
+        for _ in range(int(1.0 / q)):  # the plan's steps per epoch
+            yield torch.nonzero(torch.rand(n, generator=self.sampler) < q).flatten()
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Logits through the wrapped module (per-sample gradients are recorded)."""
+        """Logits through the wrapped module (per-sample norms or gradients are recorded)."""
+        if self.keeper is not None:
+            x = self.keeper.prepare(x)
+            self.optimizer.batch_size = len(x)
         return self.module(x, labels)
 
     def attach_after_noise(self, fn) -> None:
@@ -80,7 +92,7 @@ class PrivateTraining:
 
 
 def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
-                 plan: DPPlan, *, seed: int = 0, grad_sample_mode: str = "hooks") -> PrivateTraining:
+                 plan: DPPlan, *, seed: int = 0, grad_sample_mode: str = "bk") -> PrivateTraining:
     """Wrap a client's backbone, head and optimizer for DP-SGD under ``plan``.
 
     Parameters
@@ -95,8 +107,10 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
         Seeds Poisson sampling and the noise (reproducible runs; a deployment that wants
         cryptographic randomness should use Opacus' secure mode instead).
     grad_sample_mode : str
-        Opacus per-sample gradient mode: ``"hooks"`` (default, fastest for fedface's
-        backbones on CPU, see ``fedface bench dp``), ``"ew"`` or ``"functorch"``.
+        ``"bk"`` (default): book-keeping clipping in one backward pass
+        (:mod:`fedface.privacy.bookkeeping`), falling back to ``"hooks"`` for models with
+        layers it has no rule for (cosface/arcface heads); ``"hooks"``, ``"ew"`` or
+        ``"functorch"``: Opacus' per-sample gradients.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise PrivacyConfigError(f"dp-grad-sample-mode={grad_sample_mode!r}: use one of "
@@ -104,6 +118,17 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
     check_dp_compatible(backbone, "backbone")
     check_dp_compatible(head, "head")
     joint = _Joint(backbone, head)
+    if grad_sample_mode == "bk":
+        if not unsupported_layers(joint):
+            keeper = BookKeeping(joint, plan.max_grad_norm)
+            opt = BookKeepingOptimizer(
+                optimizer, keeper, plan.noise_multiplier,
+                expected_batch_size=plan.sample_rate * plan.num_examples,
+                generator=torch.Generator().manual_seed(int(seed) + 1))
+            return PrivateTraining(module=joint, optimizer=opt, loader=None, plan=plan,
+                                   mode="bk", keeper=keeper,
+                                   sampler=torch.Generator().manual_seed(int(seed)))
+        grad_sample_mode = "hooks"
     index = torch.utils.data.TensorDataset(torch.arange(plan.num_examples))
     loader = torch.utils.data.DataLoader(index, batch_size=plan.batch_size,
                                          generator=torch.Generator().manual_seed(int(seed)))
@@ -115,4 +140,5 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
             noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
             poisson_sampling=True, grad_sample_mode=grad_sample_mode,
             noise_generator=torch.Generator().manual_seed(int(seed) + 1))
-    return PrivateTraining(module=module, optimizer=dp_opt, loader=dp_loader, plan=plan)
+    return PrivateTraining(module=module, optimizer=dp_opt, loader=dp_loader, plan=plan,
+                           mode=grad_sample_mode)
