@@ -359,6 +359,8 @@ def test_book_keeping_clips_exactly_like_per_sample_gradients():
         nn.GroupNorm(4, 32), nn.ReLU(),
         nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=True),  # depthwise
         nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=2, dilation=2, bias=False),  # dilated: F.unfold
+        nn.ReLU(),
         GlobalDepthwiseConv(32, 4), nn.Linear(32, 5, bias=True))
     x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 5, (12,))
     params = list(model.parameters())
