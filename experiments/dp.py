@@ -7,8 +7,9 @@ rounds, at delta = min(1e-5, 1/(10 N)); epsilon = inf is the same run without DP
 Reported per epsilon: ``pairsDevTest.txt`` and 10-fold ``pairs.txt`` accuracy, the
 epsilon actually spent (PRV accountant), and the AUC of a loss-threshold membership
 inference attack on each institution's final model (global backbone + its own head):
-members are its training images, non-members held-out images of other people (its
-private validation identities).
+members are its training images; non-members are held-out images of the same people
+(``holdout-images=1``: record-level, what DP-SGD bounds) and, as a second figure,
+images of other people (its private validation identities).
 
     python experiments/dp.py            # full: 16 rounds, both pair sets
     python experiments/dp.py --quick    # 3 rounds, pairsDevTest: under 10 min on 2 cores
@@ -43,7 +44,14 @@ DEFAULT_LFW = HERE.parent.parent / "shared" / "data" / "lfw"
 
 
 def audit(cfg: RunConfig, max_images: int = 300) -> list[dict]:
-    """Membership inference on every institution's final model."""
+    """Membership inference on every institution's final model, two ways.
+
+    ``records``: members are its training images, non-members held-out images of the
+    *same* people (``holdout-images``): what sample-level DP-SGD bounds. ``people``:
+    non-members are images of *other* people (its validation identities), so the attack
+    also detects whether a person is in the data, which DP-SGD bounds only by group
+    privacy (a person has several images).
+    """
     data = prepare(cfg)
     backbone, _ = load_backbone(Path(cfg.out) / "model.pt")
     rows = []
@@ -56,11 +64,20 @@ def audit(cfg: RunConfig, max_images: int = 300) -> list[dict]:
         head.load_state_dict(torch.load(heads[-1], map_location="cpu", weights_only=True))
         rng = np.random.default_rng(i)
         members = cd.x_train[rng.permutation(len(cd.x_train))[:max_images]]
-        others = cd.x_val[rng.permutation(len(cd.x_val))[:max_images]]
-        res = membership_inference_auc(backbone, head, members, others)
-        rows.append({"client": i, **{k: res[k] for k in ("auc", "attack", "members",
-                                                          "non_members")}})
+        row = {"client": i}
+        for kind, others in (("records", cd.x_holdout), ("people", cd.x_val)):
+            if others is None or len(others) == 0:
+                continue
+            others = others[rng.permutation(len(others))[:max_images]]
+            res = membership_inference_auc(backbone, head, members, others)
+            row[kind] = {k: res[k] for k in ("auc", "attack", "members", "non_members")}
+        rows.append(row)
     return rows
+
+
+def _mia(rows: list[dict], kind: str) -> tuple[float | None, float | None]:
+    aucs = [r[kind]["auc"] for r in rows if kind in r]
+    return (float(np.mean(aucs)), float(np.max(aucs))) if aucs else (None, None)
 
 
 def main() -> None:
@@ -88,6 +105,7 @@ def main() -> None:
             image_size=args.image_size, num_clients=args.clients, partition="dirichlet",
             partition_alpha=100.0, rounds=args.rounds, local_epochs=1,
             batch_size=args.batch_size, seed=args.seed, min_train_nodes=args.clients,
+            holdout_images=1,
             dp_epsilon=0.0 if math.isinf(eps) else eps,
             out=str(args.out / tag / f"eps-{eps:g}"))
         t0 = time.time()
@@ -101,11 +119,13 @@ def main() -> None:
                "final": {k: {f: v[f] for f in ("accuracy", "accuracy_std", "auc")}
                          for k, v in doc["final"].items() if isinstance(v, dict) and "accuracy" in v},
                "curve": [r.get("test_accuracy") for r in doc["rounds"]],
-               "mia": mia, "mia_auc_mean": float(np.mean([m["auc"] for m in mia])),
-               "mia_auc_max": float(np.max([m["auc"] for m in mia]))}
+               "mia": mia}
+        row["mia_auc_mean"], row["mia_auc_max"] = _mia(mia, "records")
+        row["mia_people_auc_mean"], row["mia_people_auc_max"] = _mia(mia, "people")
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("epsilon", "seconds", "epsilon_spent_max",
-                                                "mia_auc_mean", "mia_auc_max")}
+                                                "mia_auc_mean", "mia_auc_max",
+                                                "mia_people_auc_mean", "mia_people_auc_max")}
                          | {"devtest": row["final"]["pairsDevTest"]["accuracy"]}), flush=True)
     summary = {"study": "DP-SGD privacy / utility on LFW (FedAvg, 8 institutions)",
                "rounds": args.rounds, "batch_size": args.batch_size,
@@ -130,10 +150,13 @@ def markdown(summary: dict) -> str:
              f"{summary['rounds']} rounds x 1 local epoch, batch {summary['batch_size']} "
              f"(Poisson), {summary['image_size']}px, tinyface + softmax heads, seed 0; "
              f"total {summary['seconds'] / 60:.0f} min. Membership inference: loss-threshold "
-             "attack on each institution's model (members: its training images; non-members: "
-             "held-out images of other people), AUC mean and max over institutions.", "",
-             f"| epsilon | spent (max) | delta | {head} | MIA AUC mean | MIA AUC max |",
-             "|---|---|---|" + "---|" * len(sets) + "---|---|"]
+             "attack on each institution's model, AUC mean and max over institutions. "
+             "Records: members are its training images, non-members held-out images of the "
+             "same people (one per person with 3 or more images, never trained on). People: "
+             "non-members are images of other people.", "",
+             f"| epsilon | spent (max) | delta | {head} | MIA records mean | MIA records max "
+             "| MIA people mean | MIA people max |",
+             "|---|---|---|" + "---|" * len(sets) + "---|---|---|---|"]
     for r in summary["results"]:
         accs = " | ".join(f"{100 * r['final'][p.removesuffix('.txt')]['accuracy']:.1f} ± "
                           f"{100 * r['final'][p.removesuffix('.txt')]['accuracy_std']:.1f}"
@@ -141,7 +164,8 @@ def markdown(summary: dict) -> str:
         spent = "-" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.2f}"
         delta = "-" if r["delta"] is None else f"{r['delta']:g}"
         lines.append(f"| {_eps(r):g} | {spent} | {delta} | {accs} | "
-                     f"{r['mia_auc_mean']:.3f} | {r['mia_auc_max']:.3f} |")
+                     f"{r['mia_auc_mean']:.3f} | {r['mia_auc_max']:.3f} | "
+                     f"{r['mia_people_auc_mean']:.3f} | {r['mia_people_auc_max']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,8 +189,9 @@ def plot(rows: list[dict], path: Path) -> None:
            title="Utility vs privacy budget")
     a1.legend()
     a1.grid(alpha=0.3)
-    a2.plot(xs, [r["mia_auc_mean"] for r in finite], "o-", label="mean over institutions")
-    a2.plot(xs, [r["mia_auc_max"] for r in finite], "s--", label="max")
+    a2.plot(xs, [r["mia_auc_mean"] for r in finite], "o-", label="records, mean")
+    a2.plot(xs, [r["mia_auc_max"] for r in finite], "s--", label="records, max")
+    a2.plot(xs, [r["mia_people_auc_mean"] for r in finite], "^:", label="people, mean")
     inf = [r for r in rows if math.isinf(_eps(r))]
     if inf:
         a2.axhline(inf[0]["mia_auc_mean"], ls=":", color="gray", label="no DP (mean)")

@@ -69,6 +69,9 @@ class RunConfig:
         Skew: Dirichlet concentration or power-law exponent.
     val_fraction : float
         Share of each client's identities kept as its private validation split.
+    holdout_images : int
+        Images of each training identity (with enough images) kept out of training:
+        the non-members of record-level membership-inference audits (0: none).
     strategy : str
         Server aggregation strategy: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedprox`` or
         ``pfm`` (partially federated momentum).
@@ -170,6 +173,7 @@ class RunConfig:
     partition: str = "dirichlet"
     partition_alpha: float = 1.0
     val_fraction: float = 0.15
+    holdout_images: int = 0
     strategy: str = "fedavg"
     pfm_beta: float = 0.9
     server_lr: float = 1.0
@@ -233,6 +237,8 @@ class RunConfig:
             problems.append(f"num_clients={self.num_clients}: need at least 1")
         if self.rounds < 1 or self.local_epochs < 1:
             problems.append("rounds and local_epochs must be at least 1")
+        if self.holdout_images < 0:
+            problems.append(f"holdout_images={self.holdout_images}: use 0 or more")
         if not 0.0 <= self.val_fraction < 0.9:
             problems.append(f"val_fraction={self.val_fraction}: use a value in [0, 0.9)")
         if not 0.0 < self.fraction_train <= 1.0:
@@ -381,6 +387,8 @@ class RunConfig:
             "partition_alpha", "val_fraction", "seed",
         )
         values = {k: getattr(self, k) for k in keys}
+        if self.holdout_images:  # only when set: earlier caches keep their keys
+            values["holdout_images"] = self.holdout_images
         if self.data != "synthetic":  # the same folder, however it was written
             values["data"] = str(Path(self.data).expanduser().resolve())
         blob = json.dumps(values, sort_keys=True)

@@ -90,3 +90,39 @@ def test_pyproject_flower_config_lists_every_run_setting():
         k: v for k, v in defaults.items() if k != "out"}
     assert pyproject["tool"]["flwr"]["app"]["components"] == {
         "serverapp": "server.app:app", "clientapp": "client.app:app"}
+
+
+def test_hold_out_images_keeps_every_held_out_person_in_training():
+    from fedface.data.partition import hold_out_images
+
+    labels = np.repeat(np.arange(6), [1, 2, 3, 4, 5, 8])
+    idx = np.arange(len(labels))
+    train, held = hold_out_images(labels, idx, 1, seed=0)
+    assert set(train) | set(held) == set(idx) and not set(train) & set(held)
+    assert sorted(labels[held]) == [2, 3, 4, 5]  # only identities with >= 3 images give one
+    train2, held2 = hold_out_images(labels, idx, 2, seed=0)
+    assert sorted(labels[held2]) == [3, 3, 4, 4, 5, 5]
+    assert np.array_equal(held, hold_out_images(labels, idx, 1, seed=0)[1])  # seeded
+
+
+def test_prepared_holdout_images_carry_their_training_label(tmp_path):
+    """Held-out chips leave training and keep the label their person has in the client's
+    head: the same federation without holdout trains on exactly those chips, with those
+    labels."""
+    from fedface.data.prepare import prepare
+
+    cfg = RunConfig(synthetic_identities=40, synthetic_images=6, image_size=32, num_clients=2,
+                    holdout_images=1, cache_dir=str(tmp_path))
+    plain_cfg = RunConfig(**{**cfg.to_dict(), "holdout_images": 0})
+    assert cfg.data_key() != plain_cfg.data_key()
+    data, plain = prepare(cfg), prepare(plain_cfg)
+    for k, summary in enumerate(data.summary["clients"]):
+        cd, ref = data.load_client(k), plain.load_client(k)
+        assert summary["holdout_images"] == len(cd.y_holdout) > 0
+        assert len(cd.y_train) + len(cd.y_holdout) == len(ref.y_train)
+        assert cd.num_classes == ref.num_classes
+        flat = ref.x_train.reshape(len(ref.x_train), -1)
+        for x, y in zip(cd.x_holdout, cd.y_holdout):
+            (match,) = np.flatnonzero((flat == x.reshape(-1)).all(1))
+            assert ref.y_train[match] == y
+            assert not (cd.x_train.reshape(len(cd.x_train), -1) == x.reshape(-1)).all(1).any()

@@ -125,6 +125,25 @@ def partition_identities(
     return splits
 
 
+def hold_out_images(labels: np.ndarray, indices: np.ndarray, per_identity: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep ``per_identity`` images of each identity out of training.
+
+    Only identities with at least ``per_identity + 2`` images give any, so every held-out
+    image belongs to a person the client still trains on: the non-members of a
+    record-level membership-inference audit. Returns ``(train, held_out)`` indices.
+    """
+    rng = np.random.default_rng(seed)
+    indices = np.asarray(indices)
+    held = []
+    for lab in np.unique(labels[indices]):
+        own = indices[labels[indices] == lab]
+        if len(own) >= per_identity + 2:
+            held.extend(rng.choice(own, per_identity, replace=False).tolist())
+    held_arr = np.array(sorted(held), dtype=indices.dtype)
+    return np.setdiff1d(indices, held_arr), held_arr
+
+
 def verification_pairs(
     labels: np.ndarray, max_pairs: int = 600, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ from fedface.config import RunConfig
 from fedface.data.align import AlignConfig, FaceAligner
 from fedface.data.datasets import FaceDataset, detect_layout, find_images_root, load_dataset
 from fedface.data.pairs import read_pairs
-from fedface.data.partition import partition_identities
+from fedface.data.partition import hold_out_images, partition_identities
 from fedface.data.report import DataReport
 
 PREPARED_VERSION = "1"
@@ -70,20 +70,26 @@ class PairSet:
 
 @dataclass
 class ClientData:
-    """What one institution holds: training chips, local labels, validation split."""
+    """What one institution holds: training chips, local labels, validation split, and
+    (with ``holdout-images``) held-out images of its training identities, never trained
+    on: the non-members of record-level membership audits."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    x_holdout: np.ndarray | None = None
+    y_holdout: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
         return int(self.y_train.max()) + 1 if len(self.y_train) else 0
 
     def save(self, path: Path) -> None:
+        extra = ({"x_holdout": self.x_holdout, "y_holdout": self.y_holdout}
+                 if self.x_holdout is not None else {})
         _atomic_savez(path, x_train=self.x_train, y_train=self.y_train,
-                      x_val=self.x_val, y_val=self.y_val)
+                      x_val=self.x_val, y_val=self.y_val, **extra)
 
     @classmethod
     def load(cls, path: str | Path) -> ClientData:
@@ -94,7 +100,8 @@ class ClientData:
                 "`fedface train`) with the same settings to create it"
             )
         with np.load(path) as z:
-            return cls(z["x_train"], z["y_train"], z["x_val"], z["y_val"])
+            held = (z["x_holdout"], z["y_holdout"]) if "x_holdout" in z.files else (None, None)
+            return cls(z["x_train"], z["y_train"], z["x_val"], z["y_val"], *held)
 
 
 @dataclass
@@ -311,15 +318,24 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
                                   cfg.val_fraction, cfg.seed)
     client_files, clients_summary = [], []
     for s in splits:
-        cd = ClientData(chips[s.train], local_labels(dataset.labels[s.train]),
+        train, held = s.train, None
+        if cfg.holdout_images > 0:
+            train, held = hold_out_images(dataset.labels, s.train, cfg.holdout_images,
+                                          cfg.seed * 1000 + s.client_id)
+        ids = np.unique(dataset.labels[train])  # the head's classes, in label order
+        cd = ClientData(chips[train], local_labels(dataset.labels[train]),
                         chips[s.val], local_labels(dataset.labels[s.val]))
+        if held is not None:
+            cd.x_holdout = chips[held]
+            cd.y_holdout = np.searchsorted(ids, dataset.labels[held]).astype(np.int64)
         path = out / f"client_{s.client_id:03d}.npz"
         cd.save(path)
         client_files.append(path.name)
-        clients_summary.append({"client": s.client_id, "train_images": len(s.train),
+        clients_summary.append({"client": s.client_id, "train_images": len(train),
                                 "train_identities": cd.num_classes,
                                 "val_images": len(s.val),
-                                "val_identities": len(np.unique(cd.y_val))})
+                                "val_identities": len(np.unique(cd.y_val)),
+                                **({"holdout_images": len(held)} if held is not None else {})})
 
     # --- evaluation pair sets
     pair_files = []
