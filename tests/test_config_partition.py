@@ -126,3 +126,21 @@ def test_prepared_holdout_images_carry_their_training_label(tmp_path):
             (match,) = np.flatnonzero((flat == x.reshape(-1)).all(1))
             assert ref.y_train[match] == y
             assert not (cd.x_train.reshape(len(cd.x_train), -1) == x.reshape(-1)).all(1).any()
+
+
+def test_a_prepared_synthetic_federation_from_another_generator_folder_is_rebuilt(tmp_path):
+    import json
+
+    from fedface.data.prepare import prepare
+
+    cfg = RunConfig(synthetic_identities=20, synthetic_images=4, image_size=32, num_clients=2,
+                    cache_dir=str(tmp_path))
+    first = prepare(cfg)
+    report = first.root / "report.json"
+    meta = json.loads(report.read_text())
+    real_root = meta["summary"]["root"]
+    meta["summary"]["root"] = str(tmp_path / "synthetic" / "an-older-generator")
+    report.write_text(json.dumps(meta))
+    assert prepare(cfg).summary["root"] == real_root  # rebuilt, not reused
+    assert prepare(cfg).summary["prepare_seconds"] == json.loads(report.read_text())[
+        "summary"]["prepare_seconds"]  # and then reused

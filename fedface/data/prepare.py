@@ -201,8 +201,8 @@ class ChipResizer:
         return chips, keep, statuses
 
 
-def synthetic_root(cfg: RunConfig) -> tuple[Path, Path]:
-    """Write (once) the generated default set; returns (images root, pairs file)."""
+def _synthetic_config(cfg: RunConfig):
+    """The generator settings of a run and the folder they are written to."""
     from fedface.data import synthetic as syn
 
     total = cfg.synthetic_identities + SYNTHETIC_TEST_IDENTITIES
@@ -214,7 +214,15 @@ def synthetic_root(cfg: RunConfig) -> tuple[Path, Path]:
     # old folder (write_identity_folder refuses to mix them).
     key = hashlib.sha256(json.dumps([syn.GENERATOR_VERSION, scfg.to_dict()],
                                     sort_keys=True).encode()).hexdigest()[:12]
-    root = cfg.cache_path / "synthetic" / f"n{total}-k{cfg.synthetic_images}-s{cfg.image_size}-{key}"
+    return scfg, cfg.cache_path / "synthetic" / f"n{total}-k{cfg.synthetic_images}-s{cfg.image_size}-{key}"
+
+
+def synthetic_root(cfg: RunConfig) -> tuple[Path, Path]:
+    """Write (once) the generated default set; returns (images root, pairs file)."""
+    from fedface.data import synthetic as syn
+
+    total = cfg.synthetic_identities + SYNTHETIC_TEST_IDENTITIES
+    scfg, root = _synthetic_config(cfg)
     syn.write_identity_folder(root, scfg)
     pairs_file = root / "pairs_heldout.txt"
     if not pairs_file.exists():
@@ -263,7 +271,11 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
     done = out / "report.json"
     if done.exists() and not force:
         meta = json.loads(done.read_text())
-        if meta.get("version") == PREPARED_VERSION:
+        # A prepared synthetic federation is only reused for the generator folder it was
+        # made from (an older generator's partitions would otherwise linger).
+        same_source = (cfg.data != "synthetic"
+                       or meta.get("summary", {}).get("root") == str(_synthetic_config(cfg)[1]))
+        if meta.get("version") == PREPARED_VERSION and same_source:
             return PreparedData(out, [out / f for f in meta["client_files"]],
                                 [out / f for f in meta["pair_files"]], meta["summary"])
     if out.exists():
