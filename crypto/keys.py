@@ -64,6 +64,29 @@ def _read_private(path: Path, what: str) -> bytes:
     return path.read_bytes()
 
 
+def _read_json(path: Path, what: str) -> dict:
+    raw = _read_private(path, what)  # missing or insecure: its own message
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise KeyBundleError(f"{what} {path} is not valid JSON (truncated or edited): copy "
+                             "it again from the key ceremony's folder") from None
+    if not isinstance(doc, dict) or "params" not in doc or "fingerprint" not in doc:
+        raise KeyBundleError(f"{what} {path} is not a fedface key bundle")
+    return doc
+
+
+def _hex_key(text: str | bytes, where: str) -> bytes:
+    try:
+        key = bytes.fromhex(text.decode() if isinstance(text, bytes) else text)
+    except (ValueError, UnicodeDecodeError):
+        key = b""
+    if len(key) != 32:
+        raise KeyBundleError(f"{where} is not a 32-byte hex MAC key (truncated or edited): copy "
+                             "it again from the key ceremony's folder")
+    return key
+
+
 def fingerprint_of(params: HEParams, secret: bytes, generation: int) -> str:
     h = hashlib.sha256(f"{params.digest()}|{generation}|".encode() + hashlib.sha256(secret).digest())
     hexd = h.hexdigest()[:16]
@@ -149,7 +172,10 @@ def describe_keys(folder: str | Path) -> dict:
     folder = Path(folder)
     for path in (folder / KEY_FILE, folder / BUNDLE_FILE):
         if path.exists():
-            doc = json.loads(path.read_bytes())
+            try:
+                doc = json.loads(path.read_bytes())
+            except (ValueError, UnicodeDecodeError):
+                raise KeyBundleError(f"{path} is not valid JSON (truncated or edited)") from None
             return {k: v for k, v in doc.items() if k not in ("server_mac", "client_macs")}
     raise KeyBundleError(f"no keys in {folder}: run `fedface keys init --out {folder}`")
 
@@ -161,7 +187,7 @@ def _bundle_dir(folder: Path, sub: str) -> Path:
 def load_client_keys(folder: str | Path, sender: int) -> ClientKeys:
     """An institution's keys: ``folder`` is the ceremony folder or its copy of ``client/``."""
     d = _bundle_dir(Path(folder), CLIENT_DIR)
-    bundle = json.loads(_read_private(d / BUNDLE_FILE, "client bundle"))
+    bundle = _read_json(d / BUNDLE_FILE, "client bundle")
     if "client_macs" in bundle:
         raise KeyBundleError(f"{d} holds the server bundle: point the client's he-keys at the "
                         "ceremony's client/ folder")
@@ -174,21 +200,22 @@ def load_client_keys(folder: str | Path, sender: int) -> ClientKeys:
     mac_path = d / "mac" / f"client_{int(sender):03d}.key"
     if not mac_path.exists() and (d / "mac.key").exists():
         mac_path = d / "mac.key"  # a deployment copy holding only this institution's key
-    mac = bytes.fromhex(_read_private(mac_path, f"MAC key of institution {sender}").decode())
+    mac = _hex_key(_read_private(mac_path, f"MAC key of institution {sender}"), str(mac_path))
     return ClientKeys(context=HEContext(params, d / SECRET_FILE), fingerprint=fp,
                       generation=int(bundle["generation"]), sender=int(sender), mac_key=mac,
-                      server_mac_key=bytes.fromhex(bundle["server_mac"]))
+                      server_mac_key=_hex_key(bundle["server_mac"], f"{d / BUNDLE_FILE} server_mac"))
 
 
 def load_server_keys(folder: str | Path) -> ServerKeys:
     """The server's keys: parameters and MAC keys only; a secret key is never read."""
     d = _bundle_dir(Path(folder), SERVER_DIR)
-    bundle = json.loads(_read_private(d / BUNDLE_FILE, "server bundle"))
+    bundle = _read_json(d / BUNDLE_FILE, "server bundle")
     if "client_macs" not in bundle:
         raise KeyBundleError(f"{d} holds a client bundle: the server needs the ceremony's server/ "
                         "folder (it must never hold the secret key)")
     params = HEParams(**bundle["params"])
     return ServerKeys(context=HEContext(params), fingerprint=bundle["fingerprint"],
                       generation=int(bundle["generation"]),
-                      mac_keys={int(k): bytes.fromhex(v) for k, v in bundle["client_macs"].items()},
-                      server_mac_key=bytes.fromhex(bundle["server_mac"]))
+                      mac_keys={int(k): _hex_key(v, f"{d / BUNDLE_FILE} key of client {k}")
+                                for k, v in bundle["client_macs"].items()},
+                      server_mac_key=_hex_key(bundle["server_mac"], f"{d / BUNDLE_FILE} server_mac"))

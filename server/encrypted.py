@@ -31,6 +31,7 @@ weights that divide it are plaintext metadata of exactly those clients.
 
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Iterable
 
@@ -98,6 +99,18 @@ class EncryptedFedAvg(FedAvg):
         self.history: dict[int, ArrayRecord] = {}  # committed aggregate of each recent round
         self.lagging: set[int] = set()  # nodes that missed an exchange
         self.members: set[int] = set()  # nodes that joined the run
+        # Envelopes verified by screen(), by record: aggregate_train (once per FV
+        # candidate) does not hash and check them again.
+        self._verified: dict[int, tuple[int, ArrayRecord, object]] = {}
+
+    def __deepcopy__(self, memo) -> EncryptedFedAvg:
+        """FV aggregates each candidate on a copy: share the keys, the kept aggregates and
+        the verified envelopes (none of which aggregation changes) instead of copying
+        ciphertexts."""
+        clone = copy.copy(self)
+        clone.history = dict(self.history)
+        clone.lagging, clone.members = set(self.lagging), set(self.members)
+        return clone
 
     # ----------------------------------------------------------------- messages
     def he_config(self, config: ConfigRecord) -> ConfigRecord:
@@ -157,6 +170,7 @@ class EncryptedFedAvg(FedAvg):
     def screen(self, replies: list[Message], server_round: int) -> Screening:
         """Keep replies whose update envelope verifies; the others with the reason."""
         out = Screening()
+        self._verified = {}
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
@@ -165,8 +179,9 @@ class EncryptedFedAvg(FedAvg):
             try:
                 if ARRAYS not in msg.content.array_records or METRICS not in msg.content.metric_records:
                     raise EnvelopeError("reply lacks its update envelope or metrics")
-                open_update(self.keys, msg.content[ARRAYS], run=self.run_id,
-                            server_round=server_round)
+                record = msg.content[ARRAYS]
+                env = open_update(self.keys, record, run=self.run_id, server_round=server_round)
+                self._verified[id(record)] = (server_round, record, env)
             except EnvelopeError as err:
                 out.excluded.append({"node": node, "reason": f"rejected envelope: {err}"})
                 continue
@@ -199,8 +214,7 @@ class EncryptedFedAvg(FedAvg):
         replies = list(replies)
         if not replies:
             return None, None
-        updates = [open_update(self.keys, m.content[ARRAYS], run=self.run_id,
-                               server_round=server_round) for m in replies]
+        updates = [self._opened(m.content[ARRAYS], server_round) for m in replies]
         steps = weighted_metric(replies, "train-steps") or 1.0
         env = add_updates(self.keys, updates, self.multipliers(replies), run=self.run_id,
                           server_round=server_round,
@@ -239,6 +253,13 @@ class EncryptedFedAvg(FedAvg):
                 events.append({"node": node, "reason": error_reason(reply[0]) if reply
                                else "no reply"})
         return events
+
+    def _opened(self, record: ArrayRecord, server_round: int):
+        """The verified envelope of ``record`` (verified now unless screen() did)."""
+        hit = self._verified.get(id(record))
+        if hit is not None and hit[0] == server_round and hit[1] is record:
+            return hit[2]
+        return open_update(self.keys, record, run=self.run_id, server_round=server_round)
 
     def release(self, grid: Grid, timeout: float) -> tuple[ArrayRecord, int]:
         """The final model in plaintext from the first institution that returns it."""

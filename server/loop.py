@@ -116,15 +116,15 @@ def privacy_record(cfg: RunConfig, strategy, good: list, excluded: list, rnd: in
     return out
 
 
-def encryption_summary(cfg: RunConfig, strategy, joined: dict) -> dict:
+def encryption_summary(cfg: RunConfig, strategy, model: dict[str, np.ndarray],
+                       joined: dict) -> dict:
     """Run metadata of encrypted aggregation: scheme, packing, keys (no secrets)."""
+    from crypto.packing import float_keys
     from crypto.update import Quantization
 
     params = strategy.keys.context.params
-    quant = Quantization.from_config(cfg)
-    n_float = sum(int(np.prod(v.shape)) for v in initial_backbone(cfg).state_dict().values()
-                  if v.dtype.is_floating_point)
-    layout = quant.layout(n_float, strategy.keys)
+    layout = Quantization.from_config(cfg).layout(
+        sum(model[k].size for k in float_keys(model)), strategy.keys)
     return {**joined, "params": params.to_dict(), "layout": layout.to_dict(),
             "ciphertexts_per_update": layout.ciphertexts, "step": layout.step}
 
@@ -169,7 +169,8 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         # The public initial model goes to every institution, which checks its key.
         join = TrainInstructions(server_round=0, data_dir=str(data.root), state_dir=state_dir)
         recorder.data["encryption"] = encryption_summary(
-            cfg, strategy, strategy.join(grid, arrays, join.to_record(), cfg.round_timeout))
+            cfg, strategy, _numpy(arrays),
+            strategy.join(grid, arrays, join.to_record(), cfg.round_timeout))
     first = 1
     if resume:
         ck = load_checkpoint(cfg.out)

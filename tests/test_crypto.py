@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 from fakes import Reply
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from crypto.context import BadCiphertext, HEContext, HEParams, MissingSecretKey
 from crypto.envelope import Envelope, EnvelopeError, from_record, open_envelope, seal_envelope, to_record
@@ -630,3 +630,44 @@ def test_encrypted_fedavg_multipliers(server):
     assert strat.multipliers(unscaled) == [1, 2, 4]
     tiny = [Reply(metrics={"num-examples": n, "he-scale": 1.0}) for n in (1, 100)]
     assert strat.multipliers(tiny) == [1, 4]  # never below 1
+
+
+def test_corrupt_bundles_and_mac_keys_are_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "keys"
+    init_keys(folder, 2)
+    bundle = folder / "server" / "bundle.json"
+    bundle.write_text(bundle.read_text()[:50])  # truncated
+    with pytest.raises(KeyBundleError, match="not valid JSON"):
+        load_server_keys(folder)
+    mac = folder / "client" / "mac" / "client_001.key"
+    mac.write_text("not-hex")
+    with pytest.raises(KeyBundleError, match="client_001.key is not a 32-byte hex MAC key"):
+        load_client_keys(folder, 1)
+    (folder / "key.json").write_text("{")
+    with pytest.raises(KeyBundleError, match="key.json is not valid JSON"):
+        describe_keys(folder)
+
+
+def test_fv_copies_of_the_strategy_share_ciphertexts_and_reuse_verified_envelopes(
+        server, update, monkeypatch):
+    import copy
+
+    import server.encrypted as enc
+    from crypto.envelope import to_record
+    from fedface.protocol import ARRAYS, METRICS, NUM_EXAMPLES
+    from server.encrypted import EncryptedFedAvg
+
+    strat = EncryptedFedAvg(server, Quantization())
+    strat.run_id = RUN
+    strat.history[1] = to_record(update)
+    clone = copy.deepcopy(strat)
+    assert clone.history[1] is strat.history[1] and clone.keys is strat.keys
+    clone.history[2] = strat.history[1]
+    assert 2 not in strat.history  # the dict itself is the copy's own
+    reply = Reply(3, RecordDict({ARRAYS: to_record(update),
+                                 METRICS: MetricRecord({NUM_EXAMPLES: 10, "he-scale": 1.0})}))
+    assert strat.screen([reply], ROUND).good == [reply]
+    calls = []
+    monkeypatch.setattr(enc, "open_update", lambda *a, **k: calls.append(1))
+    record, _ = copy.deepcopy(strat).aggregate_train(ROUND, [reply])
+    assert record is not None and calls == []  # verified once, by screen()
