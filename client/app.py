@@ -21,12 +21,13 @@ from client.task import (
     client_config,
     client_id,
     client_seed,
+    head_momentum,
     load_client_data,
     save_head,
     set_threads,
     validation_pairs,
 )
-from fedface.momentum import MomentumHook
+from fedface.momentum import momentum_of, seed_momentum
 from fedface.privacy import make_private, plan_for_run
 from fedface.protocol import (
     ARRAYS,
@@ -79,36 +80,39 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             load_backbone_record(backbone, msg.content[ARRAYS])
             momentum = ({k: a.numpy() for k, a in msg.content[MOMENTUM].items()}
                         if MOMENTUM in msg.content.array_records else None)
-        hook = None
-        if ins.pfm_beta > 0 and momentum:
-            # PFM from round 2: momentum-free backbone steps plus the global momentum.
-            hook = MomentumHook(backbone, momentum, ins.pfm_beta)
+        # PFM: the backbone's momentum buffer starts at the global momentum (round 1:
+        # at zero, like FedAvg); the head keeps its own. Without PFM: plain local SGD.
+        pfm = ins.pfm_beta > 0
+        opt = make_optimizer(backbone, head, ins.lr, cfg.momentum, cfg.weight_decay,
+                             ins.pfm_beta if pfm else None)
+        if pfm and momentum:
+            seed_momentum(opt, backbone, momentum)
+        kept = head_momentum(context, ins) if pfm else None
+        if kept:
+            seed_momentum(opt, head, kept)
         cid = client_id(context)
         metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: cid, UNIT_WEIGHT: 1}
         private = ledger = None
         if cfg.dp_epsilon > 0:
             # DP-SGD: plan from the budget, refuse a round that would overspend it
-            # (the error reply tells the server why), then wrap model and optimizer.
-            plan = plan_for_run(cfg, len(data.y_train), f"client {cid}")
+            # (the error reply tells the server why), then wrap model and optimizer;
+            # the momentum buffer only ever sees noised gradients (post-processing).
+            plan = plan_for_run(cfg, len(data.y_train), data.num_classes, f"client {cid}")
             ledger = load_ledger(context, ins, cid)
             ledger.check_next_round(plan)
-            opt = make_optimizer(backbone, head, ins.lr, cfg.momentum, cfg.weight_decay,
-                                 hook is not None)
             private = make_private(backbone, head, opt, plan, seed=seed,
-                                   grad_sample_mode=cfg.dp_grad_sample_mode)
-            if hook is not None:
-                private.attach_after_noise(hook)
-                hook = None
+                                   grad_sample_mode=cfg.dp_grad_sample_mode,
+                                   people=data.y_train)
         before = ({k: v.detach().clone().numpy() for k, v in backbone.state_dict().items()}
                   if cfg.central_dp == "client-fixed" or keys is not None else None)
         res = train_epochs(backbone, head, data.x_train, data.y_train,
                            epochs=ins.local_epochs, batch_size=cfg.batch_size, lr=ins.lr,
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed,
-                           global_momentum=hook, proximal_mu=ins.proximal_mu,
-                           optimizer=private.optimizer if private else None,
+                           proximal_mu=ins.proximal_mu,
+                           optimizer=private.optimizer if private else opt,
                            batches=private.batches if private else None,
                            forward=private.forward if private else None)
-        save_head(head, context, ins)
+        save_head(head, context, ins, momentum_of(opt, head) if pfm else None)
         if private is not None:
             spent = ledger.record(ins.server_round, private.plan, private.plan.steps_per_round)
             keep_ledger(context, ledger)

@@ -180,7 +180,7 @@ def encrypt(cfg: RunConfig, keys: ClientKeys, config: ConfigRecord, before: dict
 def open_candidates(context: Context, keys: ClientKeys, config: ConfigRecord,
                     records: list[ArrayRecord], server_round: int) -> list[dict[str, np.ndarray]]:
     """Decrypt the round's aggregate and FV candidates into pending global models."""
-    before, _ = global_model(context)
+    before, held = global_model(context)  # held: the momentum this round started from
     fk = float_keys(before)
     models = []
     state = _state(context)
@@ -193,7 +193,7 @@ def open_candidates(context: Context, keys: ClientKeys, config: ConfigRecord,
         context.state[f"{PENDING}{i}"] = numpy_record(model)
         beta = float(env.meta.get("pfm_beta", 0.0))
         if beta > 0:
-            m = momentum_update(None, before, model, float(env.meta["lr"]),
+            m = momentum_update(held, before, model, float(env.meta["lr"]),
                                 max(float(env.meta["steps"]), 1.0), beta)
             context.state[f"{PENDING_MOMENTUM}{i}"] = numpy_record(m)
         models.append(model)

@@ -17,6 +17,7 @@ from fedface.models import build_backbone, build_head
 from fedface.protocol import TrainInstructions
 
 HEAD_STATE = "head"
+HEAD_MOMENTUM = "head-momentum"
 
 
 def client_config(context: Context, overrides: dict | None) -> RunConfig:
@@ -100,27 +101,42 @@ def build_models(cfg: RunConfig, num_classes: int, context: Context,
     """
     backbone = build_backbone_only(cfg)
     head = build_head(cfg.head, cfg.embedding_size, num_classes)
-    where = _head_dir(context, ins) if ins is not None else None
-    if where is not None:
-        earlier = {r: f for r, f in _saved_heads(*where).items() if r < ins.server_round}
-        if earlier:
-            head.load_state_dict(torch.load(earlier[max(earlier)], map_location="cpu",
-                                            weights_only=True))
-            return backbone, head
-        return backbone, head  # first round of this run: a fresh head
-    if HEAD_STATE in context.state:
-        head.load_state_dict(context.state[HEAD_STATE].to_torch_state_dict())
+    state = _load_kept(context, ins, HEAD_STATE, "")
+    if state is not None:
+        head.load_state_dict(state)
     return backbone, head
 
 
-def save_head(head: torch.nn.Module, context: Context,
-              ins: TrainInstructions | None = None) -> None:
-    """Keep the head in the node's state and, when a state folder is known, on disk."""
-    state = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-    context.state[HEAD_STATE] = ArrayRecord(state)
+def head_momentum(context: Context, ins: TrainInstructions) -> dict | None:
+    """The head's momentum buffers kept after this client's last round (PFM), or None."""
+    state = _load_kept(context, ins, HEAD_MOMENTUM, "m")
+    return None if state is None else {k: v.numpy() for k, v in state.items()}
+
+
+def _load_kept(context: Context, ins: TrainInstructions | None, key: str, tag: str):
+    """What :func:`_keep` saved before the current round: from the state folder if there
+    is one (newest file before this round; None in the run's first round), else from
+    the node's state."""
     where = _head_dir(context, ins) if ins is not None else None
     if where is not None:
         folder, prefix = where
+        earlier = {r: f for r, f in _saved_heads(folder, prefix + tag).items()
+                   if r < ins.server_round}
+        if not earlier:
+            return None  # first round of this run: a fresh head
+        return torch.load(earlier[max(earlier)], map_location="cpu", weights_only=True)
+    if key in context.state:
+        return context.state[key].to_torch_state_dict()
+    return None
+
+
+def _keep(state: dict, context: Context, ins: TrainInstructions | None, key: str,
+          tag: str) -> None:
+    context.state[key] = ArrayRecord(state)
+    where = _head_dir(context, ins) if ins is not None else None
+    if where is not None:
+        folder, prefix = where
+        prefix += tag
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{prefix}_r{ins.server_round:05d}.pt"
         tmp = path.with_name(path.name + ".tmp")
@@ -129,6 +145,17 @@ def save_head(head: torch.nn.Module, context: Context,
         for r, f in _saved_heads(folder, prefix).items():
             if r < ins.server_round - 1:
                 f.unlink(missing_ok=True)
+
+
+def save_head(head: torch.nn.Module, context: Context,
+              ins: TrainInstructions | None = None, momentum: dict | None = None) -> None:
+    """Keep the head (and, under PFM, its momentum buffers) in the node's state and,
+    when a state folder is known, on disk (``<prefix>_r<round>.pt``, ``<prefix>m_r...``)."""
+    _keep({k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, context, ins,
+          HEAD_STATE, "")
+    if momentum:
+        _keep({k: torch.as_tensor(v).clone() for k, v in momentum.items()}, context, ins,
+              HEAD_MOMENTUM, "m")
 
 
 def validation_pairs(data: ClientData, seed: int):

@@ -8,11 +8,14 @@ Reported per epsilon: ``pairsDevTest.txt`` and 10-fold ``pairs.txt`` accuracy, t
 epsilon actually spent (PRV accountant), and the AUC of a loss-threshold membership
 inference attack on each institution's final model (global backbone + its own head):
 members are its training images; non-members are held-out images of the same people
-(``holdout-images=1``: record-level, what DP-SGD bounds) and, as a second figure,
-images of other people (its private validation identities).
+(``holdout-images=1``: record-level, what image-level DP-SGD bounds) and images of other
+people (its private validation identities: person-level, what ``dp-unit=person`` bounds).
+Both privacy units are run: ``image`` (each image is a record) and ``person`` (each
+person with all their images; batch 32 people, at most 2 images each per step).
 
-    python experiments/dp.py            # full: 16 rounds, both pair sets
+    python experiments/dp.py            # full: 16 rounds, both pair sets, both units
     python experiments/dp.py --quick    # 3 rounds, pairsDevTest: under 10 min on 2 cores
+    python experiments/dp.py --units person --epsilons 8 --seeds 0,1,2
 
 Writes ``experiments/results/dp[_quick].json``, ``.md`` and ``.png``.
 """
@@ -89,26 +92,39 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--units", default="image,person",
+                    help="privacy units to run: image (record-level), person")
+    ap.add_argument("--person-images", type=int, default=2,
+                    help="dp-unit=person: images a sampled person brings to a step")
     ap.add_argument("--quick", action="store_true", help="3 rounds, pairsDevTest only")
+    ap.add_argument("--tag", default="", help="name of the result files (default dp[_quick])")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args()
     if not (args.lfw / "pairsDevTest.txt").exists():
         raise SystemExit(f"LFW not found at {args.lfw}: pass --lfw PATH")
+    units = [u.strip() for u in args.units.split(",")]
+    if set(units) - {"image", "person"}:
+        raise SystemExit(f"--units {args.units}: choose from image, person")
     if args.quick:
         args.rounds = 3
     pairs = "pairsDevTest.txt" if args.quick else "pairsDevTest.txt,pairs.txt"
-    tag = "dp_quick" if args.quick else "dp"
+    tag = args.tag or ("dp_quick" if args.quick else "dp")
+    # The non-private run is the same for both units: once per seed.
+    grid = [(u, float(e), int(s)) for s in args.seeds.split(",") for e in args.epsilons.split(",")
+            for u in (units if math.isfinite(float(e)) else ["none"])]
     rows, t_all = [], time.time()
-    for eps in [float(e) for e in args.epsilons.split(",")]:
+    for unit, eps, seed in grid:
         cfg = RunConfig(
             data=str(args.lfw), train_people="peopleDevTrain.txt", pairs=pairs,
             image_size=args.image_size, num_clients=args.clients, partition="dirichlet",
             partition_alpha=100.0, rounds=args.rounds, local_epochs=1,
-            batch_size=args.batch_size, seed=args.seed, min_train_nodes=args.clients,
+            batch_size=args.batch_size, seed=seed, min_train_nodes=args.clients,
             holdout_images=1,
             dp_epsilon=0.0 if math.isinf(eps) else eps,
-            out=str(args.out / tag / f"eps-{eps:g}"))
+            dp_unit="person" if unit == "person" else "image",
+            dp_person_images=args.person_images,
+            out=str(args.out / tag / f"{unit}-eps-{eps:g}-s{seed}"))
         # A fresh study: the run folder holds the clients' privacy ledgers of any earlier
         # study, which would (rightly) refuse to spend the budget again.
         shutil.rmtree(cfg.out, ignore_errors=True)
@@ -116,7 +132,8 @@ def main() -> None:
         doc = run(cfg)
         mia = audit(cfg)
         spent = doc["rounds"][-1].get("dp", {}).get("epsilon_spent", {})
-        row = {"epsilon": eps if math.isfinite(eps) else "inf", "seconds": round(time.time() - t0, 1),
+        row = {"unit": unit, "seed": seed,
+               "epsilon": eps if math.isfinite(eps) else "inf", "seconds": round(time.time() - t0, 1),
                "epsilon_spent_max": max(spent.values(), default=None),
                "delta": max((p["delta"] for p in doc.get("dp_plans", {}).values()), default=None),
                "noise_multiplier": [p["noise_multiplier"] for p in doc.get("dp_plans", {}).values()],
@@ -127,12 +144,13 @@ def main() -> None:
         row["mia_auc_mean"], row["mia_auc_max"] = _mia(mia, "records")
         row["mia_people_auc_mean"], row["mia_people_auc_max"] = _mia(mia, "people")
         rows.append(row)
-        print(json.dumps({k: row[k] for k in ("epsilon", "seconds", "epsilon_spent_max",
+        print(json.dumps({k: row[k] for k in ("unit", "seed", "epsilon", "seconds", "epsilon_spent_max",
                                                 "mia_auc_mean", "mia_auc_max",
                                                 "mia_people_auc_mean", "mia_people_auc_max")}
                          | {"devtest": row["final"]["pairsDevTest"]["accuracy"]}), flush=True)
     summary = {"study": "DP-SGD privacy / utility on LFW (FedAvg, 8 institutions)",
                "rounds": args.rounds, "batch_size": args.batch_size,
+               "person_images": args.person_images, "seeds": args.seeds,
                "image_size": args.image_size, "pairs": pairs.split(","),
                "seconds": round(time.time() - t_all, 1), "results": rows}
     write_json(args.out / f"{tag}.json", summary)
@@ -147,29 +165,53 @@ def _eps(row: dict) -> float:
     return math.inf if e in (None, "inf") else float(e)
 
 
+def groups(rows: list[dict]) -> list[tuple[str, float, list[dict]]]:
+    """Rows grouped by (unit, epsilon) over seeds: DP units first, the no-DP run last."""
+    keys = sorted({(r["unit"], _eps(r)) for r in rows},
+                  key=lambda k: (k[0] == "none", k[0], k[1]))
+    return [(u, e, [r for r in rows if r["unit"] == u and _eps(r) == e]) for u, e in keys]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
 def markdown(summary: dict) -> str:
     sets = summary["pairs"]
     head = " | ".join(f"{p.removesuffix('.txt')} acc %" for p in sets)
     lines = [f"# {summary['study']}", "",
              f"{summary['rounds']} rounds x 1 local epoch, batch {summary['batch_size']} "
-             f"(Poisson), {summary['image_size']}px, tinyface + softmax heads, seed 0; "
-             f"total {summary['seconds'] / 60:.0f} min. Membership inference: loss-threshold "
-             "attack on each institution's model, AUC mean and max over institutions. "
-             "Records: members are its training images, non-members held-out images of the "
-             "same people (one per person with 3 or more images, never trained on). People: "
-             "non-members are images of other people.", "",
-             f"| epsilon | spent (max) | delta | {head} | MIA records mean | MIA records max "
-             "| MIA people mean | MIA people max |",
-             "|---|---|---|" + "---|" * len(sets) + "---|---|---|---|"]
-    for r in summary["results"]:
-        accs = " | ".join(f"{100 * r['final'][p.removesuffix('.txt')]['accuracy']:.1f} ± "
-                          f"{100 * r['final'][p.removesuffix('.txt')]['accuracy_std']:.1f}"
-                          for p in sets)
-        spent = "-" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.2f}"
-        delta = "-" if r["delta"] is None else f"{r['delta']:g}"
-        lines.append(f"| {_eps(r):g} | {spent} | {delta} | {accs} | "
-                     f"{r['mia_auc_mean']:.3f} | {r['mia_auc_max']:.3f} | "
-                     f"{r['mia_people_auc_mean']:.3f} | {r['mia_people_auc_max']:.3f} |")
+             f"(Poisson; images, or people with at most {summary.get('person_images', 2)} "
+             f"images each), {summary['image_size']}px, tinyface + softmax heads, seeds "
+             f"{summary.get('seeds', '0')}; total {summary['seconds'] / 60:.0f} min. "
+             "Unit: what the budget protects (image: each training image; person: each "
+             "person with all their images). Membership inference: loss-threshold attack on "
+             "each institution's model (global backbone + its head), AUC mean and max over "
+             "institutions (mean ± std over seeds where there are several). Records: members "
+             "are its training images, non-members held-out images of the same people (one "
+             "per person with 3 or more images, never trained on). People: non-members are "
+             "images of other people.", "",
+             f"| unit | epsilon | seeds | spent (max) | delta | {head} | MIA records mean | "
+             "MIA records max | MIA people mean | MIA people max |",
+             "|---|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|"]
+    for unit, eps, group in groups(summary["results"]):
+        accs = []
+        for p in sets:
+            m, _ = _mean_std([r["final"][p.removesuffix(".txt")]["accuracy"] for r in group])
+            fold = np.mean([r["final"][p.removesuffix(".txt")]["accuracy_std"] for r in group])
+            accs.append(f"{100 * m:.1f} ± {100 * fold:.1f}")
+        spent = [r["epsilon_spent_max"] for r in group if r["epsilon_spent_max"] is not None]
+        deltas = [r["delta"] for r in group if r["delta"] is not None]
+        cells = []
+        for key in ("mia_auc_mean", "mia_auc_max", "mia_people_auc_mean", "mia_people_auc_max"):
+            m, sd = _mean_std([r[key] for r in group])
+            cells.append(f"{m:.3f}" + (f" ± {sd:.3f}" if len(group) > 1 else ""))
+        spent_s = f"{max(spent):.2f}" if spent else "-"
+        delta_s = f"{max(deltas):g}" if deltas else "-"
+        lines.append(" | ".join([f"| {unit}", f"{eps:g}", str(len(group)), spent_s, delta_s,
+                                 *accs, *cells]) + " |")
+    lines += ["", "Accuracy: mean over seeds ± the 10-fold spread of one run."]
     return "\n".join(lines) + "\n"
 
 
@@ -179,34 +221,39 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finite = [r for r in rows if not math.isinf(_eps(r))]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    xs = [_eps(r) for r in finite]
-    for pset in rows[0]["final"]:
-        (line,) = a1.plot(xs, [100 * r["final"][pset]["accuracy"] for r in finite], "o-",
-                          label=pset)
-        inf = [r for r in rows if math.isinf(_eps(r))]
-        if inf:
-            a1.axhline(100 * inf[0]["final"][pset]["accuracy"], ls="--", alpha=0.6,
-                       color=line.get_color(), label=f"{pset}, no DP")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    table = groups(rows)
+    nodp = [g for u, _, g in table if u == "none"]
+    pset = next(iter(rows[0]["final"]))
+    xs_all = sorted({e for u, e, _ in table if u != "none"})
+    for unit, marker in (("image", "o"), ("person", "s")):
+        series = [(e, g) for u, e, g in table if u == unit]
+        if not series:
+            continue
+        xs = [e for e, _ in series]
+        for p in rows[0]["final"]:
+            a1.plot(xs, [100 * np.mean([r["final"][p]["accuracy"] for r in g]) for _, g in series],
+                    marker + "-", label=f"{p}, {unit}-level DP")
+        a2.plot(xs, [np.mean([r["mia_people_auc_mean"] for r in g]) for _, g in series],
+                marker + "-", label=f"people audit, {unit}-level DP")
+        a2.plot(xs, [np.mean([r["mia_auc_mean"] for r in g]) for _, g in series],
+                marker + ":", label=f"records audit, {unit}-level DP")
+    if nodp:
+        g = nodp[0]
+        a1.axhline(100 * np.mean([r["final"][pset]["accuracy"] for r in g]), ls="--",
+                   color="gray", label=f"{pset}, no DP")
+        a2.axhline(np.mean([r["mia_people_auc_mean"] for r in g]), ls="--", color="gray",
+                   label="people audit, no DP")
     a1.set(xscale="log", xlabel="epsilon (delta <= 1e-5)", ylabel="verification accuracy %",
            title="Utility vs privacy budget")
-    a1.legend()
-    a1.grid(alpha=0.3)
-    a2.plot(xs, [r["mia_auc_mean"] for r in finite], "o-", label="records, mean")
-    a2.plot(xs, [r["mia_auc_max"] for r in finite], "s--", label="records, max")
-    a2.plot(xs, [r["mia_people_auc_mean"] for r in finite], "^:", label="people, mean")
-    inf = [r for r in rows if math.isinf(_eps(r))]
-    if inf:
-        a2.axhline(inf[0]["mia_auc_mean"], ls=":", color="gray", label="no DP (mean)")
     a2.axhline(0.55, color="red", alpha=0.4, label="target 0.55")
-    a2.set(xscale="log", xlabel="epsilon", ylabel="membership inference AUC",
+    a2.set(xscale="log", xlabel="epsilon", ylabel="membership inference AUC (mean)",
            title="Loss-threshold attack")
     for ax in (a1, a2):
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
         ax.minorticks_off()
-    a2.legend()
-    a2.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -6,8 +6,10 @@ FedAdam, FedProx, PFM and PFM+FV. Training identities are LFW's ``peopleDevTrain
 with skewed sizes; evaluation on ``pairsDevTest.txt`` (identities unseen in training) and
 the 10-fold ``pairs.txt``; mean and standard deviation over seeds.
 
-    python experiments/pfm.py                 # full: 3 seeds x {8, 16} clients, 32 rounds
+    python experiments/pfm.py                 # full: 3 seeds x {8, 16} clients, 16 rounds
     python experiments/pfm.py --quick         # 1 seed, 8 clients, 4 rounds: under 10 min
+
+The files are rewritten after every run, so an interrupted study keeps what it measured.
 
 Writes ``experiments/results/pfm[_quick].json``, ``.md`` and ``_curves.png``.
 """
@@ -45,12 +47,14 @@ FIGURES = ("accuracy", "auc", "tar_at_far_1e-3")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW)
-    ap.add_argument("--rounds", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--clients", default="8,16")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--image-size", type=int, default=96)
+    ap.add_argument("--methods-for", action="append", default=[], metavar="C=LIST",
+                    help="methods for C clients only, e.g. 16=centralized,fedavg,pfm,pfm+fv")
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 8 clients, 4 rounds, pairsDevTest only")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -62,14 +66,20 @@ def main() -> None:
     pairs = "pairsDevTest.txt" if args.quick else "pairsDevTest.txt,pairs.txt"
     tag = "pfm_quick" if args.quick else "pfm"
     methods = [m.strip() for m in args.methods.split(",")]
-    unknown = set(methods) - set(METHODS)
+    per_clients = {}
+    for item in args.methods_for:
+        c, _, names = item.partition("=")
+        if not c.strip().isdigit() or not names:
+            raise SystemExit(f"--methods-for {item!r}: use CLIENTS=method,method")
+        per_clients[int(c)] = [m.strip() for m in names.split(",")]
+    unknown = set(methods).union(*per_clients.values()) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     runs = []
     t_all = time.time()
     for n_clients in [int(c) for c in args.clients.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
-            for method in methods:
+            for method in per_clients.get(n_clients, methods):
                 cfg = RunConfig(
                     data=str(args.lfw), train_people="peopleDevTrain.txt", pairs=pairs,
                     image_size=args.image_size, num_clients=n_clients, partition="dirichlet",
@@ -88,14 +98,37 @@ def main() -> None:
                 runs.append(row)
                 print(json.dumps({k: row[k] for k in ("method", "clients", "seed", "seconds")}
                                  | {"devtest": row["final"]["pairsDevTest"]["accuracy"]}), flush=True)
-    summary = {"study": "PFM / FV vs baselines on LFW", "rounds": args.rounds,
-               "local_epochs": args.local_epochs, "image_size": args.image_size,
-               "pairs": pairs.split(","), "seconds": round(time.time() - t_all, 1),
-               "table": aggregate(runs), "runs": runs}
-    write_json(args.out / f"{tag}.json", summary)
-    (args.out / f"{tag}.md").write_text(markdown(summary))
-    plot(runs, args.out / f"{tag}_curves.png")
+                summary = {"study": "PFM / FV vs baselines on LFW", "rounds": args.rounds,
+                           "local_epochs": args.local_epochs, "image_size": args.image_size,
+                           "pairs": pairs.split(","), "seconds": round(time.time() - t_all, 1),
+                           "table": aggregate(runs), "paired": paired(runs), "runs": runs}
+                write_json(args.out / f"{tag}.json", summary)
+                (args.out / f"{tag}.md").write_text(markdown(summary))
+                plot(runs, args.out / f"{tag}_curves.png")
     print((args.out / f"{tag}.md").read_text())
+
+
+COMPARISONS = (("pfm", "fedavg"), ("pfm", "centralized"), ("pfm+fv", "pfm"),
+               ("fedavg", "centralized"))
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """Accuracy differences (points) between methods run on the same seed and split."""
+    out = []
+    for clients in sorted({r["clients"] for r in runs}):
+        acc = {(r["method"], r["seed"]): r["final"] for r in runs if r["clients"] == clients}
+        for a, b in COMPARISONS:
+            seeds = sorted(s for (m, s) in acc if m == a and (b, s) in acc)
+            if not seeds:
+                continue
+            for pset in acc[(a, seeds[0])]:
+                d = np.array([100 * (acc[(a, s)][pset]["accuracy"] - acc[(b, s)][pset]["accuracy"])
+                              for s in seeds])
+                out.append({"clients": clients, "a": a, "b": b, "pairs": pset,
+                            "seeds": len(seeds), "mean": float(d.mean()),
+                            "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                            "per_seed": [round(float(x), 2) for x in d]})
+    return out
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -130,16 +163,13 @@ def markdown(summary: dict) -> str:
     lines += ["", "pairs.txt (View 2) shares 2,985 of its 4,281 identities with peopleDevTrain.txt, so its "
                  "figures are not identity-disjoint (flattering); pairsDevTest.txt is the "
                  "identity-disjoint test."]
-    by = {(r["clients"], r["method"], r["pairs"]): r["accuracy"] for r in summary["table"]}
-    lines.append("")
-    for clients in sorted({r["clients"] for r in summary["table"]}):
-        def gap(a, b, c=clients):
-            ka, kb = (c, a, "pairsDevTest"), (c, b, "pairsDevTest")
-            return 100 * (by[ka] - by[kb]) if ka in by and kb in by else None
-        parts = [f"{a} - {b}: {g:+.1f}" for a, b in (("pfm", "fedavg"), ("pfm", "centralized"),
-                                                     ("pfm+fv", "pfm"))
-                 if (g := gap(a, b)) is not None]
-        lines.append(f"- {clients} clients, pairsDevTest accuracy points: " + "; ".join(parts))
+    lines += ["", "Paired differences in accuracy points (same seed and split; mean ± std over "
+                  "seeds, then each seed):", "",
+              "| clients | difference | pair set | seeds | mean | per seed |", "|---|---|---|---|---|---|"]
+    for d in summary.get("paired", []):
+        lines.append(f"| {d['clients']} | {d['a']} - {d['b']} | {d['pairs']} | {d['seeds']} | "
+                     f"{d['mean']:+.1f} ± {d['std']:.1f} | "
+                     f"{', '.join(f'{x:+.1f}' for x in d['per_seed'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -123,13 +123,18 @@ def print_privacy(doc: dict) -> None:
         for r in rounds:
             spent.update(r.get("dp", {}).get("epsilon_spent", {}))
         cfg = doc["config"]
+        unit = cfg.get("dp_unit", "image")
+        protects = ("each person, all their images" if unit == "person" else "each image")
         t = Table(title=f"DP-SGD: epsilon spent per institution (budget {cfg['dp_epsilon']} over "
-                  f"{cfg['dp_rounds'] or cfg['rounds']} rounds, {cfg['dp_accountant']} accountant)")
-        for col in ("institution", "epsilon spent", "delta", "noise multiplier", "steps/round"):
+                  f"{cfg['dp_rounds'] or cfg['rounds']} rounds, {cfg['dp_accountant']} "
+                  f"accountant; protects {protects})")
+        for col in ("institution", "epsilon spent", "delta", "noise multiplier", "steps/round",
+                    "people" if unit == "person" else "images"):
             t.add_column(col, justify="right")
         for cid, p in plans.items():
             t.add_row(cid, f"{spent[cid]:.3f}" if cid in spent else "-", f"{p['delta']:g}",
-                      f"{p['noise_multiplier']:.3f}", str(p["steps_per_round"]))
+                      f"{p['noise_multiplier']:.3f}", str(p["steps_per_round"]),
+                      str(p.get("units", "-")))
         console.print(t)
     central = [r["central_dp"] for r in rounds if "central_dp" in r]
     if central:

@@ -25,6 +25,7 @@ STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("bk", "hooks", "ew", "functorch")
 CENTRAL_DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
+DP_UNITS = ("image", "person")
 
 
 def default_cache_dir() -> Path:
@@ -105,6 +106,15 @@ class RunConfig:
         rounds beyond its budget; its ledger persists across runs.
     dp_max_noise : float
         Refuse budgets that need a larger noise multiplier (steps would be mostly noise).
+    dp_unit : str
+        What the budget protects: ``image`` (record-level DP-SGD: each training image) or
+        ``person`` (each person, with all their images: Poisson sampling of people, each
+        sampled person contributes at most ``dp_person_images`` images to a step, clipped
+        so that their sum is at most ``dp_clip``; ``batch_size`` then counts people).
+        A face data set holds several images per person, and record-level DP bounds what
+        is learnt about a person only by group privacy.
+    dp_person_images : int
+        ``dp_unit=person``: images a sampled person contributes to one step.
     dp_grad_sample_mode : str
         How per-sample clipping is computed: ``bk`` (book-keeping in one backward pass,
         fedface's own; falls back to ``hooks`` for layers it has no rule for), or Opacus'
@@ -191,6 +201,8 @@ class RunConfig:
     dp_rounds: int = 0
     dp_max_noise: float = 20.0
     dp_grad_sample_mode: str = "bk"
+    dp_unit: str = "image"
+    dp_person_images: int = 2
     central_dp: str = "off"
     central_dp_noise: float = 1.0
     central_dp_clip: float = 1.0
@@ -287,6 +299,10 @@ class RunConfig:
                        "drop dp_epsilon / central_dp for the centralized baseline")
         if self.dp_rounds < 0:
             out.append(f"dp_rounds={self.dp_rounds}: use 0 (= rounds) or a positive count")
+        if self.dp_unit not in DP_UNITS:
+            out.append(f"dp_unit={self.dp_unit!r}: use one of {', '.join(DP_UNITS)}")
+        if self.dp_person_images < 1:
+            out.append(f"dp_person_images={self.dp_person_images}: use at least 1")
         if self.central_dp not in CENTRAL_DP_MODES:
             out.append(f"central_dp={self.central_dp!r}: use one of {', '.join(CENTRAL_DP_MODES)}")
         elif self.central_dp != "off":

@@ -49,11 +49,13 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def make_optimizer(backbone: nn.Module, head: nn.Module, lr: float, momentum: float,
-                   weight_decay: float, global_momentum: bool = False) -> torch.optim.SGD:
-    """SGD over backbone and head; with PFM's global momentum the backbone's local
-    momentum is off (the global one replaces it) while the head keeps its own."""
-    groups = [{"params": list(backbone.parameters()),
-               "momentum": 0.0 if global_momentum else momentum},
+                   weight_decay: float, backbone_momentum: float | None = None
+                   ) -> torch.optim.SGD:
+    """SGD over backbone and head (two groups); ``backbone_momentum`` (PFM's beta) sets
+    the backbone's own coefficient, whose buffer :func:`fedface.momentum.seed_momentum`
+    starts at the global momentum, while the head keeps ``momentum``."""
+    bm = momentum if backbone_momentum is None else backbone_momentum
+    groups = [{"params": list(backbone.parameters()), "momentum": bm},
               {"params": list(head.parameters()), "momentum": momentum}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
@@ -71,7 +73,6 @@ def train_epochs(
     seed: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     on_step=None,
-    global_momentum=None,
     proximal_mu: float = 0.0,
     batches=None,
     forward=None,
@@ -94,12 +95,10 @@ def train_epochs(
     seed : int
         Seeds shuffling and augmentation.
     optimizer : torch.optim.Optimizer, optional
-        A caller-owned optimizer (e.g. to keep a head's momentum across rounds).
+        A caller-owned optimizer (PFM: its backbone buffers start at the global
+        momentum; DP-SGD: the private wrapper).
     on_step : callable, optional
         Called with the step's loss after every step.
-    global_momentum : fedface.momentum.MomentumHook, optional
-        PFM: a fixed global momentum mixed into the backbone's gradients at every step;
-        the backbone then takes plain SGD steps while the head keeps local momentum.
     proximal_mu : float
         FedProx: adds ``mu / 2 * ||w - w_start||^2`` over the backbone to the loss.
     batches : callable, optional
@@ -116,8 +115,7 @@ def train_epochs(
     t0 = time.time()
     gen = torch.Generator().manual_seed(int(seed))
     if optimizer is None:
-        optimizer = make_optimizer(backbone, head, lr, momentum, weight_decay,
-                                   global_momentum is not None)
+        optimizer = make_optimizer(backbone, head, lr, momentum, weight_decay)
     opt = optimizer
     anchor = ([p.detach().clone() for p in backbone.parameters()] if proximal_mu > 0 else None)
     backbone.train()
@@ -153,8 +151,6 @@ def train_epochs(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if global_momentum is not None:
-                global_momentum()
             opt.step()
             total_loss += loss.item() * len(idx)
             seen += len(idx)

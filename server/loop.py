@@ -86,11 +86,14 @@ def check_privacy(cfg: RunConfig, summary: dict) -> dict:
     from fedface.privacy import check_dp_compatible, check_run
 
     check_dp_compatible(initial_backbone(cfg), f"backbone {cfg.backbone!r}")
-    sizes = {int(c["client"]): int(c["train_images"]) for c in summary.get("clients", [])}
+    sizes = {int(c["client"]): (int(c["train_images"]), int(c["train_identities"]))
+             for c in summary.get("clients", [])}
     plans = check_run(cfg, sizes)
     return {str(cid): {"noise_multiplier": round(p.noise_multiplier, 4), "delta": p.delta,
                        "sample_rate": round(p.sample_rate, 5), "steps_per_round": p.steps_per_round,
-                       "target_epsilon": p.target_epsilon, "planned_rounds": p.planned_rounds}
+                       "target_epsilon": p.target_epsilon, "planned_rounds": p.planned_rounds,
+                       "unit": p.unit, "units": p.num_examples,
+                       "images_per_unit": p.images_per_unit}
             for cid, p in plans.items()}
 
 

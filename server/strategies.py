@@ -39,15 +39,17 @@ from fedface.protocol import (
 class PFM(FedAvg):
     """Partially federated momentum (Bai et al., arXiv 2105.02501; our reading).
 
-    The server keeps a momentum over the federated backbone only, updated from each
-    round's aggregate with :func:`fedface.momentum.momentum_update`; clients receive it
-    with the backbone and apply it at every local step, while their heads keep ordinary
-    local momentum. Aggregation itself is sample-weighted averaging (FedAvg).
+    The server keeps the equivalent global momentum over the federated backbone only,
+    estimated from each round's aggregate with :func:`fedface.momentum.momentum_update`;
+    clients receive it with the backbone and start their backbone's momentum buffer from
+    it, so every local step applies it (heads keep ordinary local momentum). Aggregation
+    itself is sample-weighted averaging (FedAvg).
 
     Parameters
     ----------
     beta : float (default: 0.9)
-        Momentum coefficient; 0 reduces PFM to FedAvg with momentum-free local steps.
+        Momentum coefficient of the backbone's local steps and of the estimate; 0
+        reduces PFM to FedAvg with momentum-free local steps.
     server_learning_rate : float (default: 1.0)
         Step along the aggregated update: ``w <- w - lr_s * (w - w_avg)``.
     **kwargs
@@ -88,13 +90,16 @@ class PFM(FedAvg):
         if agg is None or self.current_arrays is None:
             return agg, metrics
         before = self.current_arrays
-        after = {k: a.numpy() for k, a in agg.items()}
+        mean = {k: a.numpy() for k, a in agg.items()}
+        # The momentum describes the clients' own steps: it is estimated from the plain
+        # average, before any server step size is applied.
+        steps = weighted_metric(replies, "train-steps") or 1.0
+        self.momentum = pfm.momentum_update(self.momentum, before, mean, self.round_lr,
+                                            max(steps, 1.0), self.beta)
+        after = mean
         if self.server_learning_rate != 1.0:
             after = {k: (before[k] - self.server_learning_rate * (before[k] - v)).astype(v.dtype)
-                     for k, v in after.items()}
-        steps = weighted_metric(replies, "train-steps") or 1.0
-        self.momentum = pfm.momentum_update(self.momentum, before, after, self.round_lr,
-                                            max(steps, 1.0), self.beta)
+                     if v.dtype.kind == "f" else v for k, v in mean.items()}
         return numpy_record(after), metrics
 
 

@@ -147,6 +147,60 @@ def test_poisson_batches_vary_and_follow_the_sample_rate():
     assert len(set(sizes)) > 3 and 12 < np.mean(sizes) < 20
 
 
+def test_person_level_plan_counts_people_and_refuses_what_cannot_work():
+    plan = plan_dp(40, epsilon=8.0, rounds=2, local_epochs=1, batch_size=8, unit="person",
+                   images_per_unit=3)
+    assert plan.unit == "person" and plan.num_examples == 40 and plan.sample_rate == 0.2
+    assert plan.delta == 1e-5
+    with pytest.raises(PrivacyConfigError, match="not below 1/N=0.025"):  # N people, not images
+        plan_dp(40, epsilon=8.0, delta=0.03, rounds=2, local_epochs=1, batch_size=8,
+                unit="person")
+    assert plan.image_clip == pytest.approx(plan.max_grad_norm / 3)
+    assert plan.image_noise_multiplier == pytest.approx(3 * plan.noise_multiplier)
+    with pytest.raises(PrivacyConfigError, match="N=40 people in training"):
+        plan_dp(40, epsilon=8.0, rounds=2, local_epochs=1, batch_size=40, unit="person")
+    with pytest.raises(PrivacyConfigError, match="dp-unit"):
+        plan_dp(40, epsilon=8.0, rounds=2, local_epochs=1, batch_size=8, unit="patient")
+    with pytest.raises(PrivacyConfigError, match="dp-person-images"):
+        plan_dp(40, epsilon=8.0, rounds=2, local_epochs=1, batch_size=8, unit="person",
+                images_per_unit=0)
+    with pytest.raises(ValueError, match="dp_unit='patient'"):
+        RunConfig(dp_unit="patient")
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+def test_person_level_dp_samples_people_and_bounds_each_persons_step(mode):
+    """dp-unit=person: people are Poisson-sampled, each brings at most k images, and all
+    of a person's images together move the model by at most the clip (without noise)."""
+    x, y = _faces(n=96, classes=8)  # 8 people x 12 images
+    k, clip = 3, 0.01
+    plan = plan_dp(8, epsilon=8.0, rounds=1, local_epochs=1, batch_size=2, unit="person",
+                   images_per_unit=k)
+    plan = dataclasses.replace(plan, noise_multiplier=0.0, max_grad_norm=clip)
+    backbone, head = _tiny(classes=8)
+    before = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
+    private = make_private(backbone, head, make_optimizer(backbone, head, 1.0, 0.0, 0.0),
+                           plan, seed=2, grad_sample_mode=mode, people=y)
+    batches = [b for _ in range(20) for b in private.batches()]
+    assert len(list(private.batches())) == plan.steps_per_round == 4
+    per_step = [np.bincount(y[b.numpy()], minlength=8) for b in batches]
+    assert max(c.max() for c in per_step) == k  # never more than k images of a person
+    drawn = np.mean([np.count_nonzero(c) for c in per_step])
+    assert 1.2 < drawn < 2.8  # q x 8 people = 2 people per step on average
+    one = next(b for b in batches if len(np.unique(y[b.numpy()])) == 1)  # one person, k images
+    train_epochs(backbone, head, x, y, optimizer=private.optimizer,
+                 batches=lambda g: iter([one]), forward=private.forward)
+    step = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in
+                         zip([*backbone.parameters(), *head.parameters()], before)))
+    expected = plan.sample_rate * 8 * k  # images per step on average
+    assert 0 < step * expected <= clip * (1 + 1e-4)
+    with pytest.raises(PrivacyConfigError, match="plan is for 8 people"):
+        make_private(backbone, head, make_optimizer(backbone, head, 1.0, 0.0, 0.0), plan,
+                     people=y[y < 5])
+    with pytest.raises(PrivacyConfigError, match="needs the training labels"):
+        make_private(backbone, head, make_optimizer(backbone, head, 1.0, 0.0, 0.0), plan)
+
+
 def test_incompatible_model_is_refused_naming_the_layer_and_the_fix():
     check_dp_compatible(build_backbone("tinyface"))
     check_dp_compatible(build_backbone("mobilefacenet-dp", input_size=64))
@@ -240,6 +294,21 @@ def test_federated_dp_accounts_every_round_and_stops_when_budgets_are_spent(tmp_
 
 
 @pytest.mark.slow
+def test_person_level_dp_runs_end_to_end_and_accounts_people(tmp_path):
+    from fedface.runner import run
+
+    cfg = RunConfig(**{**SMALL, "batch_size": 4}, rounds=2, dp_epsilon=8.0,
+                    dp_unit="person", dp_person_images=2, out=str(tmp_path / "people"))
+    doc = run(cfg)
+    people = {str(c["client"]): c["train_identities"] for c in doc["data"]["clients"]}
+    for cid, plan in doc["dp_plans"].items():
+        assert plan["unit"] == "person" and plan["images_per_unit"] == 2
+        assert plan["units"] == people[cid] and plan["sample_rate"] == pytest.approx(4 / people[cid])
+    spent = doc["rounds"][-1]["dp"]["epsilon_spent"]
+    assert set(spent) == set(people) and all(e == pytest.approx(8.0, abs=0.05) for e in spent.values())
+
+
+@pytest.mark.slow
 def test_a_client_with_a_spent_ledger_declines_and_the_others_carry_on(tmp_path):
     from fedface.privacy import plan_for_run
     from fedface.runner import run
@@ -249,8 +318,8 @@ def test_a_client_with_a_spent_ledger_declines_and_the_others_carry_on(tmp_path)
     # Client 1 spent its whole budget in an earlier run (its ledger says so).
     from fedface.data.prepare import prepare
 
-    n1 = {c["client"]: c["train_images"] for c in prepare(cfg).summary["clients"]}[1]
-    plan = plan_for_run(cfg, n1, "client 1")
+    c1 = {c["client"]: c for c in prepare(cfg).summary["clients"]}[1]
+    plan = plan_for_run(cfg, c1["train_images"], c1["train_identities"], "client 1")
     ledger = PrivacyLedger.load(tmp_path / "dp" / "clients" / "client_001_privacy.json")
     for rnd in (1, 2):
         ledger.record(rnd, plan, plan.steps_per_round)
@@ -317,27 +386,27 @@ def test_cli_reports_epsilon_per_institution_and_refuses_bad_batches(tmp_path):
     assert not (tmp_path / "bad" / "metrics.json").exists()
 
 
-def test_pfm_global_momentum_is_added_after_the_noise():
-    """PFM's momentum is public: it joins the step after clipping and noise."""
-    from fedface.momentum import MomentumHook
+def test_pfm_global_momentum_is_applied_after_the_noise():
+    """PFM's momentum is public: the buffer it seeds meets only clipped, noised gradients."""
+    from fedface.momentum import seed_momentum
 
     x, y = _faces()
     plan = plan_dp(len(y), epsilon=8.0, rounds=1, local_epochs=1, batch_size=16)
     moved = []
-    for with_hook in (False, True):
+    for seeded in (False, True):
         backbone, head = _tiny()
         before = {k: v.detach().clone() for k, v in backbone.named_parameters()}
         opt = make_optimizer(backbone, head, lr=1.0, momentum=0.0, weight_decay=0.0,
-                             global_momentum=True)
+                             backbone_momentum=0.5)
+        if seeded:
+            seed_momentum(opt, backbone,
+                          {k: np.full(v.shape, 0.01, np.float32) for k, v in before.items()})
         private = make_private(backbone, head, opt, plan, seed=3)
-        if with_hook:
-            m = {k: np.full(v.shape, 0.01, np.float32) for k, v in before.items()}
-            private.attach_after_noise(MomentumHook(backbone, m, beta=0.5))
         batch = next(iter(private.batches()))
         train_epochs(backbone, head, x, y, optimizer=private.optimizer,
                      batches=lambda g, b=batch: iter([b]), forward=private.forward, seed=1)
         moved.append({k: v.detach() - before[k] for k, v in backbone.named_parameters()})
-    for k in moved[0]:  # same batch, same noise: the hook adds exactly -lr * beta * m
+    for k in moved[0]:  # same batch, same noise: the buffer adds exactly -lr * beta * m
         torch.testing.assert_close(moved[1][k] - moved[0][k],
                                    torch.full_like(moved[0][k], -0.005), atol=1e-5, rtol=0)
 

@@ -8,7 +8,7 @@ from fakes import Reply
 from flwr.app import MetricRecord, RecordDict
 
 from fedface.config import RunConfig
-from fedface.momentum import MomentumHook, momentum_update
+from fedface.momentum import momentum_update, seed_momentum
 from fedface.protocol import ARRAYS, CLIENT_ID, METRICS, NUM_EXAMPLES, numpy_record
 from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from server.fv import FederatedValidation
@@ -60,24 +60,61 @@ def test_norm_outliers_needs_a_distribution():
     assert norm_outliers({1: 1.0, 2: 3.0, 3: 0.5, 4: 8.0}) == {}  # honest spread
 
 
-def test_momentum_update_and_hook():
-    before = {"w": np.ones(3, np.float32), "steps": np.array([3])}
-    after = {"w": np.full(3, 0.8, np.float32), "steps": np.array([3])}
-    m1 = momentum_update(None, before, after, lr=0.1, steps=2, beta=0.9)
-    np.testing.assert_allclose(m1["w"], 1.0)  # (1 - 0.8) / (0.1 * 2)
-    assert "steps" not in m1  # integer buffers carry no momentum
-    # Clients already applied 0.9 * m1 inside the round's steps: it is not added again.
-    m2 = momentum_update(m1, before, after, lr=0.1, steps=2, beta=0.9)
-    np.testing.assert_allclose(m2["w"], 1.0)
-    with pytest.raises(ValueError, match="beta"):
-        momentum_update(m1, before, after, lr=0.1, steps=2, beta=1.0)
+def _heavy_ball(v0, grads, lr, beta):
+    """Centralized momentum SGD from buffer v0: final buffer and total displacement."""
+    v, moved = v0.copy(), np.zeros_like(v0)
+    for g in grads:
+        v = beta * v + g
+        moved += lr * v
+    return v, moved
 
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("steps", [1, 3, 13])
+def test_momentum_update_recovers_the_centralized_buffer(beta, steps):
+    """With a constant gradient the estimate is exactly momentum SGD's buffer, whatever
+    buffer the round started from."""
+    rng = np.random.default_rng(steps)
+    g = rng.normal(size=(4, 3)).astype(np.float32)
+    for v0 in (None, rng.normal(size=(4, 3)).astype(np.float32)):
+        start = np.zeros((4, 3), np.float32) if v0 is None else v0
+        v_true, moved = _heavy_ball(start, [g] * steps, lr=0.05, beta=beta)
+        before = {"w": np.ones((4, 3), np.float32), "steps": np.array([3])}
+        after = {"w": before["w"] - moved, "steps": np.array([3])}
+        m = momentum_update(None if v0 is None else {"w": v0}, before, after,
+                            lr=0.05, steps=steps, beta=beta)
+        assert "steps" not in m  # integer buffers carry no momentum
+        np.testing.assert_allclose(m["w"], v_true, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="beta"):
+        momentum_update(None, before, after, lr=0.1, steps=2, beta=1.0)
+
+
+def test_momentum_update_without_momentum_is_the_mean_step():
+    before = {"w": np.ones(3, np.float32)}
+    after = {"w": np.full(3, 0.8, np.float32)}
+    m = momentum_update({"w": np.full(3, 7.0, np.float32)}, before, after, lr=0.1,
+                        steps=2, beta=0.0)
+    np.testing.assert_allclose(m["w"], 1.0)  # (1 - 0.8) / (0.1 * 2); the old buffer is gone
+
+
+def test_seed_momentum_makes_the_first_step_use_the_global_buffer():
     import torch
 
-    lin = torch.nn.Linear(2, 1, bias=False)
-    lin.weight.grad = torch.ones(1, 2)
-    MomentumHook(lin, {"weight": np.full((1, 2), 2.0, np.float32)}, beta=0.5)()
-    assert torch.allclose(lin.weight.grad, torch.full((1, 2), 2.0))  # 1 + 0.5 * 2
+    from fedface.training import make_optimizer
+
+    back, head = torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(1, 2, bias=False)
+    opt = make_optimizer(back, head, lr=0.1, momentum=0.9, weight_decay=0.0,
+                         backbone_momentum=0.5)
+    assert [g["momentum"] for g in opt.param_groups] == [0.5, 0.9]
+    seed_momentum(opt, back, {"weight": np.full((1, 2), 2.0, np.float32)})
+    w0 = back.weight.detach().clone()
+    back.weight.grad, head.weight.grad = torch.ones(1, 2), torch.ones(2, 1)
+    opt.step()  # backbone: v = 0.5 * 2 + 1 = 2; w -= 0.1 * 2
+    assert torch.allclose(back.weight.detach(), w0 - 0.2)
+    with pytest.raises(ValueError, match="lacks parameters"):
+        seed_momentum(opt, back, {})
+    with pytest.raises(ValueError, match="shape"):
+        seed_momentum(opt, back, {"weight": np.zeros((2, 1), np.float32)})
 
 
 def test_pfm_strategy_keeps_momentum_and_steps_like_fedavg():
@@ -87,7 +124,11 @@ def test_pfm_strategy_keeps_momentum_and_steps_like_fedavg():
     replies = [_reply(1, metrics={"train-steps": 4}), _reply(3, metrics={"train-steps": 4})]
     agg, _ = s.aggregate_train(1, replies)
     np.testing.assert_allclose(agg["w"].numpy(), 0.02, rtol=1e-5)  # mean of 0.01 and 0.03
-    np.testing.assert_allclose(s.momentum["w"], -0.02 / (0.1 * 4), rtol=1e-5)
+    # Round 1 started from a zero buffer: 4 heavy-ball steps at beta 0.9 moved
+    # lr * A * g, and the buffer holds (1 - 0.9^4) / 0.1 * g.
+    a = sum((1 - 0.9 ** t) / 0.1 for t in range(1, 5))
+    g = -0.02 / (0.1 * a)
+    np.testing.assert_allclose(s.momentum["w"], (1 - 0.9 ** 4) / 0.1 * g, rtol=1e-4)
 
 
 def test_fv_candidates_weights_and_choice():

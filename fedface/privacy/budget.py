@@ -21,7 +21,7 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedface.config import ACCOUNTANTS
+from fedface.config import ACCOUNTANTS, DP_UNITS
 from fedface.protocol import DP_BUDGET_SPENT
 
 
@@ -47,7 +47,8 @@ class DPPlan:
         Gaussian noise std over the clipping norm, derived so that ``planned_rounds``
         rounds of ``steps_per_round`` steps at ``sample_rate`` spend ``target_epsilon``.
     max_grad_norm : float
-        Per-sample clipping norm.
+        Clipping norm of one unit's contribution to a step (an image's gradient, or the
+        sum of a person's image gradients).
     sample_rate : float
         Poisson sampling rate ``batch_size / num_examples``.
     steps_per_round : int
@@ -57,7 +58,12 @@ class DPPlan:
     accountant : str
         ``"prv"`` or ``"rdp"``.
     num_examples, batch_size : int
-        The client's training set size and expected batch size.
+        The client's privacy units (training images, or people) and expected units per
+        step.
+    unit : str
+        ``"image"`` (record-level DP) or ``"person"`` (all of a person's images).
+    images_per_unit : int
+        Most images one unit contributes to a step (1 for images).
     """
 
     target_epsilon: float
@@ -70,6 +76,20 @@ class DPPlan:
     accountant: str
     num_examples: int
     batch_size: int
+    unit: str = "image"
+    images_per_unit: int = 1
+
+    @property
+    def image_clip(self) -> float:
+        """Clipping norm of one image's gradient: a unit's images sum to at most
+        ``max_grad_norm``."""
+        return self.max_grad_norm / self.images_per_unit
+
+    @property
+    def image_noise_multiplier(self) -> float:
+        """Noise std over ``image_clip`` (the same noise, ``noise_multiplier x
+        max_grad_norm``, in per-image units)."""
+        return self.noise_multiplier * self.images_per_unit
 
 
 def default_delta(num_examples: int) -> float:
@@ -123,13 +143,14 @@ def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: i
 def plan_dp(num_examples: int, *, epsilon: float, delta: float = 0.0, rounds: int,
             local_epochs: int, batch_size: int, max_grad_norm: float = 1.0,
             accountant: str = "prv", max_noise_multiplier: float = 20.0,
-            client: str = "this client") -> DPPlan:
+            client: str = "this client", unit: str = "image",
+            images_per_unit: int = 1) -> DPPlan:
     """Derive a client's DP-SGD plan from its budget; refuse settings that cannot work.
 
     Parameters
     ----------
     num_examples : int
-        The client's training images (N).
+        The client's privacy units (N): training images, or people with ``unit="person"``.
     epsilon : float
         Target epsilon for all ``rounds`` (> 0).
     delta : float
@@ -144,8 +165,18 @@ def plan_dp(num_examples: int, *, epsilon: float, delta: float = 0.0, rounds: in
         A budget that needs more noise than this is refused: every step would be noise.
     client : str
         Named in error messages.
+    unit : str
+        ``"image"`` (record-level) or ``"person"`` (``batch_size`` then counts people).
+    images_per_unit : int
+        Most images a sampled unit contributes to one step (``"person"``).
     """
-    where = f"{client} (N={num_examples} training images)"
+    if unit not in DP_UNITS:
+        raise PrivacyConfigError(f"dp-unit={unit!r}: use one of {DP_UNITS}")
+    if images_per_unit < 1 or (unit == "image" and images_per_unit != 1):
+        raise PrivacyConfigError(f"dp-person-images={images_per_unit}: an image unit has 1 "
+                                 "image; a person unit needs at least 1")
+    what = "training images" if unit == "image" else "people in training"
+    where = f"{client} (N={num_examples} {what})"
     if accountant not in ACCOUNTANTS:
         raise PrivacyConfigError(f"dp-accountant={accountant!r}: use one of {ACCOUNTANTS}")
     if not epsilon > 0 or not math.isfinite(epsilon):
@@ -154,7 +185,7 @@ def plan_dp(num_examples: int, *, epsilon: float, delta: float = 0.0, rounds: in
     if max_grad_norm <= 0:
         raise PrivacyConfigError(f"dp-clip={max_grad_norm}: the clipping norm must be > 0")
     if num_examples < 2:
-        raise PrivacyConfigError(f"{where}: DP-SGD needs at least 2 training images")
+        raise PrivacyConfigError(f"{where}: DP-SGD needs at least 2 {what}")
     delta = delta if delta > 0 else default_delta(num_examples)
     if delta >= 1.0 / num_examples:
         raise PrivacyConfigError(
@@ -188,7 +219,8 @@ def plan_dp(num_examples: int, *, epsilon: float, delta: float = 0.0, rounds: in
                   noise_multiplier=float(sigma), max_grad_norm=float(max_grad_norm),
                   sample_rate=float(sample_rate), steps_per_round=int(steps_per_round),
                   planned_rounds=int(rounds), accountant=accountant,
-                  num_examples=int(num_examples), batch_size=int(batch_size))
+                  num_examples=int(num_examples), batch_size=int(batch_size), unit=unit,
+                  images_per_unit=int(images_per_unit))
 
 
 @dataclass
@@ -289,16 +321,20 @@ class PrivacyLedger:
         os.replace(tmp, p)
 
 
-def plan_for_run(cfg, num_examples: int, client: str = "this client") -> DPPlan:
-    """A client's plan from a :class:`fedface.config.RunConfig`'s ``dp_*`` settings."""
-    return plan_dp(num_examples, epsilon=cfg.dp_epsilon, delta=cfg.dp_delta,
+def plan_for_run(cfg, images: int, people: int, client: str = "this client") -> DPPlan:
+    """A client of ``images`` training images of ``people`` people: its plan from a
+    :class:`fedface.config.RunConfig`'s ``dp_*`` settings (``dp_unit`` picks the unit)."""
+    person = cfg.dp_unit == "person"
+    return plan_dp(people if person else images, epsilon=cfg.dp_epsilon, delta=cfg.dp_delta,
                    rounds=cfg.dp_rounds or cfg.rounds, local_epochs=cfg.local_epochs,
                    batch_size=cfg.batch_size, max_grad_norm=cfg.dp_clip,
                    accountant=cfg.dp_accountant, max_noise_multiplier=cfg.dp_max_noise,
-                   client=client)
+                   client=client, unit=cfg.dp_unit,
+                   images_per_unit=cfg.dp_person_images if person else 1)
 
 
-def check_run(cfg, client_sizes: dict[int, int]) -> dict[int, DPPlan]:
-    """Plan every client of a run before any training; the first impossible plan is
-    refused with its client named. Returns ``{client: plan}``."""
-    return {cid: plan_for_run(cfg, n, f"client {cid}") for cid, n in sorted(client_sizes.items())}
+def check_run(cfg, client_sizes: dict[int, tuple[int, int]]) -> dict[int, DPPlan]:
+    """Plan every client of a run (``{client: (images, people)}``) before any training;
+    the first impossible plan is refused with its client named. Returns ``{client: plan}``."""
+    return {cid: plan_for_run(cfg, n, p, f"client {cid}")
+            for cid, (n, p) in sorted(client_sizes.items())}

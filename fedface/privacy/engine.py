@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
@@ -67,16 +68,28 @@ class PrivateTraining:
     mode: str = "hooks"
     keeper: BookKeeping | None = None
     sampler: torch.Generator | None = None
+    people: list[torch.Tensor] | None = None
 
     def batches(self, _generator: torch.Generator | None = None):
-        """One epoch of Poisson-sampled index batches (sizes vary around the plan's)."""
+        """One epoch of Poisson-sampled index batches (sizes vary around the plan's).
+
+        ``unit="person"``: each person is drawn with the plan's rate and contributes at
+        most ``images_per_unit`` of their images, drawn at random, to the step."""
         if self.loader is not None:
             for (idx,) in self.loader:
                 yield idx
             return
         n, q = self.plan.num_examples, self.plan.sample_rate
         for _ in range(int(1.0 / q)):  # the plan's steps per epoch
-            yield torch.nonzero(torch.rand(n, generator=self.sampler) < q).flatten()
+            drawn = torch.nonzero(torch.rand(n, generator=self.sampler) < q).flatten()
+            if self.people is None:
+                yield drawn
+                continue
+            k = self.plan.images_per_unit
+            picks = [self.people[p][torch.randperm(len(self.people[p]),
+                                                   generator=self.sampler)[:k]]
+                     for p in drawn.tolist()]
+            yield torch.cat(picks) if picks else drawn
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits through the wrapped module (per-sample norms or gradients are recorded)."""
@@ -85,14 +98,27 @@ class PrivateTraining:
             self.optimizer.batch_size = len(x)
         return self.module(x, labels)
 
-    def attach_after_noise(self, fn) -> None:
-        """Call ``fn()`` after clipping and noise, right before each parameter update
-        (PFM's global momentum is mixed in here: it is public, so this is post-processing)."""
-        self.optimizer.original_optimizer.register_step_pre_hook(lambda *_: fn())
+
+def person_groups(people, plan: DPPlan) -> tuple[list[torch.Tensor], float]:
+    """Image indices of every person (labels ``0..P-1``) and the expected images per
+    step, ``q x sum_p min(k, n_p)``; refuses labels that do not match the plan."""
+    labels = torch.as_tensor(np.asarray(people), dtype=torch.long)
+    count = int(labels.max()) + 1 if len(labels) else 0
+    if count != plan.num_examples:
+        raise PrivacyConfigError(
+            f"dp-unit=person: the plan is for {plan.num_examples} people but the training "
+            f"labels name {count}; plan with the client's number of identities")
+    groups = [torch.nonzero(labels == p).flatten() for p in range(count)]
+    if any(len(g) == 0 for g in groups):
+        raise PrivacyConfigError("dp-unit=person: a person has no training image; labels "
+                                 "must be 0..P-1 with every person present")
+    k = plan.images_per_unit
+    return groups, plan.sample_rate * float(sum(min(k, len(g)) for g in groups))
 
 
 def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
-                 plan: DPPlan, *, seed: int = 0, grad_sample_mode: str = "bk") -> PrivateTraining:
+                 plan: DPPlan, *, seed: int = 0, grad_sample_mode: str = "bk",
+                 people=None) -> PrivateTraining:
     """Wrap a client's backbone, head and optimizer for DP-SGD under ``plan``.
 
     Parameters
@@ -111,6 +137,12 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
         (:mod:`fedface.privacy.bookkeeping`), falling back to ``"hooks"`` for models with
         layers it has no rule for (cosface/arcface heads); ``"hooks"``, ``"ew"`` or
         ``"functorch"``: Opacus' per-sample gradients.
+    people : array, optional
+        Training labels (person ``0..P-1`` of each image): needed when
+        ``plan.unit == "person"``. Each image is then clipped to ``plan.image_clip``,
+        so a person's images in a step sum to at most ``plan.max_grad_norm``, and the
+        noise is ``plan.noise_multiplier x plan.max_grad_norm``, as for one image at the
+        image level.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise PrivacyConfigError(f"dp-grad-sample-mode={grad_sample_mode!r}: use one of "
@@ -118,17 +150,24 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
     check_dp_compatible(backbone, "backbone")
     check_dp_compatible(head, "head")
     joint = _Joint(backbone, head)
+    groups, expected = None, plan.sample_rate * plan.num_examples
+    if plan.unit == "person":
+        if people is None:
+            raise PrivacyConfigError("dp-unit=person needs the training labels (people=...) "
+                                     "to sample people")
+        groups, expected = person_groups(people, plan)
+    sampler = torch.Generator().manual_seed(int(seed))
     if grad_sample_mode == "bk":
         if not unsupported_layers(joint):
-            keeper = BookKeeping(joint, plan.max_grad_norm)
+            keeper = BookKeeping(joint, plan.image_clip)
             opt = BookKeepingOptimizer(
-                optimizer, keeper, plan.noise_multiplier,
-                expected_batch_size=plan.sample_rate * plan.num_examples,
+                optimizer, keeper, plan.image_noise_multiplier, expected_batch_size=expected,
                 generator=torch.Generator().manual_seed(int(seed) + 1))
             return PrivateTraining(module=joint, optimizer=opt, loader=None, plan=plan,
-                                   mode="bk", keeper=keeper,
-                                   sampler=torch.Generator().manual_seed(int(seed)))
+                                   mode="bk", keeper=keeper, sampler=sampler, people=groups)
         grad_sample_mode = "hooks"
+    # Opacus' per-sample gradients. Images: its own Poisson loader. People: our sampler,
+    # and the optimizer normalises by the expected images per step.
     index = torch.utils.data.TensorDataset(torch.arange(plan.num_examples))
     loader = torch.utils.data.DataLoader(index, batch_size=plan.batch_size,
                                          generator=torch.Generator().manual_seed(int(seed)))
@@ -137,8 +176,12 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
         engine = PrivacyEngine(accountant=plan.accountant)
         module, dp_opt, dp_loader = engine.make_private(
             module=joint, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=grad_sample_mode,
+            noise_multiplier=plan.image_noise_multiplier, max_grad_norm=plan.image_clip,
+            poisson_sampling=groups is None, grad_sample_mode=grad_sample_mode,
             noise_generator=torch.Generator().manual_seed(int(seed) + 1))
+    if groups is not None:
+        dp_opt.expected_batch_size = expected
+        return PrivateTraining(module=module, optimizer=dp_opt, loader=None, plan=plan,
+                               mode=grad_sample_mode, sampler=sampler, people=groups)
     return PrivateTraining(module=module, optimizer=dp_opt, loader=dp_loader, plan=plan,
                            mode=grad_sample_mode)
