@@ -111,7 +111,8 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
                            proximal_mu=ins.proximal_mu,
                            optimizer=private.optimizer if private else opt,
                            batches=private.batches if private else None,
-                           forward=private.forward if private else None)
+                           forward=private.forward if private else None,
+                           on_empty=private.empty_step if private else None)
         save_head(head, context, ins, momentum_of(opt, head) if pfm else None)
         if private is not None:
             spent = ledger.record(ins.server_round, private.plan, private.plan.steps_per_round)

@@ -1,6 +1,7 @@
 """Study: privacy / utility of client-side DP-SGD on LFW, and the membership-inference audit.
 
-FedAvg across 8 institutions holding LFW ``peopleDevTrain.txt`` identities (identity-
+FedAvg (``--strategy`` picks another) across 8 institutions holding LFW
+``peopleDevTrain.txt`` identities (identity-
 disjoint, near-equal sizes: Dirichlet(100), so that every institution can Poisson-sample
 batches of 32), every institution training with DP-SGD under the budget epsilon for all
 rounds, at delta = min(1e-5, 1/(10 N)); epsilon = inf is the same run without DP.
@@ -15,7 +16,7 @@ person with all their images; batch 32 people, at most 2 images each per step).
 
     python experiments/dp.py            # full: 16 rounds, both pair sets, both units
     python experiments/dp.py --quick    # 3 rounds, pairsDevTest: under 10 min on 2 cores
-    python experiments/dp.py --units person --epsilons 8 --seeds 0,1,2
+    python experiments/dp.py --units person --epsilons 8 --seeds 1,2 --append
 
 Writes ``experiments/results/dp[_quick].json``, ``.md`` and ``.png``.
 """
@@ -93,6 +94,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--strategy", default="fedavg",
+                    help="aggregation strategy (fedface train --strategy)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of the existing result file (same settings), adding or "
+                         "replacing the (unit, epsilon, seed) rows run now")
     ap.add_argument("--units", default="image,person",
                     help="privacy units to run: image (record-level), person")
     ap.add_argument("--person-images", type=int, default=2,
@@ -113,14 +119,29 @@ def main() -> None:
     # The non-private run is the same for both units: once per seed.
     grid = [(u, float(e), int(s)) for s in args.seeds.split(",") for e in args.epsilons.split(",")
             for u in (units if math.isfinite(float(e)) else ["none"])]
-    rows, t_all = [], time.time()
+    rows, t_all, earlier_seconds = [], time.time(), 0.0
+    if args.append and (args.out / f"{tag}.json").exists():
+        old = json.loads((args.out / f"{tag}.json").read_text())
+        same = {"rounds": args.rounds, "batch_size": args.batch_size,
+                "image_size": args.image_size, "strategy": args.strategy}
+        differ = {k: (old.get(k, "fedavg" if k == "strategy" else None), v)
+                  for k, v in same.items() if old.get(k, "fedavg" if k == "strategy" else None) != v}
+        if differ:
+            raise SystemExit(f"--append: {tag}.json was run with other settings "
+                             f"(theirs, these): {differ}")
+        for r in old["results"]:  # files of before the unit and seed columns
+            r.setdefault("unit", "none" if _eps(r) == math.inf else "image")
+            r.setdefault("seed", 0)
+        now = {(u, e, s) for u, e, s in grid}
+        rows = [r for r in old["results"] if (r["unit"], _eps(r), r["seed"]) not in now]
+        earlier_seconds = float(old.get("seconds", 0.0))
     for unit, eps, seed in grid:
         cfg = RunConfig(
             data=str(args.lfw), train_people="peopleDevTrain.txt", pairs=pairs,
             image_size=args.image_size, num_clients=args.clients, partition="dirichlet",
             partition_alpha=100.0, rounds=args.rounds, local_epochs=1,
             batch_size=args.batch_size, seed=seed, min_train_nodes=args.clients,
-            holdout_images=1,
+            holdout_images=1, strategy=args.strategy,
             dp_epsilon=0.0 if math.isinf(eps) else eps,
             dp_unit="person" if unit == "person" else "image",
             dp_person_images=args.person_images,
@@ -148,11 +169,13 @@ def main() -> None:
                                                 "mia_auc_mean", "mia_auc_max",
                                                 "mia_people_auc_mean", "mia_people_auc_max")}
                          | {"devtest": row["final"]["pairsDevTest"]["accuracy"]}), flush=True)
-    summary = {"study": "DP-SGD privacy / utility on LFW (FedAvg, 8 institutions)",
-               "rounds": args.rounds, "batch_size": args.batch_size,
-               "person_images": args.person_images, "seeds": args.seeds,
+    rows.sort(key=lambda r: (r["unit"] == "none", r["unit"], _eps(r), r["seed"]))
+    summary = {"study": f"DP-SGD privacy / utility on LFW ({args.strategy}, 8 institutions)",
+               "strategy": args.strategy, "rounds": args.rounds, "batch_size": args.batch_size,
+               "person_images": args.person_images,
+               "seeds": ",".join(str(x) for x in sorted({r["seed"] for r in rows})),
                "image_size": args.image_size, "pairs": pairs.split(","),
-               "seconds": round(time.time() - t_all, 1), "results": rows}
+               "seconds": round(earlier_seconds + time.time() - t_all, 1), "results": rows}
     write_json(args.out / f"{tag}.json", summary)
     (args.out / f"{tag}.md").write_text(markdown(summary))
     plot(rows, args.out / f"{tag}.png")

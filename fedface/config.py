@@ -280,7 +280,8 @@ class RunConfig:
         Valid: local DP-SGD with any strategy and FV; ``client-fixed`` central DP with any
         strategy, plaintext or encrypted; ``server-*`` central DP with plaintext updates.
         Refused: central DP with FV (each FV candidate would be another noisy release of
-        the same updates, outside the accounting).
+        the same updates, outside the accounting); PFM with ``server-*`` central DP (its
+        momentum is estimated before the server adds the noise).
         """
         out = []
         if self.dp_epsilon < 0 or self.dp_epsilon != self.dp_epsilon:
@@ -312,6 +313,12 @@ class RunConfig:
                            "turn fv off, or use local DP-SGD (dp_epsilon) with fv")
             if self.central_dp_noise < 0:
                 out.append(f"central_dp_noise={self.central_dp_noise}: must be >= 0")
+            if self.strategy == "pfm" and self.central_dp.startswith("server-"):
+                out.append(f"strategy=pfm with central_dp={self.central_dp!r} is refused: PFM's "
+                           "momentum, sent to every client, is estimated from the aggregate "
+                           "before Flower's server-side wrapper adds its noise, so it would "
+                           "release the noiseless mean; use central_dp=client-fixed with pfm "
+                           "(the noise is added before updates leave the clients)")
         return out
 
     @property
@@ -335,6 +342,9 @@ class RunConfig:
         if self.central_dp.startswith("server-"):
             out.append(f"central_dp={self.central_dp!r} clips plaintext updates on the server: "
                        "with he_keys use central_dp=client-fixed")
+        if self.server_lr != 1.0 and self.strategy == "pfm":
+            out.append(f"server_lr={self.server_lr} with he_keys: the institutions apply the "
+                       "decrypted mean as it is; use server-lr=1")
         if not 2 <= self.he_bits <= 30:
             out.append(f"he_bits={self.he_bits}: use 2..30")
         if not self.he_clip > 0:

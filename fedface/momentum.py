@@ -24,8 +24,8 @@ backbone only. The heads keep ordinary local momentum.
   from round to round (:func:`momentum_of` reads it back after the round). So under PFM
   no momentum ever restarts: the backbone's part is federated, the head's stays local.
 
-With ``beta = 0`` PFM is FedAvg with momentum-free local steps; in round 1 (no estimate
-yet) it is FedAvg with local momentum ``beta``.
+In round 1 (no estimate yet) PFM is FedAvg with local momentum ``beta``; ``beta = 0``
+turns PFM off (clients then train as under FedAvg).
 """
 
 from __future__ import annotations

@@ -100,10 +100,11 @@ def load_backbone_record(module: nn.Module, record: ArrayRecord) -> None:
     module.load_state_dict(state)
 
 
-def weighted_metric(replies, key: str) -> float | None:
-    """Sample-weighted mean of metric ``key`` over replies (``num-examples`` weights).
+def weighted_metric(replies, key: str, weight_key: str = NUM_EXAMPLES) -> float | None:
+    """Weighted mean of metric ``key`` over replies (``num-examples`` weights, or the
+    aggregation's own ``weight_key``, e.g. ``unit-weight`` under central DP).
 
-    Error replies, replies without ``key`` and replies with no examples are left out;
+    Error replies, replies without ``key`` and replies with no weight are left out;
     None when nothing remains.
     """
     num = den = 0.0
@@ -111,7 +112,7 @@ def weighted_metric(replies, key: str) -> float | None:
         if m.has_error():
             continue
         rec = m.content[METRICS]
-        n = float(rec.get(NUM_EXAMPLES, 0) or 0)
+        n = float(rec.get(weight_key, 0) or 0)
         if key in rec and n > 0:
             num += float(rec[key]) * n
             den += n

@@ -76,6 +76,7 @@ def train_epochs(
     proximal_mu: float = 0.0,
     batches=None,
     forward=None,
+    on_empty=None,
 ) -> TrainResult:
     """Train ``backbone`` and ``head`` on aligned chips with cross-entropy on margin logits.
 
@@ -107,6 +108,9 @@ def train_epochs(
         (:class:`fedface.privacy.PrivateTraining`).
     forward : callable, optional
         ``forward(x, labels)`` returns logits; default ``head(backbone(x), labels)``.
+    on_empty : callable, optional
+        Called for an empty batch (DP-SGD's Poisson sampling can draw nobody): the noise-
+        only step of :meth:`fedface.privacy.PrivateTraining.empty_step`.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -136,8 +140,11 @@ def train_epochs(
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(epochs):
         for idx in batches(gen):
-            if len(idx) == 0:
-                continue  # Poisson drew nobody: probability ~exp(-batch), within delta
+            if len(idx) == 0:  # Poisson drew nobody (DP-SGD)
+                if on_empty is not None:
+                    on_empty()  # the step is still taken: noise alone
+                    steps += 1
+                continue
             x = augment(x_all[idx], gen)
             y = y_all[idx]
             loss = F.cross_entropy(forward(x, y), y)

@@ -215,7 +215,7 @@ class EncryptedFedAvg(FedAvg):
         if not replies:
             return None, None
         updates = [self._opened(m.content[ARRAYS], server_round) for m in replies]
-        steps = weighted_metric(replies, "train-steps") or 1.0
+        steps = weighted_metric(replies, "train-steps", self.weighted_by_key) or 1.0
         env = add_updates(self.keys, updates, self.multipliers(replies), run=self.run_id,
                           server_round=server_round,
                           max_units=self.quantization.max_clients * self.quantization.max_multiplier,

@@ -49,7 +49,7 @@ class PFM(FedAvg):
     ----------
     beta : float (default: 0.9)
         Momentum coefficient of the backbone's local steps and of the estimate; 0
-        reduces PFM to FedAvg with momentum-free local steps.
+        turns PFM off (clients train as under FedAvg).
     server_learning_rate : float (default: 1.0)
         Step along the aggregated update: ``w <- w - lr_s * (w - w_avg)``.
     **kwargs
@@ -93,7 +93,7 @@ class PFM(FedAvg):
         mean = {k: a.numpy() for k, a in agg.items()}
         # The momentum describes the clients' own steps: it is estimated from the plain
         # average, before any server step size is applied.
-        steps = weighted_metric(replies, "train-steps") or 1.0
+        steps = weighted_metric(replies, "train-steps", self.weighted_by_key) or 1.0
         self.momentum = pfm.momentum_update(self.momentum, before, mean, self.round_lr,
                                             max(steps, 1.0), self.beta)
         after = mean

@@ -171,7 +171,8 @@ def test_refused_combinations_name_the_fix(keys):
     for bad, fix in ((dict(strategy="fedadam"), "fedavg, pfm or fedprox"),
                      (dict(central_dp="server-fixed"), "client-fixed"),
                      (dict(he_max_clients=2), "raise it"),
-                     (dict(pause_after=1), "pause-after")):
+                     (dict(pause_after=1), "pause-after"),
+                     (dict(strategy="pfm", server_lr=2.0), "use server-lr=1")):
         with pytest.raises(ValueError, match=fix):
             RunConfig(**SMALL, he_keys=keys, **bad)
 

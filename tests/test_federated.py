@@ -54,6 +54,9 @@ def test_federated_training_and_eval_through_the_cli(tmp_path):
     name, rep = _check_doc(doc, cfg, 3)
     r1 = doc["rounds"][0]
     assert r1["clients_ok"] == 3 and r1["excluded"] == []
+    # FedAvg restarts every momentum each round: no head momentum is kept.
+    assert sorted(p.name for p in (out / "clients").glob("client_000_head*")) == [
+        "client_000_head_r00001.pt", "client_000_head_r00002.pt"]
     # Bytes: every client receives the backbone twice (train, evaluate) and sends it once.
     model_bytes = backbone_record(build_backbone("tinyface", input_size=48)).count_bytes()
     assert r1["bytes_up"] == 3 * model_bytes
@@ -112,6 +115,10 @@ def test_pfm_with_fv_records_candidates_momentum_and_bytes(tmp_path):
         assert names == ["samples", "uniform", names[2]] and r["fv"]["chosen"] in names
         assert all(c["score"] is not None for c in r["fv"]["candidates"])
         assert all(abs(sum(c["weights"]) - 1) < 1e-3 for c in r["fv"]["candidates"])
+    # PFM: each head keeps its own momentum from round to round, next to the head.
+    for cid in range(3):
+        kept = sorted(p.name for p in (tmp_path / "pfm" / "clients").glob(f"client_{cid:03d}_headm_r*"))
+        assert kept == [f"client_{cid:03d}_headm_r00001.pt", f"client_{cid:03d}_headm_r00002.pt"]
     # Round 1: model down for training; round 2 also the momentum. Evaluate carries the
     # round's model and the 2 other FV candidates.
     assert doc["rounds"][0]["bytes_down"] == 3 * mb + 3 * 3 * mb

@@ -80,6 +80,11 @@ def test_ledger_persists_and_declines_the_round_that_would_overspend(tmp_path):
     # The budget spans the federation: a run with another budget is refused.
     with pytest.raises(PrivacyConfigError, match="keep the same settings"):
         PrivacyLedger.load(path).check_next_round(plan_dp(400, epsilon=8.0, **PLAN))
+    # ... and so is the same epsilon spent per person instead of per image.
+    assert doc["unit"] == "image"
+    per_person = plan_dp(400, epsilon=3.0, unit="person", images_per_unit=2, **PLAN)
+    with pytest.raises(PrivacyConfigError, match="per image.*per person"):
+        PrivacyLedger.load(path).check_next_round(per_person)
     path.write_text("{not json")
     with pytest.raises(PrivacyConfigError, match="unreadable.*never delete"):
         PrivacyLedger.load(path)
@@ -192,13 +197,44 @@ def test_person_level_dp_samples_people_and_bounds_each_persons_step(mode):
                  batches=lambda g: iter([one]), forward=private.forward)
     step = math.sqrt(sum(float(((p.detach() - b) ** 2).sum()) for p, b in
                          zip([*backbone.parameters(), *head.parameters()], before)))
-    expected = plan.sample_rate * 8 * k  # images per step on average
-    assert 0 < step * expected <= clip * (1 + 1e-4)
+    expected = plan.sample_rate * 8 * k  # the public normaliser q x P x k
+    assert 0.3 * clip < step * expected <= clip * (1 + 1e-4)  # clipped, not vanished
+    # With noise: std sigma x C / (q P k) per coordinate, as for one image at image level.
+    noisy = dataclasses.replace(plan, noise_multiplier=2.0)
+    backbone2, head2 = _tiny(classes=8)
+    p2 = make_private(backbone2, head2, make_optimizer(backbone2, head2, 1.0, 0.0, 0.0),
+                      noisy, seed=2, grad_sample_mode=mode, people=y)
+    train_epochs(backbone2, head2, x, y, optimizer=p2.optimizer,
+                 batches=lambda g: iter([one]), forward=p2.forward)
+    moved = torch.cat([(a.detach() - b).flatten() for a, b in
+                       zip([*backbone2.parameters(), *head2.parameters()], before)])
+    assert moved.std().item() == pytest.approx(2.0 * clip / expected, rel=0.05)
+    # An empty slot (a person removed) changes nothing public; labels past the slots do.
+    make_private(backbone, head, make_optimizer(backbone, head, 1.0, 0.0, 0.0), plan,
+                 people=y[y != 3], grad_sample_mode=mode)
     with pytest.raises(PrivacyConfigError, match="plan is for 8 people"):
         make_private(backbone, head, make_optimizer(backbone, head, 1.0, 0.0, 0.0), plan,
-                     people=y[y < 5])
+                     people=y + 1)
     with pytest.raises(PrivacyConfigError, match="needs the training labels"):
         make_private(backbone, head, make_optimizer(backbone, head, 1.0, 0.0, 0.0), plan)
+
+
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+def test_an_empty_poisson_draw_still_takes_a_noise_step(mode):
+    x, y = _faces()
+    plan = dataclasses.replace(plan_dp(len(y), epsilon=8.0, rounds=1, local_epochs=1,
+                                       batch_size=16), noise_multiplier=2.0, max_grad_norm=0.01)
+    backbone, head = _tiny()
+    before = [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]]
+    private = make_private(backbone, head, make_optimizer(backbone, head, 1.0, 0.0, 0.0), plan,
+                           seed=4, grad_sample_mode=mode)
+    res = train_epochs(backbone, head, x, y, optimizer=private.optimizer, forward=private.forward,
+                       batches=lambda g: iter([torch.zeros(0, dtype=torch.long)]),
+                       on_empty=private.empty_step)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in
+                       zip([*backbone.parameters(), *head.parameters()], before)])
+    assert res.steps == 1 and res.num_examples == 0
+    assert moved.std().item() == pytest.approx(2.0 * 0.01 / plan.batch_size, rel=0.05)
 
 
 def test_incompatible_model_is_refused_naming_the_layer_and_the_fix():
@@ -242,6 +278,8 @@ def test_central_epsilon_shrinks_with_noise():
     (dict(central_dp="sometimes"), "central_dp='sometimes'"),
     (dict(dp_accountant="moments"), "dp_accountant='moments'"),
     (dict(dp_epsilon=-1.0), "dp_epsilon=-1.0"),
+    (dict(strategy="pfm", central_dp="server-adaptive"), "use central_dp=client-fixed with pfm"),
+    (dict(dp_person_images=0), "dp_person_images=0"),
 ])
 def test_invalid_privacy_combinations_are_refused_at_start(changes, needle):
     with pytest.raises(ValueError, match="Invalid run configuration") as err:
@@ -297,13 +335,14 @@ def test_federated_dp_accounts_every_round_and_stops_when_budgets_are_spent(tmp_
 def test_person_level_dp_runs_end_to_end_and_accounts_people(tmp_path):
     from fedface.runner import run
 
-    cfg = RunConfig(**{**SMALL, "batch_size": 4}, rounds=2, dp_epsilon=8.0,
+    cfg = RunConfig(**{**SMALL, "batch_size": 2}, rounds=2, dp_epsilon=8.0,
                     dp_unit="person", dp_person_images=2, out=str(tmp_path / "people"))
     doc = run(cfg)
     people = {str(c["client"]): c["train_identities"] for c in doc["data"]["clients"]}
     for cid, plan in doc["dp_plans"].items():
         assert plan["unit"] == "person" and plan["images_per_unit"] == 2
-        assert plan["units"] == people[cid] and plan["sample_rate"] == pytest.approx(4 / people[cid])
+        assert plan["units"] == people[cid]
+        assert plan["sample_rate"] == pytest.approx(2 / people[cid], abs=1e-5)
     spent = doc["rounds"][-1]["dp"]["epsilon_spent"]
     assert set(spent) == set(people) and all(e == pytest.approx(8.0, abs=0.05) for e in spent.values())
 
@@ -386,8 +425,10 @@ def test_cli_reports_epsilon_per_institution_and_refuses_bad_batches(tmp_path):
     assert not (tmp_path / "bad" / "metrics.json").exists()
 
 
-def test_pfm_global_momentum_is_applied_after_the_noise():
-    """PFM's momentum is public: the buffer it seeds meets only clipped, noised gradients."""
+@pytest.mark.parametrize("mode", ["bk", "hooks"])
+def test_pfm_seeded_momentum_survives_the_private_wrapper(mode):
+    """PFM's global momentum (public) is seeded before make_private and still drives the
+    step: the buffer then meets only clipped, noised gradients."""
     from fedface.momentum import seed_momentum
 
     x, y = _faces()
@@ -401,7 +442,7 @@ def test_pfm_global_momentum_is_applied_after_the_noise():
         if seeded:
             seed_momentum(opt, backbone,
                           {k: np.full(v.shape, 0.01, np.float32) for k, v in before.items()})
-        private = make_private(backbone, head, opt, plan, seed=3)
+        private = make_private(backbone, head, opt, plan, seed=3, grad_sample_mode=mode)
         batch = next(iter(private.batches()))
         train_epochs(backbone, head, x, y, optimizer=private.optimizer,
                      batches=lambda g, b=batch: iter([b]), forward=private.forward, seed=1)

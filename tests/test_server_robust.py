@@ -129,6 +129,46 @@ def test_pfm_strategy_keeps_momentum_and_steps_like_fedavg():
     a = sum((1 - 0.9 ** t) / 0.1 for t in range(1, 5))
     g = -0.02 / (0.1 * a)
     np.testing.assert_allclose(s.momentum["w"], (1 - 0.9 ** 4) / 0.1 * g, rtol=1e-4)
+    # A server step size scales the step, not the momentum, which describes the clients'.
+    s2 = PFM(beta=0.9, server_learning_rate=2.0, min_train_nodes=2, min_available_nodes=2)
+    s2.current_arrays = {k: v.copy() for k, v in REF.items()}
+    s2.round_lr = 0.1
+    agg2, _ = s2.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg2["w"].numpy(), 0.04, rtol=1e-5)
+    np.testing.assert_allclose(s2.momentum["w"], s.momentum["w"])
+    # Steps are weighted like the aggregate: uniform weights (central DP) weight uniformly.
+    s3 = PFM(beta=0.0, min_train_nodes=2, min_available_nodes=2, weighted_by_key="unit-weight")
+    s3.current_arrays = {k: v.copy() for k, v in REF.items()}
+    s3.round_lr = 0.1
+    s3.aggregate_train(1, [_reply(1, n=10, metrics={"train-steps": 1, "unit-weight": 1}),
+                           _reply(3, n=30, metrics={"train-steps": 3, "unit-weight": 1})])
+    np.testing.assert_allclose(s3.momentum["w"], -0.02 / (0.1 * 2), rtol=1e-5)  # mean 2 steps
+
+
+def test_head_momentum_is_kept_per_round_and_reloaded(tmp_path):
+    """PFM: a head's momentum buffers are saved after each round next to the head and the
+    newest one before the current round is loaded (so a resumed round replays alike)."""
+    import torch
+    from flwr.app import Context, RecordDict
+
+    from client.task import head_momentum, save_head
+    from fedface.protocol import TrainInstructions
+
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 2}, state=RecordDict(),
+                  run_config={})
+    head = torch.nn.Linear(3, 2)
+    ins = lambda r: TrainInstructions(server_round=r, state_dir=str(tmp_path))  # noqa: E731
+    assert head_momentum(ctx, ins(1)) is None  # first round: nothing kept yet
+    for r in (1, 2, 3):
+        save_head(head, ctx, ins(r), {"weight": np.full((2, 3), float(r), np.float32)})
+    assert sorted(p.name for p in tmp_path.glob("client_002_headm_r*")) == [
+        "client_002_headm_r00002.pt", "client_002_headm_r00003.pt"]  # the last two
+    np.testing.assert_array_equal(head_momentum(ctx, ins(3))["weight"], 2.0)
+    np.testing.assert_array_equal(head_momentum(ctx, ins(4))["weight"], 3.0)
+    # Without a state folder the node's state keeps it.
+    bare = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    save_head(head, bare, TrainInstructions(server_round=1), {"weight": np.ones((2, 3), np.float32)})
+    np.testing.assert_array_equal(head_momentum(bare, TrainInstructions(server_round=2))["weight"], 1.0)
 
 
 def test_fv_candidates_weights_and_choice():

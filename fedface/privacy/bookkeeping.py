@@ -244,3 +244,12 @@ class BookKeepingOptimizer:
         finally:
             self.keeper.release()
         self.original_optimizer.step()
+
+    def noise_only_step(self) -> None:
+        """The step of an empty batch: Gaussian noise over the expected batch size."""
+        std = self.noise_multiplier * self.keeper.max_grad_norm
+        for p in self.keeper.params:
+            p.grad = torch.normal(0.0, std, size=p.shape, generator=self.generator) / (
+                self.expected_batch_size)
+        self.keeper.release()
+        self.original_optimizer.step()

@@ -235,6 +235,8 @@ class PrivacyLedger:
         The budget (fixed by the first plan; a changed budget is refused).
     accountant : str
         Accountant used to compose the history.
+    unit : str
+        What the budget protects (``image`` or ``person``): fixed with the budget.
     history : list
         ``[noise_multiplier, sample_rate, steps]`` of every round trained.
     rounds : list
@@ -245,6 +247,7 @@ class PrivacyLedger:
     delta: float = 0.0
     target_epsilon: float = 0.0
     accountant: str = "prv"
+    unit: str = "image"
     history: list = field(default_factory=list)
     rounds: list = field(default_factory=list)
 
@@ -258,9 +261,9 @@ class PrivacyLedger:
             return cls(path=str(p or ""))
         try:
             data = json.loads(text)
-            return cls(path=str(p or ""), **{k: data[k] for k in
-                                       ("delta", "target_epsilon", "accountant", "history",
-                                        "rounds")})
+            return cls(path=str(p or ""), unit=str(data.get("unit", "image")),
+                       **{k: data[k] for k in ("delta", "target_epsilon", "accountant",
+                                               "history", "rounds")})
         except (ValueError, KeyError, TypeError) as e:
             raise PrivacyConfigError(
                 f"Privacy ledger {p} is unreadable ({e}). It records the budget this "
@@ -277,15 +280,15 @@ class PrivacyLedger:
         """Fix the budget on first use; refuse a later plan with a different one."""
         if not self.history:
             self.delta, self.target_epsilon = plan.delta, plan.target_epsilon
-            self.accountant = plan.accountant
+            self.accountant, self.unit = plan.accountant, plan.unit
             return
         if (abs(self.delta - plan.delta) > 1e-15 or self.target_epsilon != plan.target_epsilon
-                or self.accountant != plan.accountant):
+                or self.accountant != plan.accountant or self.unit != plan.unit):
             raise PrivacyConfigError(
                 f"Privacy ledger {self.path} holds a budget of epsilon={self.target_epsilon} at "
-                f"delta={self.delta:g} ({self.accountant}); this run asks for "
-                f"epsilon={plan.target_epsilon} at delta={plan.delta:g} ({plan.accountant}). "
-                "A budget spans the whole federation: keep the same settings")
+                f"delta={self.delta:g} ({self.accountant}, per {self.unit}); this run asks for "
+                f"epsilon={plan.target_epsilon} at delta={plan.delta:g} ({plan.accountant}, "
+                f"per {plan.unit}). A budget spans the whole federation: keep the same settings")
 
     def check_next_round(self, plan: DPPlan) -> float:
         """Epsilon after one more round of ``plan``; raises if it exceeds the budget."""

@@ -91,6 +91,19 @@ class PrivateTraining:
                      for p in drawn.tolist()]
             yield torch.cat(picks) if picks else drawn
 
+    def empty_step(self) -> None:
+        """A step whose Poisson draw was empty: noise alone, as the accountant assumes
+        every step adds it (skipping it would release a noiseless "nobody drawn")."""
+        opt = self.optimizer
+        if isinstance(opt, BookKeepingOptimizer):
+            opt.noise_only_step()
+            return
+        std = opt.noise_multiplier * opt.max_grad_norm
+        for p in opt.params:
+            p.grad = torch.normal(0.0, std, size=p.shape, generator=opt.generator) / float(
+                opt.expected_batch_size)
+        opt.original_optimizer.step()
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Logits through the wrapped module (per-sample norms or gradients are recorded)."""
         if self.keeper is not None:
@@ -100,20 +113,24 @@ class PrivateTraining:
 
 
 def person_groups(people, plan: DPPlan) -> tuple[list[torch.Tensor], float]:
-    """Image indices of every person (labels ``0..P-1``) and the expected images per
-    step, ``q x sum_p min(k, n_p)``; refuses labels that do not match the plan."""
+    """Image indices of every person slot (labels ``0..P-1``, ``P = plan.num_examples``)
+    and the normaliser ``q x P x k``.
+
+    The P slots (the head's rows) are public, like N in record-level DP-SGD: removing a
+    person empties their slot and leaves the model's shape, the sampling rate and the
+    normaliser as they were, so a step differs only by that person's own images, whose
+    clipped gradients sum to at most the clip. (A normaliser counting the images drawn
+    on average, ``q x sum_p min(k, n_p)``, would depend on the private image counts.)
+    """
     labels = torch.as_tensor(np.asarray(people), dtype=torch.long)
-    count = int(labels.max()) + 1 if len(labels) else 0
-    if count != plan.num_examples:
+    slots = plan.num_examples
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= slots):
         raise PrivacyConfigError(
-            f"dp-unit=person: the plan is for {plan.num_examples} people but the training "
-            f"labels name {count}; plan with the client's number of identities")
-    groups = [torch.nonzero(labels == p).flatten() for p in range(count)]
-    if any(len(g) == 0 for g in groups):
-        raise PrivacyConfigError("dp-unit=person: a person has no training image; labels "
-                                 "must be 0..P-1 with every person present")
-    k = plan.images_per_unit
-    return groups, plan.sample_rate * float(sum(min(k, len(g)) for g in groups))
+            f"dp-unit=person: the plan is for {slots} people but the training labels run "
+            f"from {int(labels.min())} to {int(labels.max())}; plan with the client's number "
+            "of identities (labels 0..P-1)")
+    groups = [torch.nonzero(labels == p).flatten() for p in range(slots)]
+    return groups, plan.sample_rate * slots * plan.images_per_unit
 
 
 def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
