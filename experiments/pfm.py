@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--methods-for", action="append", default=[], metavar="C=LIST",
                     help="methods for C clients only, e.g. 16=centralized,fedavg,pfm,pfm+fv")
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs of the existing result file (same settings) and run "
+                         "only the (clients, seed, method) it lacks")
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 8 clients, 4 rounds, pairsDevTest only")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -75,36 +78,52 @@ def main() -> None:
     unknown = set(methods).union(*per_clients.values()) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
-    runs = []
-    t_all = time.time()
-    for n_clients in [int(c) for c in args.clients.split(",")]:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            for method in per_clients.get(n_clients, methods):
-                cfg = RunConfig(
-                    data=str(args.lfw), train_people="peopleDevTrain.txt", pairs=pairs,
-                    image_size=args.image_size, num_clients=n_clients, partition="dirichlet",
-                    partition_alpha=1.0, rounds=args.rounds, local_epochs=args.local_epochs,
-                    seed=seed, min_train_nodes=n_clients,
-                    out=str(args.out / tag / f"c{n_clients}-s{seed}-{method}"),
-                    **METHODS[method])
-                t0 = time.time()
-                doc = run(cfg)
-                row = {"method": method, "clients": n_clients, "seed": seed,
-                       "seconds": round(time.time() - t0, 1),
-                       "final": {k: {f: v[f] for f in FIGURES} for k, v in doc["final"].items()
-                                 if isinstance(v, dict) and "accuracy" in v},
-                       "curve": [r.get("test_accuracy") for r in doc["rounds"]],
-                       "fv_chosen": [r["fv"]["chosen"] for r in doc["rounds"] if "fv" in r]}
-                runs.append(row)
-                print(json.dumps({k: row[k] for k in ("method", "clients", "seed", "seconds")}
-                                 | {"devtest": row["final"]["pairsDevTest"]["accuracy"]}), flush=True)
-                summary = {"study": "PFM / FV vs baselines on LFW", "rounds": args.rounds,
-                           "local_epochs": args.local_epochs, "image_size": args.image_size,
-                           "pairs": pairs.split(","), "seconds": round(time.time() - t_all, 1),
-                           "table": aggregate(runs), "paired": paired(runs), "runs": runs}
-                write_json(args.out / f"{tag}.json", summary)
-                (args.out / f"{tag}.md").write_text(markdown(summary))
-                plot(runs, args.out / f"{tag}_curves.png")
+    runs, t_all, earlier = [], time.time(), 0.0
+    if args.append and (args.out / f"{tag}.json").exists():
+        old = json.loads((args.out / f"{tag}.json").read_text())
+        mine = {"rounds": args.rounds, "local_epochs": args.local_epochs,
+                "image_size": args.image_size}
+        if any(old.get(k) != v for k, v in mine.items()):
+            raise SystemExit(f"--append: {tag}.json was run with other settings "
+                             f"({ {k: old.get(k) for k in mine} }, now {mine})")
+        runs, earlier = old["runs"], float(old.get("seconds", 0.0))
+    done = {(r["clients"], r["seed"], r["method"]) for r in runs}
+    # The methods the targets compare first, over every seed of a split: wherever a long
+    # study is stopped, it has what matters most.
+    first = ("fedavg", "pfm", "pfm+fv", "centralized")
+    rank = {m: first.index(m) if m in first else len(first) + list(METHODS).index(m)
+            for m in METHODS}
+    plan = sorted(((c, s, m) for s in [int(x) for x in args.seeds.split(",")]
+                   for c in [int(x) for x in args.clients.split(",")]
+                   for m in per_clients.get(c, methods) if (c, s, m) not in done),
+                  key=lambda t: (t[2] not in first, t[0], t[1], rank[t[2]]))
+    for n_clients, seed, method in plan:
+        cfg = RunConfig(
+            data=str(args.lfw), train_people="peopleDevTrain.txt", pairs=pairs,
+            image_size=args.image_size, num_clients=n_clients, partition="dirichlet",
+            partition_alpha=1.0, rounds=args.rounds, local_epochs=args.local_epochs,
+            seed=seed, min_train_nodes=max(2, n_clients // 2),
+            out=str(args.out / tag / f"c{n_clients}-s{seed}-{method}"),
+            **METHODS[method])
+        t0 = time.time()
+        doc = run(cfg)
+        row = {"method": method, "clients": n_clients, "seed": seed,
+               "seconds": round(time.time() - t0, 1),
+               "final": {k: {f: v[f] for f in FIGURES} for k, v in doc["final"].items()
+                         if isinstance(v, dict) and "accuracy" in v},
+               "curve": [r.get("test_accuracy") for r in doc["rounds"]],
+               "fv_chosen": [r["fv"]["chosen"] for r in doc["rounds"] if "fv" in r]}
+        runs.append(row)
+        print(json.dumps({k: row[k] for k in ("method", "clients", "seed", "seconds")}
+                         | {"devtest": row["final"]["pairsDevTest"]["accuracy"]}), flush=True)
+        summary = {"study": "PFM / FV vs baselines on LFW", "rounds": args.rounds,
+                   "local_epochs": args.local_epochs, "image_size": args.image_size,
+                   "pairs": pairs.split(","),
+                   "seconds": round(earlier + time.time() - t_all, 1),
+                   "table": aggregate(runs), "paired": paired(runs), "runs": runs}
+        write_json(args.out / f"{tag}.json", summary)
+        (args.out / f"{tag}.md").write_text(markdown(summary))
+        plot(runs, args.out / f"{tag}_curves.png")
     print((args.out / f"{tag}.md").read_text())
 
 
