@@ -54,8 +54,11 @@ class FederatedValidation:
         return out[: max(2, self.budget)]
 
     @staticmethod
-    def weights(replies: list[Message], tau: float) -> np.ndarray:
-        n = np.array([float(m.content[METRICS][NUM_EXAMPLES]) for m in replies])
+    def weights(replies: list[Message], tau: float, counts=None) -> np.ndarray:
+        """Weights ``n^tau`` normalised, from ``counts`` (default: the replies' sample
+        counts)."""
+        n = np.array([float(m.content[METRICS][NUM_EXAMPLES]) for m in replies]
+                     if counts is None else counts, dtype=float)
         w = np.exp(tau * np.log(n))
         return w / w.sum()
 
@@ -71,7 +74,8 @@ class FederatedValidation:
         out = []
         try:
             for name, tau in self.candidates():
-                w = self.weights(replies, tau)
+                # From the original counts: the loop overwrites num-examples per candidate.
+                w = self.weights(replies, tau, originals)
                 for m, wi in zip(replies, w):
                     m.content[METRICS][NUM_EXAMPLES] = float(wi)
                 s = copy.deepcopy(strategy)

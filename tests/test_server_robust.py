@@ -182,6 +182,12 @@ def test_fv_candidates_weights_and_choice():
     # samples: 0.25*0.01 + 0.75*0.02; uniform: 0.015 - and the replies are left unchanged
     np.testing.assert_allclose(cands[0]["arrays"]["b"].numpy(), 0.0175, rtol=1e-5)
     np.testing.assert_allclose(cands[1]["arrays"]["b"].numpy(), 0.015, rtol=1e-5)
+    # Every candidate weighs the original counts (not the previous candidate's weights).
+    for c in cands[2:]:
+        np.testing.assert_allclose(c["weights"], fv.weights(replies, c["tau"]))
+        w = np.array([10.0, 30.0]) ** c["tau"]
+        np.testing.assert_allclose(c["arrays"]["b"].numpy(), (w @ [0.01, 0.02]) / w.sum(), rtol=1e-5)
+    assert len({round(float(c["arrays"]["b"].numpy()[0]), 7) for c in cands}) == 4
     assert [m.content[METRICS][NUM_EXAMPLES] for m in replies] == [10, 30]
     assert fv.choose([0.7, 0.8, None, 0.75]) == 1
     assert fv.choose([None, None]) == 0
