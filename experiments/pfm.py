@@ -87,7 +87,10 @@ def main() -> None:
             raise SystemExit(f"--append: {tag}.json was run with other settings "
                              f"({ {k: old.get(k) for k in mine} }, now {mine})")
         runs, earlier = old["runs"], float(old.get("seconds", 0.0))
-    done = {(r["clients"], r["seed"], r["method"]) for r in runs}
+        failed = old.get("failed", [])
+    else:
+        failed = []
+    done = {(r["clients"], r["seed"], r["method"]) for r in runs + failed}
     # The methods the targets compare first, over every seed of a split: wherever a long
     # study is stopped, it has what matters most.
     first = ("fedavg", "pfm", "pfm+fv", "centralized")
@@ -106,7 +109,13 @@ def main() -> None:
             out=str(args.out / tag / f"c{n_clients}-s{seed}-{method}"),
             **METHODS[method])
         t0 = time.time()
-        doc = run(cfg)
+        try:
+            doc = run(cfg)
+        except (FloatingPointError, RuntimeError) as e:  # a diverged or stopped run is a result
+            failed.append({"method": method, "clients": n_clients, "seed": seed,
+                           "error": str(e).splitlines()[-1][:300]})
+            print(json.dumps(failed[-1]), flush=True)
+            continue
         row = {"method": method, "clients": n_clients, "seed": seed,
                "seconds": round(time.time() - t0, 1),
                "final": {k: {f: v[f] for f in FIGURES} for k, v in doc["final"].items()
@@ -120,7 +129,8 @@ def main() -> None:
                    "local_epochs": args.local_epochs, "image_size": args.image_size,
                    "pairs": pairs.split(","),
                    "seconds": round(earlier + time.time() - t_all, 1),
-                   "table": aggregate(runs), "paired": paired(runs), "runs": runs}
+                   "table": aggregate(runs), "paired": paired(runs), "failed": failed,
+                   "runs": runs}
         write_json(args.out / f"{tag}.json", summary)
         (args.out / f"{tag}.md").write_text(markdown(summary))
         plot(runs, args.out / f"{tag}_curves.png")
@@ -182,6 +192,10 @@ def markdown(summary: dict) -> str:
     lines += ["", "pairs.txt (View 2) shares 2,985 of its 4,281 identities with peopleDevTrain.txt, so its "
                  "figures are not identity-disjoint (flattering); pairsDevTest.txt is the "
                  "identity-disjoint test."]
+    if summary.get("failed"):
+        lines += ["", "Runs that did not finish (left out of the tables):", ""]
+        lines += [f"- {f['clients']} clients, seed {f['seed']}, {f['method']}: {f['error']}"
+                  for f in summary["failed"]]
     lines += ["", "Paired differences in accuracy points (same seed and split; mean ± std over "
                   "seeds, then each seed):", "",
               "| clients | difference | pair set | seeds | mean | per seed |", "|---|---|---|---|---|---|"]

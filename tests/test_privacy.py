@@ -162,8 +162,10 @@ def test_person_level_plan_counts_people_and_refuses_what_cannot_work():
                 unit="person")
     assert plan.image_clip == pytest.approx(plan.max_grad_norm / 3)
     assert plan.image_noise_multiplier == pytest.approx(3 * plan.noise_multiplier)
-    with pytest.raises(PrivacyConfigError, match="N=40 people in training"):
+    with pytest.raises(PrivacyConfigError, match="N=40 people in training.*batch-size 10 or"):
         plan_dp(40, epsilon=8.0, rounds=2, local_epochs=1, batch_size=40, unit="person")
+    with pytest.raises(PrivacyConfigError, match="too few people.*dp-unit=image"):
+        plan_dp(2, epsilon=8.0, rounds=2, local_epochs=1, batch_size=2, unit="person")
     with pytest.raises(PrivacyConfigError, match="dp-unit"):
         plan_dp(40, epsilon=8.0, rounds=2, local_epochs=1, batch_size=8, unit="patient")
     with pytest.raises(PrivacyConfigError, match="dp-person-images"):

@@ -193,11 +193,14 @@ def plan_dp(num_examples: int, *, epsilon: float, delta: float = 0.0, rounds: in
             f"would allow leaking a whole record; use dp-delta <= {0.1 / num_examples:.2g} "
             "or 0 for the default min(1e-5, 1/(10N))")
     if batch_size >= num_examples:
+        fix = (f"use --batch-size {max(2, num_examples // 4)} or less" if num_examples > 2 else
+               f"batches need at least 2, so this client has too few {what} for Poisson-"
+               "sampled DP-SGD: give it more data" +
+               (", or protect images (dp-unit=image)" if unit == "person" else ""))
         raise PrivacyConfigError(
             f"{where}: batch-size={batch_size} is not below N, so Poisson sampling (rate "
             f"batch/N = {batch_size / num_examples:.2f}, must be < 1) cannot honour it and "
-            f"there is no subsampling to amplify privacy; use --batch-size "
-            f"{max(2, num_examples // 4)} or less")
+            f"there is no subsampling to amplify privacy; {fix}")
     sample_rate = batch_size / num_examples
     steps_per_round = local_epochs * int(1.0 / sample_rate)
     total = rounds * steps_per_round
