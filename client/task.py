@@ -124,7 +124,12 @@ def _load_kept(context: Context, ins: TrainInstructions | None, key: str, tag: s
                    if r < ins.server_round}
         if not earlier:
             return None  # first round of this run: a fresh head
-        return torch.load(earlier[max(earlier)], map_location="cpu", weights_only=True)
+        path = earlier[max(earlier)]
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file: say which, keep it
+            raise ValueError(f"Client state file {path} is unreadable ({type(e).__name__}): "
+                             "restore it, or remove it to start that head afresh") from None
     if key in context.state:
         return context.state[key].to_torch_state_dict()
     return None

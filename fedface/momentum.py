@@ -74,14 +74,10 @@ def momentum_update(momentum: Mapping[str, np.ndarray] | None,
         if np.asarray(b).dtype.kind != "f":
             continue
         moved = (np.asarray(b, np.float32) - np.asarray(after[k], np.float32)) / np.float32(lr)
-        v0 = None if momentum is None else momentum.get(k)
-        if v0 is None:
-            g = moved / np.float32(big_a)
-            out[k] = gain * g
-        else:
-            v0 = np.asarray(v0, np.float32)
-            g = (moved - np.float32(big_b) * v0) / np.float32(big_a)
-            out[k] = keep * v0 + gain * g
+        v0 = (momentum or {}).get(k)
+        v0 = np.zeros_like(moved) if v0 is None else np.asarray(v0, np.float32)
+        g = (moved - np.float32(big_b) * v0) / np.float32(big_a)
+        out[k] = keep * v0 + gain * g
     return out
 
 

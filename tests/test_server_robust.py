@@ -165,6 +165,12 @@ def test_head_momentum_is_kept_per_round_and_reloaded(tmp_path):
         "client_002_headm_r00002.pt", "client_002_headm_r00003.pt"]  # the last two
     np.testing.assert_array_equal(head_momentum(ctx, ins(3))["weight"], 2.0)
     np.testing.assert_array_equal(head_momentum(ctx, ins(4))["weight"], 3.0)
+    # A truncated file is refused naming it, and left in place.
+    bad = tmp_path / "client_002_headm_r00003.pt"
+    bad.write_bytes(b"\x80trunc")
+    with pytest.raises(ValueError, match="client_002_headm_r00003.pt is unreadable"):
+        head_momentum(ctx, ins(4))
+    assert bad.exists()
     # Without a state folder the node's state keeps it.
     bare = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     save_head(head, bare, TrainInstructions(server_round=1), {"weight": np.ones((2, 3), np.float32)})
