@@ -14,7 +14,19 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import he
-from client.privacy import central_dp_share, keep_ledger, load_ledger
+from client.privacy import (
+    SEED_CENTRAL_NOISE,
+    SEED_DP_NOISE,
+    SEED_DP_SAMPLING,
+    SEED_HE_ROUNDING,
+    central_dp_share,
+    check_node_budget,
+    check_sampled_clients,
+    federation_size,
+    keep_ledger,
+    load_ledger,
+    private_seeds,
+)
 from client.task import (
     build_backbone_only,
     build_models,
@@ -33,6 +45,10 @@ from fedface.protocol import (
     ARRAYS,
     CLIENT_ID,
     CONFIG,
+    DP_DELTA,
+    DP_EPSILON_SPENT,
+    DP_NOISE,
+    DP_RELEASABLE,
     FV_PREFIX,
     HE_CATCH_UP,
     HE_COMMIT_ROUND,
@@ -42,6 +58,9 @@ from fedface.protocol import (
     METRICS,
     MOMENTUM,
     NUM_EXAMPLES,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    TRAIN_STEPS,
     UNIT_WEIGHT,
     TrainInstructions,
     backbone_record,
@@ -65,8 +84,16 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg, ins, data = setup(msg, context)
+        cid = client_id(context)
+        # Public seed: shuffling, augmentation (reproducible runs). Everything a privacy
+        # guarantee rests on is drawn from this institution's secret instead.
         seed = client_seed(cfg, context, ins.server_round)
         torch.manual_seed(seed)
+        private_run = cfg.dp_epsilon > 0 or cfg.central_dp != "off"
+        seeds = private_seeds(context, ins, cid) if private_run or cfg.encrypted else None
+        plan = (plan_for_run(cfg, len(data.y_train), data.num_classes, f"client {cid}")
+                if cfg.dp_epsilon > 0 else None)
+        check_node_budget(cfg, context.node_config, plan)
         backbone, head = build_models(cfg, data.num_classes, context, ins)
         keys = None
         if cfg.encrypted:
@@ -80,6 +107,9 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             load_backbone_record(backbone, msg.content[ARRAYS])
             momentum = ({k: a.numpy() for k, a in msg.content[MOMENTUM].items()}
                         if MOMENTUM in msg.content.array_records else None)
+        if cfg.central_dp == "client-fixed":
+            check_sampled_clients(ins, federation_size(context.node_config,
+                                                       getattr(keys, "clients", 0)))
         # PFM: the backbone's momentum buffer starts at the global momentum (round 1:
         # at zero, like FedAvg); the head keeps its own. Without PFM: plain local SGD.
         pfm = ins.pfm_beta > 0
@@ -90,17 +120,16 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         kept = head_momentum(context, ins) if pfm else None
         if kept:
             seed_momentum(opt, head, kept)
-        cid = client_id(context)
         metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: cid, UNIT_WEIGHT: 1}
         private = ledger = None
-        if cfg.dp_epsilon > 0:
-            # DP-SGD: plan from the budget, refuse a round that would overspend it
-            # (the error reply tells the server why), then wrap model and optimizer;
-            # the momentum buffer only ever sees noised gradients (post-processing).
-            plan = plan_for_run(cfg, len(data.y_train), data.num_classes, f"client {cid}")
+        if plan is not None:
+            # DP-SGD: refuse a round that would overspend the budget (the error reply
+            # tells the server why), then wrap model and optimizer; the momentum buffer
+            # only ever sees noised gradients (post-processing).
             ledger = load_ledger(context, ins, cid)
             ledger.check_next_round(plan)
-            private = make_private(backbone, head, opt, plan, seed=seed,
+            private = make_private(backbone, head, opt, plan, seed=seeds.of(SEED_DP_SAMPLING),
+                                   noise_seed=seeds.of(SEED_DP_NOISE),
                                    grad_sample_mode=cfg.dp_grad_sample_mode,
                                    people=data.y_train)
         before = ({k: v.detach().clone().numpy() for k, v in backbone.state_dict().items()}
@@ -115,23 +144,26 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
                            on_empty=private.empty_step if private else None)
         save_head(head, context, ins, momentum_of(opt, head) if pfm else None)
         if private is not None:
-            spent = ledger.record(ins.server_round, private.plan, private.plan.steps_per_round)
+            # The ledger records what ran (rate, steps and noise of the steps taken).
+            spent = ledger.record(ins.server_round, private.plan, ran=private.accounted())
             keep_ledger(context, ledger)
-            metrics.update({"dp-epsilon": spent, "dp-delta": private.plan.delta,
-                            "dp-noise": private.plan.noise_multiplier})
+            metrics.update({DP_EPSILON_SPENT: spent, DP_DELTA: private.plan.delta,
+                            DP_NOISE: private.noise_multiplier})
         record = backbone_record(backbone)
         if cfg.central_dp == "client-fixed":
-            after, norm = central_dp_share(cfg, ins, before, {k: a.numpy() for k, a in
-                                                              record.items()}, seed + 1)
-            record = numpy_record(after)
-            metrics["update-norm"] = norm
+            record = numpy_record(central_dp_share(
+                cfg, ins, before, {k: a.numpy() for k, a in record.items()},
+                seeds.of(SEED_CENTRAL_NOISE)))
         if keys is not None:  # the update leaves encrypted
             record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], before,
                                        {k: a.numpy() for k, a in record.items()},
-                                       len(data.y_train), ins.server_round, seed + 2)
+                                       len(data.y_train), ins.server_round,
+                                       seeds.of(SEED_HE_ROUNDING), train_steps=res.steps)
             metrics.update(extra)
-        metrics.update({"train-loss": res.loss, "train-seconds": res.seconds,
-                        "train-steps": res.steps})
+        metrics.update({TRAIN_LOSS: res.loss, TRAIN_SECONDS: res.seconds,
+                        TRAIN_STEPS: res.steps})
+        if private_run:  # nothing outside the accounting leaves a private client
+            metrics = {k: v for k, v in metrics.items() if k in DP_RELEASABLE}
         content = RecordDict({ARRAYS: record, METRICS: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
@@ -149,7 +181,10 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             he.sync(context, msg.content[CONFIG], ins.server_round - 1)
             records = [numpy_record(m) for m in he.open_candidates(
                 context, hkeys, msg.content[CONFIG], records, ins.server_round)]
-        if len(same):
+        # Under DP the validation people's scores are an unaccounted release (DP-SGD
+        # does not even train on them): none leaves this institution.
+        private_run = cfg.dp_epsilon > 0 or cfg.central_dp != "off"
+        if len(same) and not private_run:
             backbone = build_backbone_only(cfg)
             for key, record in zip(keys, records):
                 load_backbone_record(backbone, record)
@@ -171,7 +206,10 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             data = load_client_data(context, str(config.get("data-dir", "")))
             he.join(context, keys, config, msg.content[ARRAYS])
             metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: client_id(context)}
-            return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+            # The proof binds this node to its ceremony index (and sample count) for the run.
+            proof = he.join_proof(keys, config, context.node_id, len(data.y_train))
+            return Message(content=RecordDict({METRICS: MetricRecord(metrics), **proof}),
+                           reply_to=msg)
         if config.get(HE_CATCH_UP):
             he.check_key(keys, config)
             aggregates = {int(k[len(HE_ROUND_PREFIX):]): rec
@@ -182,7 +220,25 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
                            reply_to=msg)
         if config.get(HE_RELEASE):
             he.check_key(keys, config)
-            he.sync(context, config, int(config[HE_COMMIT_ROUND]))
+            committed = int(config[HE_COMMIT_ROUND])
+            he.sync(context, config, committed)
+
+            def can_train_again() -> bool:
+                """Whether this institution's own DP ledger pays for another round."""
+                from fedface.privacy import PrivacyBudgetExhausted
+
+                ins = TrainInstructions.from_record(config)
+                data = load_client_data(context, ins.data_dir)
+                cid = client_id(context)
+                plan = plan_for_run(cfg, len(data.y_train), data.num_classes, f"client {cid}")
+                try:
+                    load_ledger(context, ins, cid).check_next_round(plan)
+                except PrivacyBudgetExhausted:
+                    return False
+                return True
+
+            # Only the run's final model leaves in plaintext (the run config is our own).
+            he.check_release(cfg, committed, can_train_again)
             model, _ = he.global_model(context)
             return Message(content=RecordDict({ARRAYS: numpy_record(model)}), reply_to=msg)
         raise ValueError(f"unknown query {sorted(config.keys())}")

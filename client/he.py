@@ -2,25 +2,31 @@
 
 Each institution keeps the global model (and, under PFM, the global momentum) in its
 node state, since the server only ever holds ciphertexts. Round by round it encrypts
-its update, decrypts the aggregate and its FV candidates into pending models, and
-commits the candidate the server names in the next message. Every institution computes
+its update, decrypts the aggregate (one per round) into a pending model, and commits it
+when the server names it in the next message. Every institution computes
 the same model from the same aggregate, so they stay identical without the server
 seeing it; one that missed an exchange says so (``out of sync``) and is excluded.
+
+An institution protects the others too: it proves its own ceremony index at join
+(:func:`join_proof`), refuses to decrypt an aggregate of fewer than two institutions'
+updates (:data:`MIN_SENDERS`), and releases the plaintext model only at the run's end
+(:func:`check_release`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from crypto.envelope import to_record
+from crypto.envelope import Envelope, EnvelopeError, from_record, to_record
 from crypto.keys import ClientKeys, load_client_keys
 from crypto.packing import float_keys
-from crypto.update import Quantization, decrypt_aggregate, encrypt_update
+from crypto.update import JOIN_PROOF, Quantization, decrypt_aggregate, encrypt_update, prove_join
 from fedface.config import RunConfig
 from fedface.momentum import momentum_update
 from fedface.protocol import (
@@ -38,6 +44,7 @@ GLOBAL = "he-global"
 MOMENTUM = "he-momentum"
 PENDING = "he-pending-"
 PENDING_MOMENTUM = "he-pending-momentum-"
+MIN_SENDERS = 2  # an aggregate of one update is that update: never decrypted
 
 
 class OutOfSync(RuntimeError):
@@ -60,7 +67,8 @@ def client_keys(cfg: RunConfig, context: Context) -> ClientKeys:
         sender = int(node["partition-id"])
     else:
         raise ValueError("Encrypted aggregation: set node config he-sender=K, this "
-                         "institution's index in the key ceremony (its mac/client_K.key)")
+                         "institution's index in the key ceremony (its folder "
+                         "institutions/client_K)")
     stamp = os.path.getmtime(path) if path.exists() else 0.0
     keys = _keys(str(path), sender, stamp)
     return keys
@@ -93,6 +101,39 @@ def join(context: Context, keys: ClientKeys, config: ConfigRecord, initial: Arra
     context.state.pop(MOMENTUM, None)
     context.state[STATE] = ConfigRecord({"run": str(config[HE_RUN]), "round": 0,
                                          "pending-round": -1, "pending-count": 0})
+
+
+def join_proof(keys: ClientKeys, config: ConfigRecord, node_id: int, num_examples: int
+               ) -> dict[str, ConfigRecord]:
+    """The join reply's proof of this institution's ceremony index and sample count (see
+    :func:`crypto.update.prove_join`), as the reply's records: it binds node ``node_id``
+    to ``keys.sender`` for the run."""
+    return {JOIN_PROOF: ConfigRecord(prove_join(keys, run=str(config[HE_RUN]), node=int(node_id),
+                                                num_examples=int(num_examples)))}
+
+
+class ReleaseRefused(PermissionError):
+    """The server asked for the plaintext model at a point where it must not have it."""
+
+
+def check_release(cfg: RunConfig, committed: int, can_train_again: Callable[[], bool]) -> None:
+    """Allow the release of the model of round ``committed`` only at the run's end.
+
+    The end is round ``cfg.rounds`` (this institution's own run config), or, for a run
+    stopped because the DP budgets are spent, any earlier round once this institution's
+    own ledger cannot pay for another round (``can_train_again()`` is False). Anything
+    else would hand the server an intermediate global model.
+    """
+    if committed == cfg.rounds:
+        return
+    if 0 < committed < cfg.rounds and cfg.dp_epsilon > 0 and not can_train_again():
+        return
+    budget = (" and this institution's DP budget still pays for another round"
+              if cfg.dp_epsilon > 0 and 0 < committed < cfg.rounds else "")
+    raise ReleaseRefused(
+        f"release refused: the server asked for the plaintext model of round {committed}, but "
+        f"this run has {cfg.rounds} rounds{budget}; institutions release only the final model "
+        "(an intermediate one would show the server a global model mid-run)")
 
 
 def _commit(context: Context, state: ConfigRecord, rnd: int, idx: int) -> None:
@@ -165,13 +206,19 @@ def weight_scale(config: ConfigRecord, num_examples: int) -> float:
 
 
 def encrypt(cfg: RunConfig, keys: ClientKeys, config: ConfigRecord, before: dict,
-            after: dict, num_examples: int, server_round: int, seed: int
-            ) -> tuple[ArrayRecord, dict]:
-    """The update envelope of ``after - before`` and the plaintext metrics it allows."""
+            after: dict, num_examples: int, server_round: int, seed: int, *,
+            train_steps: int) -> tuple[ArrayRecord, dict]:
+    """The update envelope of ``after - before`` and the plaintext metrics it allows.
+
+    The weight scale, ``num_examples`` and ``train_steps`` travel in the envelope's
+    authenticated header, where the server reads them; ``he-scale`` and ``he-clipped``
+    in the returned metrics are reports only.
+    """
     fk = float_keys(before)
     delta = {k: np.asarray(after[k], np.float32) - np.asarray(before[k], np.float32) for k in fk}
     scale = weight_scale(config, num_examples)
     env, info = encrypt_update(keys, delta, fk, Quantization.from_config(cfg), scale=scale,
+                               num_examples=int(num_examples), train_steps=int(train_steps),
                                run=str(config[HE_RUN]), server_round=server_round,
                                rng=np.random.default_rng(seed))
     return to_record(env), {HE_SCALE: scale, "he-clipped": info["clipped"]}
@@ -179,23 +226,39 @@ def encrypt(cfg: RunConfig, keys: ClientKeys, config: ConfigRecord, before: dict
 
 def open_candidates(context: Context, keys: ClientKeys, config: ConfigRecord,
                     records: list[ArrayRecord], server_round: int) -> list[dict[str, np.ndarray]]:
-    """Decrypt the round's aggregate and FV candidates into pending global models."""
+    """Decrypt the round's aggregate into the pending global model (a list of one).
+
+    Refused before anything is decrypted: more than one aggregate for the round, or an
+    aggregate other than the one this institution already opened for the round (each
+    would be another combination of the same updates: FV under encryption is refused,
+    since ``k + 1`` combinations solve for individual updates); an aggregate of fewer
+    than :data:`MIN_SENDERS` institutions (:func:`crypto.update.decrypt_aggregate`).
+    """
+    if len(records) != 1:
+        raise EnvelopeError(f"the server sent {len(records)} aggregates for round {server_round}: "
+                            "each further one is another combination of the same updates, and "
+                            "enough of them reveal individual updates (FV is refused under "
+                            "encryption); this institution decrypts one aggregate per round")
+    state = _state(context)
+    aggregate = records[0] if isinstance(records[0], Envelope) else from_record(records[0])
+    if (int(state.get("opened-round", -1)) == int(server_round)
+            and state.get("opened-tag") != aggregate.tag.hex()):
+        raise EnvelopeError(f"a second, different aggregate for round {server_round}: two "
+                            "combinations of the same updates reveal more than their sum; "
+                            "this institution decrypts one aggregate per round")
     before, held = global_model(context)  # held: the momentum this round started from
     fk = float_keys(before)
-    models = []
-    state = _state(context)
-    for i, record in enumerate(records):
-        mean, env = decrypt_aggregate(keys, record, before, fk, run=str(config[HE_RUN]),
-                                      server_round=server_round)
-        model = dict(before)
-        for k in fk:
-            model[k] = (np.asarray(before[k], np.float32) + mean[k]).astype(before[k].dtype)
-        context.state[f"{PENDING}{i}"] = numpy_record(model)
-        beta = float(env.meta.get("pfm_beta", 0.0))
-        if beta > 0:
-            m = momentum_update(held, before, model, float(env.meta["lr"]),
-                                max(float(env.meta["steps"]), 1.0), beta)
-            context.state[f"{PENDING_MOMENTUM}{i}"] = numpy_record(m)
-        models.append(model)
-    state["pending-round"], state["pending-count"] = server_round, len(records)
-    return models
+    mean, env = decrypt_aggregate(keys, aggregate, before, fk, run=str(config[HE_RUN]),
+                                  server_round=server_round, min_senders=MIN_SENDERS)
+    state["opened-round"], state["opened-tag"] = int(server_round), env.tag.hex()
+    model = dict(before)
+    for k in fk:
+        model[k] = (np.asarray(before[k], np.float32) + mean[k]).astype(before[k].dtype)
+    context.state[f"{PENDING}0"] = numpy_record(model)
+    beta = float(env.meta.get("pfm_beta", 0.0))
+    if beta > 0:
+        m = momentum_update(held, before, model, float(env.meta["lr"]),
+                            max(float(env.meta["steps"]), 1.0), beta)
+        context.state[f"{PENDING_MOMENTUM}0"] = numpy_record(m)
+    state["pending-round"], state["pending-count"] = server_round, 1
+    return [model]

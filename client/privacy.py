@@ -1,12 +1,19 @@
-"""A client's differential privacy: where its ledger lives, and its central-DP share.
+"""A client's differential privacy: its ledger, its private randomness, the budget the
+institution allows, and its central-DP share.
 
-Where the ledger lives (it must outlive the process, so a restarted client still knows
-what it has spent):
+Where the ledger and the private-randomness secret live (they must outlive the process,
+so a restarted client still knows what it has spent and replays a round bit for bit):
 
-- deployment: ``--node-config state-dir=DIR`` -> ``DIR/privacy_ledger.json``, else next to
-  the institution's data, ``<data-path>.privacy.json``;
-- simulation: the run's state folder, ``OUT/clients/client_XXX_privacy.json``;
+- deployment: ``--node-config state-dir=DIR`` -> ``DIR/privacy_ledger.json`` and
+  ``DIR/private_randomness.key``, else next to the institution's data,
+  ``<data-path>.privacy.json`` and ``<data-path>.randomness.key``;
+- simulation: the run's state folder, ``OUT/clients/client_XXX_privacy.json`` and
+  ``client_XXX_randomness.key``;
 - otherwise the node's ``context.state`` (lost with the process).
+
+The institution, not the server, sets its budget: node config ``dp-epsilon`` and
+``dp-delta`` (``flower-supernode --node-config "dp-epsilon=8 dp-delta=1e-5"``) cap what a
+run may ask of it (:func:`check_node_budget`).
 """
 
 from __future__ import annotations
@@ -16,22 +23,67 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
+from crypto.seeds import derive_seed, load_or_create_secret
 from fedface.config import RunConfig
-from fedface.privacy import PrivacyLedger, clip_and_noise_update
-from fedface.protocol import TrainInstructions
+from fedface.privacy import DPPlan, PrivacyConfigError, PrivacyLedger, clip_and_noise_update
+from fedface.protocol import (
+    NODE_DATA_PATH,
+    NODE_DP_DELTA,
+    NODE_DP_EPSILON,
+    NODE_FEDERATION_SIZE,
+    NODE_NUM_PARTITIONS,
+    NODE_STATE_DIR,
+    TrainInstructions,
+)
 
 LEDGER_STATE = "privacy-ledger"
+SECRET_STATE = "private-randomness"
+# Purposes of the seeds derived from the secret (one independent stream each).
+SEED_DP_SAMPLING, SEED_DP_NOISE, SEED_CENTRAL_NOISE, SEED_HE_ROUNDING = (
+    "dp-sampling", "dp-noise", "central-dp-noise", "he-rounding")
+
+
+def _state_file(context: Context, ins: TrainInstructions, cid: int, name: str,
+                suffix: str, sim: str) -> Path | None:
+    node = context.node_config
+    if NODE_STATE_DIR in node:
+        return Path(str(node[NODE_STATE_DIR])) / name
+    if NODE_DATA_PATH in node:
+        return Path(str(node[NODE_DATA_PATH]) + suffix)
+    if ins.state_dir:
+        return Path(ins.state_dir) / f"client_{cid:03d}_{sim}"
+    return None
 
 
 def ledger_path(context: Context, ins: TrainInstructions, cid: int) -> Path | None:
-    node = context.node_config
-    if "state-dir" in node:
-        return Path(str(node["state-dir"])) / "privacy_ledger.json"
-    if "data-path" in node:
-        return Path(str(node["data-path"]) + ".privacy.json")
-    if ins.state_dir:
-        return Path(ins.state_dir) / f"client_{cid:03d}_privacy.json"
-    return None
+    return _state_file(context, ins, cid, "privacy_ledger.json", ".privacy.json", "privacy.json")
+
+
+def secret_path(context: Context, ins: TrainInstructions, cid: int) -> Path | None:
+    return _state_file(context, ins, cid, "private_randomness.key", ".randomness.key",
+                       "randomness.key")
+
+
+class PrivateSeeds:
+    """Seeds of this institution's private randomness for one round (see
+    :mod:`crypto.seeds`): ``seeds.of(SEED_DP_NOISE)`` etc. Nothing public determines them."""
+
+    def __init__(self, secret: bytes, server_round: int) -> None:
+        self._secret = secret
+        self.server_round = int(server_round)
+
+    def of(self, purpose: str) -> int:
+        return derive_seed(self._secret, purpose, self.server_round)
+
+
+def private_seeds(context: Context, ins: TrainInstructions, cid: int) -> PrivateSeeds:
+    """This institution's seeds for the round: its secret from the state folder (drawn
+    from the OS CSPRNG on first use, owner-only), else from the node's memory."""
+    kept = context.state.config_records.get(SECRET_STATE)
+    secret = load_or_create_secret(secret_path(context, ins, cid),
+                                   bytes.fromhex(str(kept["hex"])) if kept is not None else None)
+    context.state[SECRET_STATE] = ConfigRecord({"hex": secret.hex()})
+    return PrivateSeeds(secret, ins.server_round)
 
 
 def load_ledger(context: Context, ins: TrainInstructions, cid: int) -> PrivacyLedger:
@@ -45,10 +97,55 @@ def keep_ledger(context: Context, ledger: PrivacyLedger) -> None:
     context.state[LEDGER_STATE] = ConfigRecord({"json": ledger.to_json()})
 
 
+def check_node_budget(cfg: RunConfig, node_config, plan: DPPlan | None) -> None:
+    """Refuse a run that asks more of this institution than its node config allows.
+
+    ``dp-epsilon`` in the node config: the run must train with DP-SGD at an epsilon no
+    larger; ``dp-delta``: the plan's delta no larger. The server sets the run config;
+    the institution's own node config is what it has signed off.
+    """
+    cap_eps = float(node_config.get(NODE_DP_EPSILON, 0) or 0)
+    cap_delta = float(node_config.get(NODE_DP_DELTA, 0) or 0)
+    if cap_eps > 0 and (plan is None or plan.target_epsilon > cap_eps * (1 + 1e-9)):
+        asked = "no DP-SGD (dp-epsilon=0)" if plan is None else f"dp-epsilon={plan.target_epsilon}"
+        raise PrivacyConfigError(
+            f"this institution allows at most dp-epsilon={cap_eps:g} (its node config) and the "
+            f"run asks for {asked}: run with --epsilon {cap_eps:g} or less")
+    if cap_delta > 0 and plan is not None and plan.delta > cap_delta * (1 + 1e-9):
+        raise PrivacyConfigError(
+            f"this institution allows at most dp-delta={cap_delta:g} (its node config) and the "
+            f"run's plan uses delta={plan.delta:g}: set dp-delta={cap_delta:g} or less")
+
+
+def check_sampled_clients(ins: TrainInstructions, federation_size: int) -> None:
+    """Refuse a ``sampled-clients`` larger than the federation: each client-fixed noise
+    share is ``1/sqrt(m)`` of the noise, so an inflated ``m`` would shrink every share."""
+    if federation_size > 0 and ins.sampled_clients > federation_size:
+        raise PrivacyConfigError(
+            f"the server says {ins.sampled_clients} clients were sampled, but the federation "
+            f"has {federation_size} institutions: a larger count would shrink this client's "
+            "central-DP noise share; refused")
+    if ins.sampled_clients < 1:
+        raise PrivacyConfigError(f"sampled-clients={ins.sampled_clients}: must be at least 1")
+
+
+def federation_size(node_config, ceremony_size: int = 0) -> int:
+    """The federation's size as this institution knows it, not as the server says:
+    node config ``federation-size``, else the key ceremony's institution count
+    (encrypted runs), else the simulation's partition count; 0 when unknown."""
+    if NODE_FEDERATION_SIZE in node_config:
+        return int(node_config[NODE_FEDERATION_SIZE])
+    if ceremony_size > 0:
+        return int(ceremony_size)
+    return int(node_config.get(NODE_NUM_PARTITIONS, 0))
+
+
 def central_dp_share(cfg: RunConfig, ins: TrainInstructions, before: dict, after: dict,
-                     seed: int) -> tuple[dict, float]:
-    """``client-fixed`` central DP: clip this client's update, add its noise share."""
-    return clip_and_noise_update(before, after, clip=cfg.central_dp_clip,
-                                 noise_multiplier=cfg.central_dp_noise,
-                                 num_sampled_clients=max(ins.sampled_clients, 1),
-                                 rng=np.random.default_rng(seed))
+                     seed: int) -> dict:
+    """``client-fixed`` central DP: clip this client's update, add its noise share (the
+    pre-clip norm stays here: it is an unaccounted function of the private data)."""
+    shared, _ = clip_and_noise_update(before, after, clip=cfg.central_dp_clip,
+                                      noise_multiplier=cfg.central_dp_noise,
+                                      num_sampled_clients=max(ins.sampled_clients, 1),
+                                      rng=np.random.default_rng(seed))
+    return shared

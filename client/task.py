@@ -14,7 +14,13 @@ from fedface.config import RunConfig
 from fedface.data.partition import verification_pairs
 from fedface.data.prepare import ClientData
 from fedface.models import build_backbone, build_head
-from fedface.protocol import TrainInstructions
+from fedface.privacy.audit import head_file, head_prefix, saved_heads
+from fedface.protocol import (
+    NODE_DATA_PATH,
+    NODE_PARTITION_ID,
+    NODE_STATE_DIR,
+    TrainInstructions,
+)
 
 HEAD_STATE = "head"
 HEAD_MOMENTUM = "head-momentum"
@@ -38,13 +44,13 @@ def load_client_data(context: Context, data_dir: str) -> ClientData:
     ``partition-id``.
     """
     node = context.node_config
-    if "data-path" in node:
-        path = Path(str(node["data-path"]))
+    if NODE_DATA_PATH in node:
+        path = Path(str(node[NODE_DATA_PATH]))
     else:
         if not data_dir:
             raise ValueError("No data for this client: set node-config data-path (deployment)"
                              " or run through `fedface train` / `flwr run .` (simulation)")
-        path = Path(data_dir) / f"client_{int(node['partition-id']):03d}.npz"
+        path = Path(data_dir) / f"client_{int(node[NODE_PARTITION_ID]):03d}.npz"
     if not path.exists():
         raise FileNotFoundError(f"Client data {path} is missing: prepare it with `fedface "
                                 "prepare --clients 1` on this node")
@@ -64,27 +70,16 @@ def build_backbone_only(cfg: RunConfig) -> torch.nn.Module:
 def client_id(context: Context) -> int:
     """Stable id of this client: its partition (simulation) or node id (deployment)."""
     node = context.node_config
-    return int(node["partition-id"]) if "partition-id" in node else int(context.node_id)
+    return int(node[NODE_PARTITION_ID]) if NODE_PARTITION_ID in node else int(context.node_id)
 
 
 def _head_dir(context: Context, ins: TrainInstructions) -> tuple[Path, str] | None:
     """Folder and file prefix of this client's saved heads, if it has a state folder."""
-    if "state-dir" in context.node_config:
-        return Path(str(context.node_config["state-dir"])), "head"
+    if NODE_STATE_DIR in context.node_config:
+        return Path(str(context.node_config[NODE_STATE_DIR])), head_prefix()
     if ins.state_dir:
-        return Path(ins.state_dir), f"client_{client_id(context):03d}_head"
+        return Path(ins.state_dir), head_prefix(client_id(context))
     return None
-
-
-def _saved_heads(folder: Path, prefix: str) -> dict[int, Path]:
-    """{round: file} of the heads saved after each round (the last two are kept)."""
-    out = {}
-    for f in folder.glob(f"{prefix}_r*.pt"):
-        try:
-            out[int(f.stem.rsplit("_r", 1)[1])] = f
-        except ValueError:
-            continue
-    return out
 
 
 def build_models(cfg: RunConfig, num_classes: int, context: Context,
@@ -120,7 +115,7 @@ def _load_kept(context: Context, ins: TrainInstructions | None, key: str, tag: s
     where = _head_dir(context, ins) if ins is not None else None
     if where is not None:
         folder, prefix = where
-        earlier = {r: f for r, f in _saved_heads(folder, prefix + tag).items()
+        earlier = {r: f for r, f in saved_heads(folder, prefix + tag).items()
                    if r < ins.server_round}
         if not earlier:
             return None  # first round of this run: a fresh head
@@ -143,11 +138,11 @@ def _keep(state: dict, context: Context, ins: TrainInstructions | None, key: str
         folder, prefix = where
         prefix += tag
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{prefix}_r{ins.server_round:05d}.pt"
+        path = head_file(folder, prefix, ins.server_round)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
-        for r, f in _saved_heads(folder, prefix).items():
+        for r, f in saved_heads(folder, prefix).items():
             if r < ins.server_round - 1:
                 f.unlink(missing_ok=True)
 
@@ -169,5 +164,8 @@ def validation_pairs(data: ClientData, seed: int):
 
 
 def client_seed(cfg: RunConfig, context: Context, server_round: int) -> int:
-    pid = int(context.node_config.get("partition-id", context.node_id % 100_000))
+    """The *public* seed of this client's round (shuffling, augmentation): anyone with the
+    run config can compute it, so no privacy guarantee may rest on it; DP draws come from
+    :func:`client.privacy.private_seeds`."""
+    pid = int(context.node_config.get(NODE_PARTITION_ID, context.node_id % 100_000))
     return int(np.random.SeedSequence([cfg.seed, pid, server_round]).generate_state(1)[0])

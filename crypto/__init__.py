@@ -15,7 +15,9 @@ from crypto.keys import (
     KeyBundleError,
     ServerKeys,
     describe_keys,
+    handout,
     init_keys,
+    institution_dir,
     load_client_keys,
     load_server_keys,
     rotate_keys,
@@ -24,7 +26,7 @@ from crypto.packing import Layout, make_layout
 
 __all__ = [
     "BadCiphertext", "ClientKeys", "Envelope", "EnvelopeError", "HEContext", "HEParams",
-    "KeyBundleError", "Layout", "MissingSecretKey", "ServerKeys", "describe_keys",
-    "init_keys", "load_client_keys", "load_server_keys", "make_layout", "open_envelope",
+    "KeyBundleError", "Layout", "MissingSecretKey", "ServerKeys", "describe_keys", "handout",
+    "init_keys", "institution_dir", "load_client_keys", "load_server_keys", "make_layout", "open_envelope",
     "rotate_keys", "seal_envelope",
 ]

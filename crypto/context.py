@@ -81,7 +81,10 @@ class HEParams:
 class HEContext:
     """SEAL objects for one parameter set, with or without the secret key."""
 
-    def __init__(self, params: HEParams, secret_key_path: str | Path | None = None) -> None:
+    def __init__(self, params: HEParams, secret_key_path: str | Path | None = None, *,
+                 secret_key: bytes | None = None) -> None:
+        """``secret_key`` (bytes, as read and checked by :mod:`crypto.keys`) or
+        ``secret_key_path``: a context that can encrypt and decrypt; neither: the server's."""
         self.params = params
         parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
         parms.set_poly_modulus_degree(params.poly_modulus_degree)
@@ -98,6 +101,13 @@ class HEContext:
         self._tmp = tempfile.TemporaryDirectory(prefix="fedface-he-",
                                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self._secret = None
+        if secret_key is not None:
+            # SEAL loads from a path: the bytes already checked go through this context's
+            # own owner-only folder (not the key file again, which could have changed).
+            secret_key_path = self._path("secret.key")
+            fd = os.open(secret_key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret_key)
         if secret_key_path is not None:
             self._secret = seal.SecretKey()
             try:
@@ -105,6 +115,9 @@ class HEContext:
             except (RuntimeError, ValueError) as err:
                 raise ValueError(f"{secret_key_path} is not a secret key for these parameters "
                                  f"({err}): use the client bundle of the same key ceremony") from None
+            finally:
+                if secret_key is not None:
+                    os.unlink(secret_key_path)
             self._encryptor = seal.Encryptor(self.seal, self._secret)
             self._decryptor = seal.Decryptor(self.seal, self._secret)
 

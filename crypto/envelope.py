@@ -9,9 +9,11 @@ round, the sender, the key fingerprint and generation, plaintext aggregation met
 so it covers the ciphertexts too.
 
 :func:`open_envelope` checks, in this order, and raises :class:`EnvelopeError` naming
-the first failure: structure, version, key fingerprint (wrong key), the tag (tampered,
-or signed with another key), chunk lengths and hashes (truncated), kind, run and round
-(replayed), layout and spec.
+the first failure: structure and the type of every header field (a wrong-typed field is
+named before anything uses it), version, key fingerprint (wrong key), the tag
+(tampered, or signed with another key), chunk lengths and hashes (truncated), kind, run
+and round (replayed). Which senders and ``meta`` fields an envelope must carry is the
+caller's to check (:mod:`crypto.update`).
 """
 
 from __future__ import annotations
@@ -93,11 +95,64 @@ def from_record(record: ArrayRecord) -> Envelope:
     return Envelope(header=header, chunks=chunks, tag=record[TAG].numpy().tobytes())
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v
+
+
+_LAYOUT_FIELDS = {"length": _is_int, "bits": _is_int, "digit_bits": _is_int, "digits": _is_int,
+                  "slots": _is_int, "clip": _is_number}
+
+
+def _chunk_entry(v) -> bool:
+    return (isinstance(v, list) and len(v) == 2 and _is_int(v[0]) and v[0] >= 0
+            and isinstance(v[1], str))
+
+
+_HEADER_FIELDS = {
+    "version": ("an integer", _is_int),
+    "kind": ("a string", lambda v: isinstance(v, str)),
+    "params": ("an object", lambda v: isinstance(v, dict)),
+    "fingerprint": ("a string", lambda v: isinstance(v, str)),
+    "generation": ("an integer", _is_int),
+    "run": ("a string", lambda v: isinstance(v, str)),
+    "round": ("an integer", _is_int),
+    "sender": ("an integer or a string", lambda v: _is_int(v) or isinstance(v, str)),
+    "layout": ("an object of integers (and the clip, a number)",
+               lambda v: isinstance(v, dict) and set(v) == set(_LAYOUT_FIELDS)
+               and all(ok(v[k]) for k, ok in _LAYOUT_FIELDS.items())),
+    "spec": ("a string", lambda v: isinstance(v, str)),
+    "meta": ("an object", lambda v: isinstance(v, dict)),
+    "chunks": ("a list of [length, sha256] pairs",
+               lambda v: isinstance(v, list) and all(_chunk_entry(c) for c in v)),
+}
+
+
+def check_header(header: dict) -> None:
+    """Raise :class:`EnvelopeError` naming the first missing or wrong-typed header field."""
+    if header.get("version") not in (None, VERSION) and _is_int(header.get("version")):
+        return  # another version: open_envelope names it (its fields may differ)
+    for name, (what, ok) in _HEADER_FIELDS.items():
+        if name not in header:
+            raise EnvelopeError(f"envelope header lacks the field {name!r}: not a fedface "
+                                "envelope, or it was stripped")
+        if not ok(header[name]):
+            raise EnvelopeError(f"envelope header field {name!r} must be {what}, got "
+                                f"{type(header[name]).__name__} {str(header[name])[:60]!r}: "
+                                "malformed or forged envelope")
+
+
 def open_envelope(record: ArrayRecord | Envelope, *, kind: str, fingerprint: str,
                   mac_keys: dict, run: str, server_round: int) -> Envelope:
     """Verify an envelope; ``mac_keys`` maps sender -> MAC key."""
     env = record if isinstance(record, Envelope) else from_record(record)
     h = env.header
+    if not isinstance(h, dict):
+        raise EnvelopeError("envelope header is not an object")
+    check_header(h)
     if h.get("version") != VERSION:
         raise EnvelopeError(f"envelope version {h.get('version')!r}, this node reads version "
                             f"{VERSION}: upgrade fedface on both sides")
@@ -127,7 +182,7 @@ def open_envelope(record: ArrayRecord | Envelope, *, kind: str, fingerprint: str
     if h.get("run") != run:
         raise EnvelopeError(f"envelope from run {h.get('run')!r}, this is run {run!r}: replayed "
                             "from another run")
-    if int(h.get("round", -1)) != int(server_round):
+    if h["round"] != int(server_round):
         raise EnvelopeError(f"envelope of round {h.get('round')}, expected round {server_round}: "
                             "replayed (old round) or out of order")
     return env

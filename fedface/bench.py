@@ -227,10 +227,10 @@ def bench_he(clients: int = 8, synthetic_params: int = 10_000_000, round_check: 
         t2 = time.time()
         # Encrypted path.
         envs, enc_times = [], []
-        for key, d, s in zip(keys, deltas, scales):
+        for key, d, s, size in zip(keys, deltas, scales, sizes):
             te = time.time()
-            env, _ = encrypt_update(key, d, fk, quant, scale=float(s), run="bench",
-                                    server_round=1, rng=rng)
+            env, _ = encrypt_update(key, d, fk, quant, scale=float(s), num_examples=int(size),
+                                    train_steps=1, run="bench", server_round=1, rng=rng)
             enc_times.append(time.time() - te)
             envs.append(env)
         t3 = time.time()

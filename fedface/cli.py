@@ -139,9 +139,13 @@ def print_privacy(doc: dict) -> None:
     central = [r["central_dp"] for r in rounds if "central_dp" in r]
     if central:
         c = central[-1]
+        short = [r for r in central if r.get("aggregated", 0) < r.get("sampled", 0)]
         console.print(f"central DP ({c['mode']}): client-level epsilon {c['epsilon']:.3f} at "
                       f"delta {c['delta']:g}, noise multiplier {c['noise_multiplier']}, "
-                      f"clip {c['clip']:.3g}")
+                      f"clip {c['clip']:.3g}" +
+                      (f"; {len(short)} rounds aggregated fewer clients than sampled, accounted "
+                       f"at their effective noise (all replying: epsilon "
+                       f"{c['epsilon_if_all_replied']:.3f})" if short else ""))
 
 
 def _run(cfg: RunConfig, verbose: bool, title: str, resume: bool = False) -> dict:
@@ -238,6 +242,13 @@ def train(
     _run(cfg, verbose, f"fedface train ({cfg.mode})")
 
 
+def demo_keys_dir(out: str | Path) -> Path:
+    """Where ``demo --encrypted`` runs its key ceremony: ``OUT.keys``, a sibling of the
+    run's output folder (which is meant to be shared), never inside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".keys")
+
+
 @app.command()
 def demo(
     data: DataOpt = "synthetic",
@@ -246,7 +257,7 @@ def demo(
     epsilon: EpsilonOpt = None,
     encrypted: Annotated[bool, typer.Option(
         "--encrypted", help="Encrypted aggregation; keys from --he-keys, else a ceremony "
-        "run into OUT/keys.")] = False,
+        "run into OUT.keys (next to OUT, never inside it).")] = False,
     he_keys: HeKeysOpt = None,
     sets: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's log.")] = False,
@@ -258,18 +269,21 @@ def demo(
     --epsilon E trains every institution with DP-SGD under budget E (batch size 8, so that
     Poisson sampling also fits the smallest institution) and reports the epsilon spent.
     --encrypted aggregates homomorphically encrypted updates (BFV): the server never sees
-    an update; the key ceremony runs into OUT/keys unless --he-keys names a key folder.
+    an update; the key ceremony runs into OUT.keys (owner-only, next to the shareable OUT,
+    since it holds the secret key) unless --he-keys names a key folder.
     """
     dp_batch = 8 if epsilon and not any(s.startswith("batch-size") for s in sets or []) else None
     cfg = _config(data=data, out=out, rounds=rounds, dp_epsilon=epsilon, batch_size=dp_batch,
                   sets=sets)
     if encrypted or he_keys:
-        keys = he_keys or str(Path(out) / "keys")
+        keys = he_keys or str(demo_keys_dir(cfg.out))
         if not he_keys and not (Path(keys) / "key.json").exists():
             from crypto.keys import init_keys
 
             desc = init_keys(keys, cfg.num_clients)
-            console.print(f"key ceremony: {keys} (fingerprint {desc['fingerprint']})")
+            console.print(f"key ceremony: {keys} (fingerprint {desc['fingerprint']}); it holds "
+                          f"the institutions' secret key, owner-only, outside the run's output "
+                          f"{cfg.out}", soft_wrap=True)
         cfg = cfg.replace(he_keys=keys)
     console.print("[bold]fedface demo[/]: " + (
         "generated synthetic faces (not real people)" if cfg.data == "synthetic" else cfg.data))
@@ -396,8 +410,16 @@ def keys_init(
     except (KeyBundleError, ValueError) as err:
         _fail(str(err))
     console.print(_keys_table(desc, str(out)))
-    console.print(f"give every institution {out}/client/ (bundle.json, secret.key) and its own "
-                  f"mac/client_K.key; give the server only {out}/server/")
+    from crypto.keys import handout
+
+    console.print("Hand out each folder to its recipient only, over a private channel:")
+    for who, folder in handout(out):
+        console.print(f"  {who}: {folder}/", soft_wrap=True)
+    console.print(f"Each institution's folder holds the shared secret key and only its own MAC "
+                  f"key: the SuperNode of institution K runs with --node-config \"he-keys="
+                  f"<its copy of {out}/institutions/client_K> he-sender=K\". The server's folder "
+                  f"holds no secret key. Simulation (fedface train --he-keys {out}) reads both "
+                  f"from {out}. {out}/key.json is the public description.", soft_wrap=True)
 
 
 @keys_app.command("show")

@@ -277,11 +277,15 @@ class RunConfig:
     def _privacy_problems(self) -> list[str]:
         """DP settings and the combinations that are refused (see ``fedface.privacy``).
 
-        Valid: local DP-SGD with any strategy and FV; ``client-fixed`` central DP with any
-        strategy, plaintext or encrypted; ``server-*`` central DP with plaintext updates.
-        Refused: central DP with FV (each FV candidate would be another noisy release of
-        the same updates, outside the accounting); PFM with ``server-*`` central DP (its
-        momentum is estimated before the server adds the noise).
+        Valid: local DP-SGD with any strategy; ``client-fixed`` central DP with encrypted
+        updates and any strategy they allow; ``server-*`` central DP with plaintext
+        updates and FedAvg or FedProx.
+        Refused: FV with any DP (FV scores candidates on the institutions' private
+        validation people, a release outside the accounting; under central DP every
+        candidate is another release of the same updates); ``server-*`` central DP with
+        PFM, FedAvgM or FedAdam (their server state carries earlier noiseless means into
+        each release); ``client-fixed`` without encryption (the server would see each
+        update with only its share of the noise).
         """
         out = []
         if self.dp_epsilon < 0 or self.dp_epsilon != self.dp_epsilon:
@@ -304,6 +308,11 @@ class RunConfig:
             out.append(f"dp_unit={self.dp_unit!r}: use one of {', '.join(DP_UNITS)}")
         if self.dp_person_images < 1:
             out.append(f"dp_person_images={self.dp_person_images}: use at least 1")
+        if self.fv and self.dp_epsilon > 0:
+            out.append("fv with dp_epsilon is refused: FV scores every candidate on the "
+                       "institutions' private validation people, whom DP-SGD does not protect "
+                       "(they are not trained on), so the scores would be a release outside "
+                       "the accounting; turn fv off under DP")
         if self.central_dp not in CENTRAL_DP_MODES:
             out.append(f"central_dp={self.central_dp!r}: use one of {', '.join(CENTRAL_DP_MODES)}")
         elif self.central_dp != "off":
@@ -319,6 +328,17 @@ class RunConfig:
                            "before Flower's server-side wrapper adds its noise, so it would "
                            "release the noiseless mean; use central_dp=client-fixed with pfm "
                            "(the noise is added before updates leave the clients)")
+            if self.strategy in ("fedavgm", "fedadam") and self.central_dp.startswith("server-"):
+                out.append(f"strategy={self.strategy} with central_dp={self.central_dp!r} is "
+                           "refused: its server optimizer (momentum or Adam moments) is updated "
+                           "from the noiseless mean before the wrapper adds noise, and carries "
+                           "it into every later release beyond the calibrated sensitivity; use "
+                           "fedavg or fedprox with server-side central DP")
+            if self.central_dp == "client-fixed" and not self.he_keys:
+                out.append("central_dp=client-fixed without he_keys is refused: the server "
+                           "would see each update carrying only its 1/sqrt(m) share of the "
+                           "noise (a far larger epsilon per update than the one reported); add "
+                           "--he-keys (encrypted aggregation), or use central_dp=server-fixed")
         return out
 
     @property
@@ -328,14 +348,29 @@ class RunConfig:
     def _encryption_problems(self) -> list[str]:
         """Combinations that encrypted aggregation refuses (the server sees no plaintext).
 
-        Valid: fedavg, pfm (momentum applied by clients) and fedprox, with or without FV,
-        local DP-SGD and ``client-fixed`` central DP.
+        Valid: fedavg, pfm (momentum applied by clients) and fedprox, with local DP-SGD
+        and ``client-fixed`` central DP. Refused: FV (every candidate weighting is another
+        linear combination of the same encrypted updates, and every institution decrypts
+        them all: ``k + 1`` combinations solve for individual updates); fewer than 2
+        institutions or ``min_train_nodes`` below 2 (an aggregate of one update is that
+        update, and institutions refuse to decrypt it).
         """
         if not self.encrypted:
             return []
         out = []
         if self.mode != "federated":
             out.append("he_keys applies to federated runs: drop it for mode=centralized")
+        if self.fv:
+            out.append("fv with he_keys is refused: each FV candidate is another linear "
+                       "combination of the same encrypted updates, and every institution "
+                       "decrypts them all; k+1 combinations reveal individual updates (with up "
+                       f"to fv_candidates + 1 = {self.fv_candidates + 1} institutions, one "
+                       "institution solves every other's update). Use plaintext FV (drop "
+                       "he_keys) or HE without FV (drop fv)")
+        if self.num_clients < 2 or self.min_train_nodes < 2:
+            out.append(f"num_clients={self.num_clients}, min_train_nodes={self.min_train_nodes} "
+                       "with he_keys: an aggregate of one update is that update (institutions "
+                       "refuse to decrypt it); use at least 2 of each")
         if self.strategy not in ("fedavg", "pfm", "fedprox"):
             out.append(f"strategy={self.strategy!r} keeps a server-side optimizer state that "
                        "needs plaintext updates: with he_keys use fedavg, pfm or fedprox")

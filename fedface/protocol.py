@@ -49,6 +49,32 @@ HE_SCALE = "he-scale"
 # Starts the error of a client that declines a round because its privacy budget is spent.
 DP_BUDGET_SPENT = "privacy budget exhausted"
 
+# Reply metrics.
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+TRAIN_STEPS = "train-steps"
+DP_EPSILON_SPENT = "dp-epsilon"  # epsilon this client has spent so far (its ledger)
+DP_DELTA = "dp-delta"
+DP_NOISE = "dp-noise"
+HE_CLIPPED = "he-clipped"
+# What a client under DP (DP-SGD or central DP) may send besides its (private) model
+# update: counts the accounting treats as public, ids, and its own accounting. The train
+# loss, the update's norm, the share of values clipped by the packing, timings and
+# validation scores of its private people are functions of private data outside any
+# accounting, so they never leave such a client (see README, threat model).
+DP_RELEASABLE = frozenset({NUM_EXAMPLES, CLIENT_ID, UNIT_WEIGHT, TRAIN_STEPS, DP_EPSILON_SPENT,
+                           DP_DELTA, DP_NOISE, HE_SCALE})
+
+# Node config keys (``flower-supernode --node-config "k=v ..."``; the simulation sets the
+# partition ones).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_PATH = "data-path"
+NODE_STATE_DIR = "state-dir"
+NODE_DP_EPSILON = "dp-epsilon"  # the most epsilon this institution allows a run to spend
+NODE_DP_DELTA = "dp-delta"  # the largest delta it allows
+NODE_FEDERATION_SIZE = "federation-size"  # institutions in the federation, as it knows it
+
 
 @dataclass
 class TrainInstructions:

@@ -101,7 +101,12 @@ def train_epochs(
     on_step : callable, optional
         Called with the step's loss after every step.
     proximal_mu : float
-        FedProx: adds ``mu / 2 * ||w - w_start||^2`` over the backbone to the loss.
+        FedProx: adds ``mu / 2 * ||w - w_start||^2`` over the backbone to the loss. With
+        a private ``forward`` (DP-SGD) the loss term would be lost: per-sample gradients
+        come from the layers' activations, not from a term outside them. There the
+        proximal gradient ``mu (w - w_start)``, which depends on the weights alone, is
+        applied as a decoupled step after every private step (like decoupled weight
+        decay): post-processing, so it costs no privacy.
     batches : callable, optional
         ``batches(generator)`` yields one epoch of index tensors; default: a shuffled
         pass in full batches. DP-SGD passes Poisson sampling here
@@ -135,20 +140,31 @@ def train_epochs(
         for start in range(0, stop, bs):
             yield order[start : start + bs]
 
+    decoupled = forward is not None and anchor is not None
     batches = batches or shuffled
     forward = forward or (lambda x, y: head(backbone(x), y))
+
+    def proximal_step() -> None:
+        """FedProx's pull towards the round's start, outside the private gradient."""
+        if not decoupled:
+            return
+        with torch.no_grad():
+            group_lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+            for p, a in zip(backbone.parameters(), anchor):
+                p.sub_(group_lr.get(id(p), lr) * proximal_mu * (p - a))
     total_loss, seen, steps = 0.0, 0, 0
     for _ in range(epochs):
         for idx in batches(gen):
             if len(idx) == 0:  # Poisson drew nobody (DP-SGD)
                 if on_empty is not None:
                     on_empty()  # the step is still taken: noise alone
+                    proximal_step()
                     steps += 1
                 continue
             x = augment(x_all[idx], gen)
             y = y_all[idx]
             loss = F.cross_entropy(forward(x, y), y)
-            if anchor is not None:
+            if anchor is not None and not decoupled:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(backbone.parameters(), anchor))
                 loss = loss + 0.5 * proximal_mu * prox
             if not torch.isfinite(loss):
@@ -159,6 +175,7 @@ def train_epochs(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            proximal_step()
             total_loss += loss.item() * len(idx)
             seen += len(idx)
             steps += 1

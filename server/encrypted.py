@@ -6,27 +6,40 @@ and the secret key; the protocol per run:
 
 1. **Join** (a ``query`` message to every node): the public initial backbone and the
    run id go out; each institution checks that it holds the server's key fingerprint and
-   replies its sample count, from which the server takes the weight reference
-   ``he-weight-ref`` (the largest count).
+   replies a join proof (:func:`crypto.update.prove_join`): its ceremony index and sample
+   count under an HMAC with its own MAC key over the run, its node id, the index and the
+   count. The server verifies it, binds the node to that index (two nodes proving one
+   index are both refused) and takes the weight reference ``he-weight-ref`` (the largest
+   proven count).
 2. **Train** (round r): clients train from their copy of the global model, pre-scale
    their update by their weight ``n_k / he-weight-ref`` (1 under central DP), encrypt
-   and reply an update envelope in ``arrays``. No model travels down.
-3. **Aggregate**: the server verifies each envelope (tag, key, round, run) and adds
-   them, multiplying by plaintext integers only when FV asks for another weighting;
-   the result is an aggregate envelope with plaintext metadata (the sums of the
-   multipliers and weights, the round's learning rate and steps).
-4. **Evaluate** (every node): the aggregate (and FV's candidates) go out; clients
-   decrypt, form the candidate models, score them and keep them pending; the next
-   message names the candidate to commit (``he-commit-round``, ``he-commit-index``), and
-   under PFM every client derives the global momentum from it, identically. An
-   institution that missed an exchange (no reply, or ``out of sync``) is sent the
-   committed aggregates of the rounds it missed before the next round (the last
-   ``keep_rounds`` are kept) and applies them in order: bit for bit the same model.
+   and reply an update envelope in ``arrays``; its authenticated header carries the
+   scale, sample count and step count. No model travels down.
+3. **Aggregate**: the server verifies each envelope (tag, key, round, run, that its
+   sender is the node's bound index, and at most one per sender: a duplicate is left
+   out with the reason) and adds them; the weights, multipliers and PFM's step count
+   come from the verified headers, never from the plaintext metrics. The result is an
+   aggregate envelope with plaintext metadata (the senders, the sums of the
+   multipliers and weights, the round's learning rate and steps). An aggregate of a
+   single update is refused (it is that update; institutions refuse to decrypt it).
+4. **Evaluate** (every node): the aggregate goes out; clients decrypt it, score the
+   new model and keep it pending; the next message names it to commit
+   (``he-commit-round``, ``he-commit-index``), and under PFM every client derives the
+   global momentum from it, identically. An institution that missed an exchange (no
+   reply, or ``out of sync``) is sent the committed aggregates of the rounds it missed
+   before the next round (the last ``keep_rounds`` are kept) and applies them in order:
+   bit for bit the same model.
 5. **Release** (a ``query`` at the end): one institution returns the final model in
    plaintext: the only plaintext the server receives, and what DP protects.
+   Institutions release only the model of the run's last round (or, once their DP
+   budget cannot pay for another round, the model the budget-stopped run ends with).
+
+FV is refused under encryption (``RunConfig``): every candidate weighting would be
+another integer combination of the same encrypted updates, decrypted by every
+institution, and ``k + 1`` combinations solve for the individual updates.
 
 Dropouts need nothing special: the sum is over whichever clients replied, and the
-weights that divide it are plaintext metadata of exactly those clients.
+weights that divide it are the authenticated metadata of exactly those clients.
 """
 
 from __future__ import annotations
@@ -40,9 +53,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from crypto.envelope import EnvelopeError, from_record, to_record
+from crypto.envelope import Envelope, EnvelopeError, from_record, to_record
 from crypto.keys import ServerKeys
-from crypto.update import Quantization, add_updates, open_update
+from crypto.update import (
+    JOIN_PROOF,
+    SCALE,
+    TRAIN_STEPS,
+    Quantization,
+    add_updates,
+    open_update,
+    verify_join,
+)
 from fedface.protocol import (
     ARRAYS,
     CONFIG,
@@ -54,12 +75,11 @@ from fedface.protocol import (
     HE_RELEASE,
     HE_ROUND_PREFIX,
     HE_RUN,
-    HE_SCALE,
     HE_WEIGHT_REF,
     METRICS,
     NUM_EXAMPLES,
+    UNIT_WEIGHT,
     error_reason,
-    weighted_metric,
 )
 from server.validation import Screening
 
@@ -99,17 +119,19 @@ class EncryptedFedAvg(FedAvg):
         self.history: dict[int, ArrayRecord] = {}  # committed aggregate of each recent round
         self.lagging: set[int] = set()  # nodes that missed an exchange
         self.members: set[int] = set()  # nodes that joined the run
-        # Envelopes verified by screen(), by record: aggregate_train (once per FV
-        # candidate) does not hash and check them again.
-        self._verified: dict[int, tuple[int, ArrayRecord, object]] = {}
+        self.bound: dict[int, int] = {}  # node -> the ceremony index it proved at join
+        self.dirs: dict[str, str] = {}  # data-dir / state-dir of the join (for the release)
+        # Envelopes verified by screen(), by record: aggregate_train does not hash and
+        # check them again.
+        self._verified: dict[int, tuple[int, ArrayRecord, Envelope]] = {}
 
     def __deepcopy__(self, memo) -> EncryptedFedAvg:
-        """FV aggregates each candidate on a copy: share the keys, the kept aggregates and
-        the verified envelopes (none of which aggregation changes) instead of copying
-        ciphertexts."""
+        """A copy shares the keys (SEAL objects cannot be copied), the kept aggregates and
+        the verified envelopes (none of which aggregation changes)."""
         clone = copy.copy(self)
         clone.history = dict(self.history)
         clone.lagging, clone.members = set(self.lagging), set(self.members)
+        clone.bound = dict(self.bound)
         return clone
 
     # ----------------------------------------------------------------- messages
@@ -130,18 +152,38 @@ class EncryptedFedAvg(FedAvg):
         return list(grid.send_and_receive(msgs, timeout=timeout))
 
     def join(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> dict:
-        """Send the public initial model; check every node's key; agree on weights."""
+        """Send the public initial model; check every node's key and ceremony index (the
+        node is bound to it); agree on weights from the proven sample counts."""
         nodes = sorted(grid.get_node_ids())
+        self.dirs = {k: str(config[k]) for k in ("data-dir", "state-dir") if k in config}
         config = self.he_config(config)
         config[HE_JOIN] = True
         replies = self._query(grid, nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), timeout)
-        excluded, counts = [], []
+        excluded, claims = [], {}
         for m in replies:
+            node = int(m.metadata.src_node_id)
             if m.has_error():
-                excluded.append({"node": int(m.metadata.src_node_id), "reason": error_reason(m)})
-            else:
-                counts.append(int(m.content[METRICS][NUM_EXAMPLES]))
-                self.members.add(int(m.metadata.src_node_id))
+                excluded.append({"node": node, "reason": error_reason(m)})
+                continue
+            try:
+                proof = m.content.config_records.get(JOIN_PROOF)
+                sender, count = verify_join(self.keys, proof, run=self.run_id, node=node)
+            except EnvelopeError as err:
+                excluded.append({"node": node, "reason": f"join refused: {err}"})
+                continue
+            claims.setdefault(sender, []).append((node, count))
+        self.bound, self.members, counts = {}, set(), []
+        for sender, claimants in sorted(claims.items()):
+            if len(claimants) > 1:  # one index, one node: refuse them all, saying who
+                who = ", ".join(str(n) for n, _ in claimants)
+                excluded += [{"node": n, "reason": f"join refused: nodes {who} all prove ceremony "
+                              f"index {sender}; each institution joins once, under its own "
+                              "he-sender"} for n, _ in claimants]
+                continue
+            (node, count), = claimants
+            self.bound[node] = sender
+            self.members.add(node)
+            counts.append(count)
         answered = {int(m.metadata.src_node_id) for m in replies}
         excluded += [{"node": n, "reason": "no reply to the join before the round timeout"}
                      for n in nodes if n not in answered]
@@ -153,7 +195,8 @@ class EncryptedFedAvg(FedAvg):
         self.weight_ref = max(counts) if self.weighted_by_key == NUM_EXAMPLES else 0
         return {"nodes": len(nodes), "joined": len(counts), "join_excluded": excluded,
                 "weight_ref": self.weight_ref, "fingerprint": self.keys.fingerprint,
-                "generation": self.keys.generation}
+                "generation": self.keys.generation,
+                "senders": {str(n): k for n, k in sorted(self.bound.items())}}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -168,9 +211,12 @@ class EncryptedFedAvg(FedAvg):
 
     # ----------------------------------------------------------------- screening
     def screen(self, replies: list[Message], server_round: int) -> Screening:
-        """Keep replies whose update envelope verifies; the others with the reason."""
+        """Keep replies whose update envelope verifies, comes from the sender the node
+        proved at join, and is the first of its sender this round; the others are
+        excluded with the reason."""
         out = Screening()
         self._verified = {}
+        seen: dict[int, int] = {}  # sender -> node whose envelope was kept
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
@@ -181,6 +227,19 @@ class EncryptedFedAvg(FedAvg):
                     raise EnvelopeError("reply lacks its update envelope or metrics")
                 record = msg.content[ARRAYS]
                 env = open_update(self.keys, record, run=self.run_id, server_round=server_round)
+                sender = env.header["sender"]
+                if node not in self.bound:
+                    raise EnvelopeError(f"node {node} did not prove a ceremony index when the run "
+                                        "started: its envelopes are refused")
+                if sender != self.bound[node]:
+                    raise EnvelopeError(f"node {node} carries an envelope of sender {sender}, but "
+                                        f"proved index {self.bound[node]} at join: a node may only "
+                                        "send its own update")
+                if sender in seen:
+                    raise EnvelopeError(f"duplicate envelope of sender {sender} in round "
+                                        f"{server_round} (one was already accepted from node "
+                                        f"{seen[sender]}): left out, the round goes on")
+                seen[sender] = node
                 self._verified[id(record)] = (server_round, record, env)
             except EnvelopeError as err:
                 out.excluded.append({"node": node, "reason": f"rejected envelope: {err}"})
@@ -189,37 +248,58 @@ class EncryptedFedAvg(FedAvg):
         return out
 
     # ----------------------------------------------------------------- aggregation
-    def multipliers(self, replies: list[Message]) -> list[int]:
+    def weight_of(self, env: Envelope) -> float:
+        """The weight ``w_k`` the aggregation asks of an update, from its verified header:
+        its sample count, or 1 under uniform (central-DP) weighting."""
+        if self.weighted_by_key == NUM_EXAMPLES:
+            return float(env.meta[NUM_EXAMPLES])
+        if self.weighted_by_key == UNIT_WEIGHT:
+            return 1.0
+        raise ValueError(f"weighted_by_key={self.weighted_by_key!r}: encrypted aggregation "
+                         f"weights by {NUM_EXAMPLES!r} or {UNIT_WEIGHT!r}")
+
+    def multipliers(self, updates: list[Envelope]) -> list[int]:
         """Integer multipliers that turn the clients' own pre-scaling into the weights asked.
 
-        Client k pre-scaled its update by ``s_k``; the weighting asked is ``w_k`` (its
-        ``weighted_by_key`` metric, which FV replaces per candidate). Equal ratios
-        ``w_k / s_k`` need no multiplication; otherwise they are rounded to integers in
-        ``1 .. max_multiplier``.
+        Client k pre-scaled its update by ``s_k``; the weighting asked is ``w_k``
+        (:meth:`weight_of`). Both come from the update's authenticated header. Equal
+        ratios ``w_k / s_k`` need no multiplication; otherwise they are rounded to
+        integers in ``1 .. max_multiplier`` (1 for every run RunConfig accepts).
         """
-        ratios = []
-        for m in replies:
-            w = float(m.content[METRICS][self.weighted_by_key])
-            s = float(m.content[METRICS].get(HE_SCALE, 1.0))
-            ratios.append(w / s)
-        r = np.asarray(ratios)
+        r = np.asarray([self.weight_of(u) / float(u.meta[SCALE]) for u in updates])
         if np.allclose(r, r.max(), rtol=1e-6):
-            return [1] * len(replies)
+            return [1] * len(updates)
         top = self.quantization.max_multiplier
         return [int(x) for x in np.maximum(1, np.rint(top * r / r.max()))]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Add the verified update envelopes; returns the aggregate envelope record."""
+        """Add the verified update envelopes; returns the aggregate envelope record.
+
+        Weights, multipliers and PFM's step count come from the envelopes' authenticated
+        headers (the plaintext metrics are reports only).
+        """
         replies = list(replies)
         if not replies:
             return None, None
-        updates = [self._opened(m.content[ARRAYS], server_round) for m in replies]
-        steps = weighted_metric(replies, "train-steps", self.weighted_by_key) or 1.0
-        env = add_updates(self.keys, updates, self.multipliers(replies), run=self.run_id,
+        if not all(self._is_verified(m.content[ARRAYS], server_round) for m in replies):
+            screened = self.screen(replies, server_round)  # not screened yet: do it now
+            if screened.excluded:
+                raise EnvelopeError("; ".join(f"node {e['node']}: {e['reason']}"
+                                              for e in screened.excluded))
+        updates = [self._verified[id(m.content[ARRAYS])][2] for m in replies]
+        senders = sorted({u.header["sender"] for u in updates})
+        if len(senders) < 2:
+            raise RuntimeError(f"Round {server_round}: only institution {senders} sent a usable "
+                               "update; an aggregate of one update is that update, and the "
+                               "institutions refuse to decrypt it. Encrypted rounds need at least "
+                               "2 updates (min-train-nodes >= 2)")
+        weights = [self.weight_of(u) for u in updates]
+        steps = sum(w * float(u.meta[TRAIN_STEPS]) for w, u in zip(weights, updates)) / sum(weights)
+        env = add_updates(self.keys, updates, self.multipliers(updates), run=self.run_id,
                           server_round=server_round,
                           max_units=self.quantization.max_clients * self.quantization.max_multiplier,
-                          meta={"lr": self.round_lr, "steps": float(steps),
+                          meta={"lr": self.round_lr, "steps": float(steps or 1.0),
                                 "pfm_beta": self.pfm_beta})
         metrics = MetricRecord({"he-clients": len(updates),
                                 "he-bytes": int(sum(len(c) for c in env.chunks))})
@@ -254,16 +334,16 @@ class EncryptedFedAvg(FedAvg):
                                else "no reply"})
         return events
 
-    def _opened(self, record: ArrayRecord, server_round: int):
-        """The verified envelope of ``record`` (verified now unless screen() did)."""
+    def _is_verified(self, record: ArrayRecord, server_round: int) -> bool:
+        """Whether screen() verified ``record`` (this very object) for ``server_round``."""
         hit = self._verified.get(id(record))
-        if hit is not None and hit[0] == server_round and hit[1] is record:
-            return hit[2]
-        return open_update(self.keys, record, run=self.run_id, server_round=server_round)
+        return hit is not None and hit[0] == server_round and hit[1] is record
 
     def release(self, grid: Grid, timeout: float) -> tuple[ArrayRecord, int]:
         """The final model in plaintext from the first institution that returns it."""
-        config = self.he_config(ConfigRecord({HE_RELEASE: True}))
+        # The join's folders let an institution find its data and DP ledger (its check of
+        # an early release after a budget stop).
+        config = self.he_config(ConfigRecord({HE_RELEASE: True, **self.dirs}))
         problems = []
         for node in sorted(grid.get_node_ids()):
             reply = self._query(grid, [node], RecordDict({CONFIG: config}), timeout)

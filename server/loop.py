@@ -30,9 +30,11 @@ from fedface.progress import ProgressFn
 from fedface.protocol import (
     CLIENT_ID,
     DP_BUDGET_SPENT,
+    DP_EPSILON_SPENT,
     FV_PREFIX,
     METRICS,
     OUT_OF_SYNC,
+    TRAIN_LOSS,
     TrainInstructions,
     load_backbone_record,
     numpy_record,
@@ -97,25 +99,41 @@ def check_privacy(cfg: RunConfig, summary: dict) -> dict:
             for cid, p in plans.items()}
 
 
-def privacy_record(cfg: RunConfig, strategy, good: list, excluded: list, rnd: int) -> dict:
-    """Per-round privacy figures: epsilon spent per client, declines, central DP."""
+def privacy_record(cfg: RunConfig, strategy, good: list, excluded: list, rnd: int,
+                   earlier: list[dict] | None = None) -> dict:
+    """Per-round privacy figures: epsilon spent per client, declines, central DP.
+
+    Central DP is accounted at each release's effective noise multiplier: the noise is
+    calibrated to the ``m`` clients sampled, and a round that aggregates fewer replies
+    (dropouts, screened-out updates) protects each of them with less
+    (:func:`fedface.privacy.effective_noise_multiplier`); ``earlier`` are the run's
+    previous round records, whose multipliers compose with this one.
+    """
     out: dict = {}
     if cfg.dp_epsilon > 0:
-        spent = {str(int(m.content[METRICS][CLIENT_ID])): round(float(m.content[METRICS]["dp-epsilon"]), 4)
-                 for m in good if "dp-epsilon" in m.content[METRICS]}
+        spent = {str(int(m.content[METRICS][CLIENT_ID])):
+                 round(float(m.content[METRICS][DP_EPSILON_SPENT]), 4)
+                 for m in good if DP_EPSILON_SPENT in m.content[METRICS]}
         out["dp"] = {"epsilon_spent": spent, "epsilon_max": max(spent.values(), default=0.0),
                      "declined": sum(DP_BUDGET_SPENT in e["reason"]
                                      for e in excluded)}
     if cfg.central_dp != "off":
-        from fedface.privacy import central_delta, central_epsilon
+        from fedface.privacy import central_delta, central_epsilon, effective_noise_multiplier
 
         m = sampled_clients(cfg)
         delta = central_delta(cfg.num_clients)
+        z_eff = effective_noise_multiplier(cfg.central_dp, cfg.central_dp_noise, m, len(good))
+        sigmas = [float(r["central_dp"]["noise_multiplier_effective"])
+                  for r in (earlier or []) if "central_dp" in r] + [z_eff]
+        q = m / cfg.num_clients
         out["central_dp"] = {
             "mode": cfg.central_dp, "noise_multiplier": cfg.central_dp_noise,
+            "noise_multiplier_effective": z_eff, "sampled": m, "aggregated": len(good),
             "clip": float(getattr(strategy, "clipping_norm", cfg.central_dp_clip)),
             "delta": delta,
-            "epsilon": central_epsilon(cfg.central_dp_noise, m / cfg.num_clients, rnd, delta)}
+            "epsilon": central_epsilon(sigmas, q, None, delta),
+            "epsilon_if_all_replied": central_epsilon(cfg.central_dp_noise, q, len(sigmas),
+                                                      delta)}
     return out
 
 
@@ -216,7 +234,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
             reasons = "; ".join(f"node {e['node']}: {e['reason'][:160]}" for e in excluded[:5])
             raise RuntimeError(f"Round {rnd}: only {len(good)} usable replies, "
                                f"min-train-nodes={needed} needed. Excluded: {reasons}")
-        train_loss = weighted_metric(good, "train-loss")
+        train_loss = weighted_metric(good, TRAIN_LOSS)
 
         fv_record = None
         if fv is None:
@@ -261,7 +279,8 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         }
         if fv_record is not None:
             record["fv"] = fv_record
-        record.update(privacy_record(cfg, strategy, good, excluded, rnd))
+        record.update(privacy_record(cfg, strategy, good, excluded, rnd,
+                                     recorder.data["rounds"]))
         if encrypted:
             # The server holds only the aggregate ciphertext: clients commit the chosen
             # candidate with the next message; no plaintext test or checkpoint here.

@@ -146,9 +146,13 @@ def build_strategy(cfg: RunConfig) -> Strategy:
             strategy, noise_multiplier=cfg.central_dp_noise, clipping_norm=cfg.central_dp_clip,
             num_sampled_clients=m)
     elif cfg.central_dp == "server-adaptive":
+        # The clipped-count's noise must exceed half the multiplier for the pair (count,
+        # model) to compose to it (Andrew et al. 2021); Flower's default m/20 does not
+        # for small federations (8 clients at noise 1 was refused).
         strategy = DifferentialPrivacyServerSideAdaptiveClipping(
             strategy, noise_multiplier=cfg.central_dp_noise, num_sampled_clients=m,
-            initial_clipping_norm=cfg.central_dp_clip)
+            initial_clipping_norm=cfg.central_dp_clip,
+            clipped_count_stddev=max(m / 20, cfg.central_dp_noise))
     return strategy
 
 

@@ -47,6 +47,7 @@ RUN = "run-0123"
 ROUND = 3
 SHAPES = {"w": (40, 300), "b": (17,)}
 N_VALUES = 40 * 300 + 17  # two ciphertexts at 8192 values each
+COUNTS = {"num_examples": 10, "train_steps": 3}  # authenticated in every update's header
 
 
 def _mode(path):
@@ -96,7 +97,7 @@ def deltas():
 def update(clients, deltas):
     """Client 1's update envelope of round ROUND (two ciphertexts)."""
     env, _ = encrypt_update(clients[1], deltas[1], float_keys(deltas[1]), Quantization(), scale=0.5,
-                            run=RUN, server_round=ROUND, rng=np.random.default_rng(1))
+                            run=RUN, server_round=ROUND, rng=np.random.default_rng(1), **COUNTS)
     assert len(env.chunks) == 2
     return env
 
@@ -106,16 +107,17 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
     d = tmp_path / "keys"
     public = init_keys(d, clients=3)
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-    assert files == ["client/bundle.json", "client/mac/client_000.key", "client/mac/client_001.key",
-                     "client/mac/client_002.key", "client/secret.key", "key.json", "server/bundle.json"]
+    assert files == [f"institutions/client_{k:03d}/{f}" for k in range(3)
+                     for f in ("bundle.json", "mac.key", "secret.key")] + ["key.json", "server/bundle.json"]
     for f in files:
         if f != "key.json":  # key.json is the public description
             assert _mode(d / f) == 0o600, f
-    for folder in (d, d / "client", d / "client" / "mac", d / "server"):
+    for folder in (d, d / "institutions", d / "server",
+                   *(d / "institutions" / f"client_{k:03d}" for k in range(3))):
         assert _mode(folder) == 0o700, folder
 
     key = json.loads((d / "key.json").read_text())
-    cb = json.loads((d / "client" / "bundle.json").read_text())
+    cb = json.loads((d / "institutions" / "client_001" / "bundle.json").read_text())
     sb = json.loads((d / "server" / "bundle.json").read_text())
     fp = key["fingerprint"]
     assert len(fp) == 19 and fp.count(":") == 3
@@ -130,13 +132,16 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
     assert sk.mac_keys == {k: ck[k].mac_key for k in range(3)}
     assert {c.server_mac_key for c in ck} == {sk.server_mac_key}
     assert [c.sender for c in ck] == [0, 1, 2]
-    with pytest.raises(KeyBundleError, match="MAC key of institution 3"):
+    assert cb["sender"] == 1
+    with pytest.raises(KeyBundleError, match="no keys of institution 3"):
         load_client_keys(d, 3)
 
     # the public description holds no secret, whichever folder it is read from
     secrets_hex = [cb["server_mac"], *sb["client_macs"].values()]
-    secret_key = (d / "client" / "secret.key").read_bytes()
-    for where in (d, d / "client", d / "server"):
+    secret_key = (d / "institutions" / "client_000" / "secret.key").read_bytes()
+    assert all((d / "institutions" / f"client_{k:03d}" / "secret.key").read_bytes() == secret_key
+               for k in range(3))  # one secret key, shared by the institutions
+    for where in (d, d / "institutions" / "client_002", d / "server"):
         desc = describe_keys(where)
         text = json.dumps(desc)
         assert desc["fingerprint"] == fp
@@ -161,9 +166,9 @@ def test_ceremony_refuses_to_overwrite_unless_forced(tmp_path):
 
 
 @pytest.mark.parametrize("path,loader", [
-    ("client/secret.key", "client"),
-    ("client/bundle.json", "client"),
-    ("client/mac/client_000.key", "client"),
+    ("institutions/client_000/secret.key", "client"),
+    ("institutions/client_000/bundle.json", "client"),
+    ("institutions/client_000/mac.key", "client"),
     ("server/bundle.json", "server"),
 ])
 def test_key_file_readable_by_others_is_refused(tmp_path, path, loader):
@@ -182,19 +187,20 @@ def test_secret_key_of_another_ceremony_is_refused(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     init_keys(a, clients=1)
     init_keys(b, clients=1)
-    shutil.copy(b / "client" / "secret.key", a / "client" / "secret.key")
+    shutil.copy(b / "institutions" / "client_000" / "secret.key",
+                a / "institutions" / "client_000" / "secret.key")
     with pytest.raises(KeyBundleError, match="does not belong to this bundle"):
         load_client_keys(a, 0)
 
 
-def test_deployment_copy_with_a_single_mac_key(ceremony, server, tmp_path):
+def test_deployment_copy_of_the_institution_folder(ceremony, server, tmp_path):
     node = tmp_path / "node2"
-    node.mkdir(mode=0o700)
-    for f in ("bundle.json", "secret.key"):
-        shutil.copy(ceremony / "client" / f, node / f)
-    shutil.copy(ceremony / "client" / "mac" / "client_002.key", node / "mac.key")
+    shutil.copytree(ceremony / "institutions" / "client_002", node)
     keys = load_client_keys(node, 2)
     assert keys.fingerprint == server.fingerprint and keys.mac_key == server.mac_keys[2]
+    assert keys.clients == N
+    with pytest.raises(KeyBundleError, match="keys of institution 2, not of institution 1"):
+        load_client_keys(node, 1)  # a wrong he-sender is named
 
 
 # ----------------------------------------------------------------------------- server side
@@ -215,14 +221,14 @@ def test_server_holds_no_secret_and_cannot_decrypt(ceremony, server, clients):
 
     server_files = [p for p in (ceremony / "server").rglob("*") if p.is_file()]
     assert [p.name for p in server_files] == ["bundle.json"]
-    secret = (ceremony / "client" / "secret.key").read_bytes()
+    secret = (ceremony / "institutions" / "client_000" / "secret.key").read_bytes()
     bundle = server_files[0].read_bytes()
     assert secret[-64:] not in bundle and secret[-64:].hex().encode() not in bundle
 
 
 def test_bundles_are_not_interchangeable(ceremony):
     with pytest.raises(KeyBundleError, match="holds a client bundle"):
-        load_server_keys(ceremony / "client")
+        load_server_keys(ceremony / "institutions" / "client_000")
     with pytest.raises(KeyBundleError, match="holds the server bundle"):
         load_client_keys(ceremony / "server", 0)
     with pytest.raises(KeyBundleError, match="missing"):
@@ -239,16 +245,17 @@ def test_rotation_retires_the_generation_and_rejects_its_updates(tmp_path, delta
     assert second["fingerprint"] != first["fingerprint"]
     retired = d / "retired" / "gen-1"
     assert (retired / "key.json").exists() and (retired / "server" / "bundle.json").exists()
-    assert _mode(retired) == 0o700 and _mode(retired / "client" / "secret.key") == 0o600
+    sk = "institutions/client_000/secret.key"
+    assert _mode(retired) == 0o700 and _mode(retired / sk) == 0o600
     assert describe_keys(retired)["fingerprint"] == first["fingerprint"]
-    assert (retired / "client" / "secret.key").read_bytes() != (d / "client" / "secret.key").read_bytes()
+    assert (retired / sk).read_bytes() != (d / sk).read_bytes()
     assert load_client_keys(retired, 0).fingerprint == first["fingerprint"]
 
     new_client, new_server = load_client_keys(d, 0), load_server_keys(d)
     assert (new_client.generation, new_server.generation) == (2, 2)
     assert new_server.fingerprint == second["fingerprint"]
     keys = float_keys(deltas[0])
-    kw = {"scale": 1.0, "run": RUN, "server_round": ROUND, "rng": np.random.default_rng(0)}
+    kw = {"scale": 1.0, "run": RUN, "server_round": ROUND, "rng": np.random.default_rng(0), **COUNTS}
     stale, _ = encrypt_update(old_client, deltas[0], keys, Quantization(), **kw)
     with pytest.raises(EnvelopeError, match="another key") as err:
         _open(new_server, stale)
@@ -351,7 +358,7 @@ def _round(clients, server, deltas, scales, multipliers, quant, senders=None, se
     opened, reports = [], []
     for k in senders:
         env, report = encrypt_update(clients[k], deltas[k], keys, quant, scale=scales[k], run=RUN,
-                                     server_round=ROUND, rng=rng)
+                                     server_round=ROUND, rng=rng, **COUNTS)
         reports.append(report)
         opened.append(open_update(server, to_record(env), run=RUN, server_round=ROUND))
     mult = [multipliers[k] for k in senders]
@@ -411,7 +418,7 @@ def test_encrypted_update_costs_about_its_float32_bytes(clients):
     n = 100_000
     delta = {"v": np.random.default_rng(0).normal(0, 0.05, n).astype(np.float32)}
     env, _ = encrypt_update(clients[0], delta, ["v"], Quantization(), scale=1.0, run=RUN,
-                            server_round=1, rng=np.random.default_rng(1))
+                            server_round=1, rng=np.random.default_rng(1), **COUNTS)
     assert len(env.chunks) == math.ceil(n / 8192) == 13
     ratio = env.nbytes / (4 * n)
     assert ratio < 1.1, ratio
@@ -518,7 +525,7 @@ def test_envelope_of_another_ceremony_or_without_header_is_rejected(server, delt
     init_keys(tmp_path / "other", clients=N)
     stranger = load_client_keys(tmp_path / "other", 1)
     env, _ = encrypt_update(stranger, deltas[1], float_keys(deltas[1]), Quantization(), scale=1.0,
-                            run=RUN, server_round=ROUND, rng=np.random.default_rng(0))
+                            run=RUN, server_round=ROUND, rng=np.random.default_rng(0), **COUNTS)
     msg = _reject(server, to_record(env), "another key")
     assert stranger.fingerprint in msg and server.fingerprint in msg
 
@@ -543,7 +550,7 @@ def test_garbage_ciphertexts_raise_bad_ciphertext(server, update):
 def test_add_updates_refuses_overflowing_multipliers_and_mixed_layouts(clients, server, deltas, update):
     a = _open(server, update)
     keys = float_keys(deltas[0])
-    kw = {"scale": 1.0, "run": RUN, "server_round": ROUND}
+    kw = {"scale": 1.0, "run": RUN, "server_round": ROUND, **COUNTS}
     b, _ = encrypt_update(clients[2], deltas[2], keys, Quantization(), rng=np.random.default_rng(2), **kw)
     with pytest.raises(EnvelopeError, match="he-max-clients"):
         add_updates(server, [a, b], [10, 7], run=RUN, server_round=ROUND, max_units=16)
@@ -586,7 +593,7 @@ def test_add_updates_refuses_sums_beyond_the_layout_headroom(clients, server, de
     keys = float_keys(deltas[0])
     narrow = Quantization(max_clients=2)
     envs = [encrypt_update(clients[k], deltas[k], keys, narrow, scale=1.0, run=RUN, server_round=ROUND,
-                           rng=np.random.default_rng(k))[0] for k in range(N)]
+                           rng=np.random.default_rng(k), **COUNTS)[0] for k in range(N)]
     with pytest.raises(EnvelopeError, match="headroom"):
         add_updates(server, [_open(server, e) for e in envs], [1] * N, run=RUN, server_round=ROUND,
                     max_units=16)
@@ -617,19 +624,248 @@ def test_noise_budget_survives_sixteen_updates_times_sixteen(clients, server):
 
 
 # ----------------------------------------------------------------------------- strategy
-def test_encrypted_fedavg_multipliers(server):
+BOUND = {100 + k: k for k in range(N)}  # node id -> the ceremony index it proved at join
+
+
+def _strategy(server, bound=BOUND, **quant):
     from server.encrypted import EncryptedFedAvg
 
-    strat = EncryptedFedAvg(server, Quantization(max_multiplier=4))
+    strat = EncryptedFedAvg(server, Quantization(**quant))
+    strat.run_id = RUN
+    strat.bound, strat.members = dict(bound), set(bound)
+    return strat
+
+
+def _update(clients, deltas, k, scale=1.0, num_examples=10, train_steps=3, quant=None):
+    env, _ = encrypt_update(clients[k], deltas[k], float_keys(deltas[k]), quant or Quantization(),
+                            scale=scale, num_examples=num_examples, train_steps=train_steps,
+                            run=RUN, server_round=ROUND, rng=np.random.default_rng(50 + k))
+    return env
+
+
+def _reply(node, env, **metrics):
+    from fedface.protocol import ARRAYS, CLIENT_ID, METRICS, NUM_EXAMPLES
+
+    return Reply(node, RecordDict({ARRAYS: to_record(env), METRICS: MetricRecord(
+        {NUM_EXAMPLES: 10, CLIENT_ID: node - 100, **metrics})}))
+
+
+def test_encrypted_fedavg_multipliers_come_from_the_authenticated_header(server, clients, deltas):
+    strat = _strategy(server, max_multiplier=4)
     # clients pre-scaled by n_k / ref: the weighting is already in the ciphertexts
     ref = 40
-    same = [Reply(metrics={"num-examples": n, "he-scale": n / ref}) for n in (10, 25, 40)]
+    same = [_update(clients, deltas, k, scale=n / ref, num_examples=n)
+            for k, n in enumerate((10, 25, 40))]
     assert strat.multipliers(same) == [1, 1, 1]
     # unscaled updates (scale 1) weighted by their sample counts: integers up to the bound
-    unscaled = [Reply(metrics={"num-examples": n}) for n in (10, 20, 40)]
+    unscaled = [_update(clients, deltas, k, num_examples=n) for k, n in enumerate((10, 20, 40))]
     assert strat.multipliers(unscaled) == [1, 2, 4]
-    tiny = [Reply(metrics={"num-examples": n, "he-scale": 1.0}) for n in (1, 100)]
+    tiny = [_update(clients, deltas, k, num_examples=n) for k, n in enumerate((1, 100))]
     assert strat.multipliers(tiny) == [1, 4]  # never below 1
+
+
+def test_forged_plaintext_metrics_do_not_change_the_aggregate(server, clients, deltas):
+    """Adversary: anyone on the path rewrites the plaintext metrics of the replies (sample
+    counts, he-scale, train-steps). The weights, multipliers, weight sum and PFM's step
+    count come from the authenticated headers: the aggregate is the same, bit for bit."""
+    from fedface.protocol import NUM_EXAMPLES
+
+    counts, steps, ref = (30, 60, 90), (4, 8, 12), 90
+    envs = [_update(clients, deltas, k, scale=n / ref, num_examples=n, train_steps=st)
+            for k, (n, st) in enumerate(zip(counts, steps))]
+    honest = [_reply(100 + k, e, **{NUM_EXAMPLES: n, "he-scale": n / ref, "train-steps": st})
+              for k, (e, n, st) in enumerate(zip(envs, counts, steps))]
+    forged = [_reply(100 + k, e, **{NUM_EXAMPLES: 10 ** 6 if k == 0 else 1, "he-scale": 0.001,
+                                    "train-steps": 999})
+              for k, e in enumerate(envs)]
+    fk = float_keys(deltas[0])
+    out = []
+    for replies in (honest, forged):
+        strat = _strategy(server, max_multiplier=16)  # room for multipliers, were any asked
+        strat.round_lr, strat.pfm_beta = 0.1, 0.9
+        screened = strat.screen(replies, ROUND)
+        assert len(screened.good) == 3 and not screened.excluded
+        record, _ = strat.aggregate_train(ROUND, screened.good)
+        out.append(decrypt_aggregate(clients[0], record, deltas[0], fk, run=RUN, server_round=ROUND))
+    (m_honest, e_honest), (m_forged, e_forged) = out
+    for meta in (e_honest.meta, e_forged.meta):
+        assert meta["multipliers"] == [1, 1, 1]
+        assert meta["weight_sum"] == pytest.approx(sum(n / ref for n in counts))
+        assert meta["steps"] == pytest.approx(sum(n * st for n, st in zip(counts, steps)) / sum(counts))
+    for key in fk:
+        np.testing.assert_array_equal(m_honest[key], m_forged[key])
+        expected = sum(n * deltas[k][key].astype(np.float64) for k, n in enumerate(counts)) / sum(counts)
+        assert np.abs(m_forged[key] - expected).max() < aggregate_error_bound(e_forged)
+    # the header's counts themselves cannot be rewritten: the tag covers them
+    env = _copy(envs[0])
+    env.header["meta"]["num-examples"] = 10 ** 6
+    _reject(server, env, "does not verify")
+    # an update without them (an older client) is refused, naming the field
+    bare = seal_envelope(UPDATE, envs[1].chunks, mac_key=clients[1].mac_key,
+                         fingerprint=server.fingerprint, generation=1, params=envs[1].header["params"],
+                         run=RUN, server_round=ROUND, sender=1, layout=envs[1].header["layout"],
+                         spec=envs[1].header["spec"], meta={"scale": 1.0})
+    _reject(server, bare, "lacks the authenticated meta field 'num-examples'")
+
+
+def test_a_duplicated_envelope_is_left_out_and_the_round_goes_on(server, clients, deltas):
+    """Adversary: the network (or a faulty node) delivers institution 1's envelope twice
+    in one round. Screening keeps the first, excludes the copy with the reason, and the
+    round aggregates the three institutions (it used to abort in add_updates)."""
+    strat = _strategy(server)
+    envs = [_update(clients, deltas, k) for k in range(3)]
+    replies = [_reply(100 + k, envs[k]) for k in range(3)]
+    again = _reply(101, envs[1])
+    screened = strat.screen(replies[:2] + [again] + replies[2:], ROUND)
+    assert screened.good == replies
+    (excluded,) = screened.excluded
+    assert excluded["node"] == 101
+    assert "duplicate envelope of sender 1" in excluded["reason"] and "left out" in excluded["reason"]
+    record, _ = strat.aggregate_train(ROUND, screened.good)
+    fk = float_keys(deltas[0])
+    mean, env = decrypt_aggregate(clients[3], record, deltas[0], fk, run=RUN, server_round=ROUND)
+    assert env.meta["senders"] == [0, 1, 2]
+    for key in fk:
+        expected = sum(deltas[k][key].astype(np.float64) for k in range(3)) / 3
+        assert np.abs(mean[key] - expected).max() < aggregate_error_bound(env)
+
+
+def test_a_node_carrying_another_institutions_envelope_is_rejected(server, clients, deltas):
+    """Adversary: nodes 101 and 102 swap envelopes (each relays the other's update as its
+    own reply), and node 999, which proved no index at join, relays institution 0's.
+    Every node may only send the envelope of the index it proved."""
+    strat = _strategy(server)
+    envs = [_update(clients, deltas, k) for k in range(3)]
+    replies = [_reply(100, envs[0]), _reply(101, envs[2]), _reply(102, envs[1]), _reply(999, envs[0])]
+    screened = strat.screen(replies, ROUND)
+    assert screened.good == replies[:1]
+    reasons = {e["node"]: e["reason"] for e in screened.excluded}
+    assert set(reasons) == {101, 102, 999}
+    assert "node 101 carries an envelope of sender 2, but proved index 1" in reasons[101]
+    assert "node 102 carries an envelope of sender 1, but proved index 2" in reasons[102]
+    assert "did not prove a ceremony index" in reasons[999]
+    # and aggregate_train, handed unscreened replies, screens them itself
+    with pytest.raises(EnvelopeError, match="may only send its own update"):
+        _strategy(server).aggregate_train(ROUND, replies[:3])
+
+
+class _Grid:
+    """A Grid whose nodes answer with ``replies`` (the join's query)."""
+
+    def __init__(self, replies):
+        self.replies, self.sent = replies, []
+
+    def get_node_ids(self):
+        return [r.metadata.src_node_id for r in self.replies]
+
+    def create_message(self, **kw):
+        return kw
+
+    def send_and_receive(self, msgs, timeout=None):
+        self.sent += msgs
+        return self.replies
+
+
+def test_join_binds_each_node_to_the_index_it_proves(server, clients, ceremony):
+    """Adversaries at join: a node replaying another node's proof, a node claiming an
+    index it holds no key for, a forged sample count, a proof of another run, two nodes
+    proving one index, and a client that sends no proof. Only nodes 100 and 101 join."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from crypto.update import JOIN_PROOF, prove_join
+    from fedface.protocol import METRICS, NUM_EXAMPLES
+
+    strat = _strategy(server, bound={})
+
+    def reply(node, proof):
+        content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 10 ** 6})})  # plaintext: ignored
+        if proof is not None:
+            content[JOIN_PROOF] = ConfigRecord(proof)
+        return Reply(node, content)
+
+    def proof(k, node, n=50, run=RUN):
+        return prove_join(clients[k], run=run, node=node, num_examples=n)
+
+    forged_index = {**proof(2, 103), "sender": 3}  # institution 2's key, claiming index 3
+    forged_count = {**proof(0, 104, n=30), "num-examples": 3000}
+    replies = [reply(100, proof(0, 100, n=30)), reply(101, proof(1, 101, n=50)),
+               reply(102, proof(1, 101)),  # node 101's proof, replayed by node 102
+               reply(103, forged_index), reply(104, forged_count),
+               reply(105, proof(2, 105, run="run-other")),
+               reply(106, proof(4, 106)), reply(107, proof(4, 107)),  # both hold institution 4's keys
+               reply(108, None)]
+    info = strat.join(_Grid(replies), ArrayRecord(), ConfigRecord({"data-dir": "d", "state-dir": "s"}),
+                      timeout=1.0)
+    assert strat.bound == {100: 0, 101: 1} and strat.members == {100, 101}
+    assert info["joined"] == 2 and info["weight_ref"] == 50  # the proven counts, not 10**6
+    assert info["senders"] == {"100": 0, "101": 1}
+    reasons = {e["node"]: e["reason"] for e in info["join_excluded"]}
+    assert set(reasons) == set(range(102, 109))
+    for node in (102, 103, 104, 105):
+        assert f"node {node} claims ceremony index" in reasons[node]
+        assert "does not verify" in reasons[node]
+    assert "nodes 106, 107 all prove ceremony index 4" in reasons[106] == reasons[107]
+    assert "no proof" in reasons[108]
+    assert strat.dirs == {"data-dir": "d", "state-dir": "s"}  # the release carries them
+
+
+def test_wrong_typed_header_fields_are_named_before_the_tag_check(server, update, clients, deltas):
+    """Adversary: a network attacker sends headers with wrong-typed fields; each is an
+    EnvelopeError naming the field (a list as sender used to raise TypeError)."""
+    for field, value in (("sender", [0]), ("sender", {"k": 1}), ("sender", None), ("sender", True),
+                         ("round", "3"), ("round", 3.5), ("run", 5), ("fingerprint", None),
+                         ("generation", "1"), ("kind", 1), ("spec", []), ("meta", []),
+                         ("params", "bfv"), ("chunks", [[1, 2]]), ("chunks", "x"),
+                         ("layout", {**update.header["layout"], "length": "12017"}),
+                         ("layout", {"bits": 15}), ("version", "1")):
+        env = _copy(update)
+        env.header[field] = value
+        with pytest.raises(EnvelopeError, match=f"field '{field}'"):
+            _open(server, env)
+        with pytest.raises(EnvelopeError, match=f"field '{field}'"):
+            _open(server, to_record(env))  # the same through the wire format
+    env = _copy(update)
+    del env.header["sender"]
+    with pytest.raises(EnvelopeError, match="lacks the field 'sender'"):
+        _open(server, env)
+    # an aggregate with a wrong-typed meta field (even signed by the server) is named too
+    agg = add_updates(server, [_open(server, update), _open(server, _update(clients, deltas, 2))],
+                      [1, 1], run=RUN, server_round=ROUND, max_units=16)
+    bad = seal_envelope(AGGREGATE, agg.chunks, mac_key=server.server_mac_key,
+                        fingerprint=server.fingerprint, generation=1, params=agg.header["params"],
+                        run=RUN, server_round=ROUND, sender=SERVER, layout=agg.header["layout"],
+                        spec=agg.header["spec"], meta={**agg.meta, "weight_sum": "1.5"})
+    with pytest.raises(EnvelopeError, match="'weight_sum' must be a positive number"):
+        decrypt_aggregate(clients[0], bad, deltas[0], float_keys(deltas[0]), run=RUN,
+                          server_round=ROUND)
+
+
+def test_aggregate_train_reuses_the_envelopes_screen_verified(server, clients, deltas, monkeypatch):
+    import copy
+
+    import server.encrypted as enc
+    from crypto.envelope import to_record
+
+    strat = _strategy(server)
+    update = _update(clients, deltas, 1)
+    strat.history[1] = to_record(update)
+    clone = copy.deepcopy(strat)  # SEAL objects are shared, not copied
+    assert clone.history[1] is strat.history[1] and clone.keys is strat.keys
+    clone.history[2] = strat.history[1]
+    assert 2 not in strat.history  # the dict itself is the copy's own
+    replies = [_reply(101, update), _reply(102, _update(clients, deltas, 2))]
+    assert strat.screen(replies, ROUND).good == replies
+    calls = []
+    monkeypatch.setattr(enc, "open_update", lambda *a, **k: calls.append(1))
+    record, _ = strat.aggregate_train(ROUND, replies)
+    assert record is not None and calls == []  # verified once, by screen()
+
+
+def test_the_server_refuses_to_aggregate_a_single_update(server, clients, deltas):
+    strat = _strategy(server)
+    (reply,) = strat.screen([_reply(101, _update(clients, deltas, 1))], ROUND).good
+    with pytest.raises(RuntimeError, match="an aggregate of one update is that update"):
+        strat.aggregate_train(ROUND, [reply])
 
 
 def test_corrupt_bundles_and_mac_keys_are_refused_naming_the_file(tmp_path):
@@ -639,35 +875,249 @@ def test_corrupt_bundles_and_mac_keys_are_refused_naming_the_file(tmp_path):
     bundle.write_text(bundle.read_text()[:50])  # truncated
     with pytest.raises(KeyBundleError, match="not valid JSON"):
         load_server_keys(folder)
-    mac = folder / "client" / "mac" / "client_001.key"
+    mac = folder / "institutions" / "client_001" / "mac.key"
     mac.write_text("not-hex")
-    with pytest.raises(KeyBundleError, match="client_001.key is not a 32-byte hex MAC key"):
+    with pytest.raises(KeyBundleError, match="client_001/mac.key is not a 32-byte hex MAC key"):
         load_client_keys(folder, 1)
     (folder / "key.json").write_text("{")
     with pytest.raises(KeyBundleError, match="key.json is not valid JSON"):
         describe_keys(folder)
 
 
-def test_fv_copies_of_the_strategy_share_ciphertexts_and_reuse_verified_envelopes(
-        server, update, monkeypatch):
-    import copy
+# ----------------------------------------------------------------------------- FV under HE
+def test_fv_candidates_under_encryption_let_one_institution_solve_every_update(server, clients):
+    """Why FV is refused with he_keys. Adversary: institution 0, honest in the protocol,
+    curious about the others. The old FV formed one homomorphic sum per candidate
+    weighting (integer multipliers, he-fv-bits=4) of the same round's updates, and every
+    institution decrypted every candidate to score it. With fv-candidates + 1 = 5
+    institutions, institution 0 subtracts its own update and solves the linear system:
+    every other institution's update comes out to within one quantization step."""
+    from crypto.packing import Layout
+    from server.fv import FederatedValidation
 
-    import server.encrypted as enc
-    from crypto.envelope import to_record
-    from fedface.protocol import ARRAYS, METRICS, NUM_EXAMPLES
-    from server.encrypted import EncryptedFedAvg
+    rng = np.random.default_rng(21)
+    length = 3000
+    updates = [rng.uniform(-0.2, 0.2, length).astype(np.float32) for _ in range(N)]
+    sizes = np.array([40, 90, 150, 260, 400])
+    scales = sizes / sizes.max()  # each client pre-scales by n_k / n_max
+    quant = Quantization(max_multiplier=16)
+    opened = []
+    for k in range(N):
+        env, _ = encrypt_update(clients[k], {"v": updates[k]}, ["v"], quant, scale=float(scales[k]),
+                                num_examples=int(sizes[k]), train_steps=1, run=RUN,
+                                server_round=ROUND, rng=np.random.default_rng(100 + k))
+        opened.append(_open(server, env))
+    # The server's side, as the old FV ran it: one weighted sum per candidate weighting.
+    fv = FederatedValidation(budget=4)
+    rows, aggregates = [], []
+    for _, tau in fv.candidates():
+        ratio = fv.weights(None, tau, sizes) / scales
+        mult = ([1] * N if np.allclose(ratio, ratio.max(), rtol=1e-6) else
+                [int(x) for x in np.maximum(1, np.rint(16 * ratio / ratio.max()))])
+        rows.append(mult)
+        aggregates.append(add_updates(server, opened, mult, run=RUN, server_round=ROUND,
+                                      max_units=quant.max_clients * quant.max_multiplier))
+    assert len(aggregates) == 4 and len({tuple(r) for r in rows}) == 4
+    # Institution 0's side: decrypt every candidate (as it did to score them) ...
+    me = clients[0]
+    layout = Layout.from_dict(aggregates[0].header["layout"])
+    sums = np.stack([unpack(me.context.decrypt(a.chunks), layout) for a in aggregates]).astype(np.float64)
+    # ... remove its own contribution (it knows its codes: it quantized them itself) ...
+    own, _ = quantize(updates[0] * np.float32(scales[0]), layout, np.random.default_rng(100))
+    a = np.array(rows, dtype=np.float64)
+    rest = sums - np.outer(a[:, 0], own.astype(np.float64))
+    # ... and solve 4 equations for the 4 other institutions' integer codes.
+    assert np.linalg.matrix_rank(a[:, 1:]) == N - 1
+    codes = np.linalg.solve(a[:, 1:], rest)
+    assert np.abs(codes - np.rint(codes)).max() < 1e-6  # exact integers: nothing is hidden
+    for i, k in enumerate(range(1, N)):
+        recovered = np.rint(codes[i]) * layout.step - layout.clip  # the pre-scaled update
+        truth = updates[k].astype(np.float64) * scales[k]
+        assert np.abs(recovered - truth).max() < layout.step
+        # and the update itself, dividing by its public scale
+        assert np.abs(recovered / scales[k] - updates[k]).max() < layout.step / scales[k]
 
-    strat = EncryptedFedAvg(server, Quantization())
-    strat.run_id = RUN
-    strat.history[1] = to_record(update)
-    clone = copy.deepcopy(strat)
-    assert clone.history[1] is strat.history[1] and clone.keys is strat.keys
-    clone.history[2] = strat.history[1]
-    assert 2 not in strat.history  # the dict itself is the copy's own
-    reply = Reply(3, RecordDict({ARRAYS: to_record(update),
-                                 METRICS: MetricRecord({NUM_EXAMPLES: 10, "he-scale": 1.0})}))
-    assert strat.screen([reply], ROUND).good == [reply]
-    calls = []
-    monkeypatch.setattr(enc, "open_update", lambda *a, **k: calls.append(1))
-    record, _ = copy.deepcopy(strat).aggregate_train(ROUND, [reply])
-    assert record is not None and calls == []  # verified once, by screen()
+
+def test_fv_with_he_keys_is_refused_saying_why(ceremony):
+    from fedface.config import RunConfig
+
+    with pytest.raises(ValueError) as err:
+        RunConfig(num_clients=4, he_keys=str(ceremony), fv=True)
+    msg = str(err.value)
+    assert "fv with he_keys is refused" in msg
+    assert "another linear combination of the same encrypted updates" in msg
+    assert "k+1 combinations reveal individual updates" in msg
+    assert "plaintext FV" in msg and "HE without FV" in msg
+    RunConfig(num_clients=4, fv=True)  # plaintext FV stays
+    RunConfig(num_clients=4, he_keys=str(ceremony))  # and HE without FV
+    for bad in (dict(num_clients=1, min_train_nodes=1), dict(num_clients=4, min_train_nodes=1)):
+        with pytest.raises(ValueError, match="an aggregate of one update is that update"):
+            RunConfig(he_keys=str(ceremony), **bad)
+
+
+# ----------------------------------------------------------------------------- key custody
+def test_an_institution_holds_only_its_own_mac_key_and_cannot_sign_for_another(
+        ceremony, server, deltas):
+    """Adversary: institution 3, with everything handed to it, forges an update in
+    institution 1's name. Its folder holds no other MAC key, and what it can sign under
+    sender 1 does not verify."""
+    import dataclasses
+
+    mine = ceremony / "institutions" / "client_003"
+    assert sorted(p.name for p in mine.iterdir()) == ["bundle.json", "mac.key", "secret.key"]
+    blob = b"".join(p.read_bytes() for p in mine.rglob("*") if p.is_file())
+    for j in range(N):
+        held = server.mac_keys[j].hex().encode() in blob or server.mac_keys[j] in blob
+        assert held == (j == 3), j
+    k3 = load_client_keys(mine, 3)
+    with pytest.raises(KeyBundleError, match="keys of institution 3"):
+        load_client_keys(mine, 1)
+    as_one = dataclasses.replace(k3, sender=1)  # its own keys, claiming index 1
+    forged, _ = encrypt_update(as_one, deltas[3], float_keys(deltas[3]), Quantization(), scale=1.0,
+                               run=RUN, server_round=ROUND, rng=np.random.default_rng(3), **COUNTS)
+    assert forged.header["sender"] == 1
+    msg = _reject(server, forged, "does not verify")
+    assert "sender 1" in msg
+    # its own update, under its own index, verifies
+    own, _ = encrypt_update(k3, deltas[3], float_keys(deltas[3]), Quantization(), scale=1.0,
+                            run=RUN, server_round=ROUND, rng=np.random.default_rng(3), **COUNTS)
+    assert _open(server, own).header["sender"] == 3
+
+
+@pytest.mark.parametrize("path,loader", [
+    ("institutions/client_000/secret.key", "client"),
+    ("institutions/client_000/mac.key", "client"),
+    ("institutions/client_000/bundle.json", "client"),
+    ("server/bundle.json", "server"),
+])
+def test_key_files_owned_by_another_user_or_symlinked_are_refused(tmp_path, monkeypatch, path, loader):
+    """Adversary: another local user who planted the key file (owned by them, so they can
+    rewrite it), or a symbolic link to a file elsewhere."""
+    d = tmp_path / "keys"
+    init_keys(d, clients=1)
+    load = (lambda: load_client_keys(d, 0)) if loader == "client" else (lambda: load_server_keys(d))
+    f = d / path
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copy(f, elsewhere)
+    os.chmod(elsewhere, 0o600)
+    f.unlink()
+    f.symlink_to(elsewhere)
+    with pytest.raises(KeyBundleError, match="symbolic link") as err:
+        load()
+    assert str(f) in str(err.value)
+    f.unlink()
+    shutil.copy(elsewhere, f)
+    os.chmod(f, 0o600)
+    load()
+    if os.getuid() == 0:
+        os.chown(f, 65534, 65534)  # really another user's file
+    else:
+        real = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: real + 1)  # the file is not ours
+    with pytest.raises(KeyBundleError, match="not by the current user") as err:
+        load()
+    assert str(f) in str(err.value)
+
+
+# ----------------------------------------------------------------------------- what institutions open
+def _institution(clients, k=0, node_id=5):
+    from flwr.app import ConfigRecord, Context
+
+    from client import he
+    from fedface.protocol import HE_COMMIT_INDEX, HE_COMMIT_ROUND, HE_FINGERPRINT, HE_RUN, numpy_record
+
+    ctx = Context(run_id=1, node_id=node_id, node_config={"partition-id": k}, state=RecordDict(),
+                  run_config={})
+    config = ConfigRecord({HE_RUN: RUN, HE_FINGERPRINT: clients[k].fingerprint,
+                           HE_COMMIT_ROUND: 0, HE_COMMIT_INDEX: 0})
+    like = {"w": np.zeros(SHAPES["w"], np.float32), "b": np.zeros(SHAPES["b"], np.float32)}
+    he.join(ctx, clients[k], config, numpy_record(like))
+    return ctx, config
+
+
+def test_institutions_refuse_to_decrypt_an_aggregate_of_one_update(server, clients, deltas, update):
+    """Adversary: the server, hoping an institution's decryption (or what it releases)
+    shows it one institution's update, sends an 'aggregate' of that single update, or of
+    the same update counted twice."""
+    from client import he
+
+    ctx, config = _institution(clients)
+    one = add_updates(server, [_open(server, update)], [1], run=RUN, server_round=ROUND, max_units=16)
+    with pytest.raises(EnvelopeError, match=r"update of 1 institution\(s\) \[1\]"):
+        he.open_candidates(ctx, clients[0], config, [to_record(one)], ROUND)
+    twice = seal_envelope(AGGREGATE, one.chunks, mac_key=server.server_mac_key,
+                          fingerprint=server.fingerprint, generation=1, params=one.header["params"],
+                          run=RUN, server_round=ROUND, sender=SERVER, layout=one.header["layout"],
+                          spec=one.header["spec"], meta={**one.meta, "senders": [1, 1], "count": 2})
+    with pytest.raises(EnvelopeError, match="refuses to decrypt"):
+        he.open_candidates(ctx, clients[0], config, [to_record(twice)], ROUND)
+    assert "he-pending-0" not in ctx.state.array_records  # nothing was decrypted
+    two = add_updates(server, [_open(server, update), _open(server, _update(clients, deltas, 2))],
+                      [1, 1], run=RUN, server_round=ROUND, max_units=16)
+    (model,) = he.open_candidates(ctx, clients[0], config, [to_record(two)], ROUND)
+    expected = (deltas[1]["w"].astype(np.float64) * 0.5 + deltas[2]["w"]) / 1.5
+    assert np.abs(model["w"] - expected).max() < aggregate_error_bound(two)
+
+
+def test_institutions_release_the_model_only_at_the_end_of_the_run(ceremony, clients, monkeypatch):
+    """Adversary: the server asks for the plaintext model mid-run (a release query with
+    round 2 committed, in a 3-round run). The ClientApp refuses, naming what was asked;
+    at round 3 it releases. Under DP-SGD an earlier round is released only once the
+    institution's own budget cannot pay for another round (a budget-stopped run)."""
+    from flwr.app import ConfigRecord, Message, MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client import he
+    from client.app import build_client_app
+    from fedface.config import RunConfig
+    from fedface.protocol import ARRAYS, CONFIG, HE_RELEASE
+
+    for name, value in (("_run_id", 1), ("_node_id", 5), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = RunConfig(num_clients=N, rounds=3, he_keys=str(ceremony))
+    app = build_client_app(cfg.to_run_config())
+    ctx, config = _institution(clients)
+
+    def release(rnd):
+        he._state(ctx)["round"] = rnd  # this institution holds the model of round rnd
+        ask = ConfigRecord({**dict(config), HE_RELEASE: True, "he-commit-round": rnd})
+        msg = Message(RecordDict({CONFIG: ask}), dst_node_id=5, message_type=MessageType.QUERY)
+        return app(msg, ctx)
+
+    for rnd in (1, 2, 4):
+        with pytest.raises(he.ReleaseRefused, match=f"model of round {rnd}, but this run has 3 rounds"):
+            release(rnd)
+    reply = release(3)
+    assert sorted(reply.content[ARRAYS]) == ["b", "w"]
+    # the budget-stopped run's rule, with the ledger's answer given
+    dp = cfg.replace(dp_epsilon=8.0)
+    with pytest.raises(he.ReleaseRefused, match="still pays for another round"):
+        he.check_release(dp, 2, lambda: True)
+    he.check_release(dp, 2, lambda: False)  # budget spent: the run ended here
+    with pytest.raises(he.ReleaseRefused):
+        he.check_release(cfg, 2, lambda: False)  # no DP: no budget stop, no early release
+    with pytest.raises(he.ReleaseRefused):
+        he.check_release(dp, 0, lambda: False)  # the initial model is no run's result
+
+
+def test_institutions_decrypt_one_aggregate_per_round(server, clients, deltas):
+    """Adversary: a server that runs FV anyway (the config refuses it), sending several
+    combinations of the same updates in one evaluate message, or a second, different
+    combination for a round already opened. Institutions decrypt one aggregate a round."""
+    from client import he
+
+    ctx, config = _institution(clients)
+    opened = [_open(server, _update(clients, deltas, k)) for k in (1, 2, 3)]
+
+    def combo(mult):
+        return to_record(add_updates(server, opened, mult, run=RUN, server_round=ROUND, max_units=64))
+
+    first, second = combo([1, 1, 1]), combo([4, 2, 1])
+    with pytest.raises(EnvelopeError, match="sent 2 aggregates for round 3"):
+        he.open_candidates(ctx, clients[0], config, [first, second], ROUND)
+    assert "he-pending-0" not in ctx.state.array_records
+    (model,) = he.open_candidates(ctx, clients[0], config, [first], ROUND)
+    with pytest.raises(EnvelopeError, match="a second, different aggregate for round 3"):
+        he.open_candidates(ctx, clients[0], config, [second], ROUND)
+    (again,) = he.open_candidates(ctx, clients[0], config, [first], ROUND)  # a resend is fine
+    np.testing.assert_array_equal(again["w"], model["w"])

@@ -143,6 +143,11 @@ def test_unknown_names_raise_helpful_error():
 
 
 def test_opacus_make_private_step():
+    """Our backbone and margin head through Opacus: without noise, one DP step moves the
+    weights by exactly -lr x the mean of the per-sample clipped gradients (computed here
+    one sample at a time), so clipping and per-sample gradients, not noise, made it."""
+    import copy
+
     from opacus import PrivacyEngine
 
     class Net(nn.Module):
@@ -154,31 +159,37 @@ def test_opacus_make_private_step():
         def forward(self, x, y):
             return self.head(self.backbone(x), y)
 
+    torch.manual_seed(0)
     model = Net()
+    reference = copy.deepcopy(model)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 48, 48), torch.arange(8) % 4)
     loader = torch.utils.data.DataLoader(data, batch_size=4)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clip, lr = 0.05, 0.1
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, optimizer, loader = PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-        )
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+            max_grad_norm=clip, poisson_sampling=False)
+    before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     x, y = next(iter(loader))
+    expected = {n: torch.zeros_like(p) for n, p in before.items()}
+    for i in range(len(x)):
+        reference.zero_grad()
+        nn.functional.cross_entropy(reference(x[i:i + 1], y[i:i + 1]), y[i:i + 1]).backward()
+        grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads.values())))
+        assert norm > clip  # every sample is clipped: the test sees the clipping
+        for n, g in grads.items():
+            expected[n] += g * min(1.0, clip / (norm + 1e-6)) / len(x)
     loss = nn.functional.cross_entropy(model(x, y), y)
     with warnings.catch_warnings():  # "full backward hook ... no inputs require gradients"
         warnings.simplefilter("ignore", UserWarning)
         loss.backward()
-    head_w = model._module.head.weight
-    assert head_w.grad_sample.shape == (len(x), 4, EMB)
+    assert model._module.head.weight.grad_sample.shape == (len(x), 4, EMB)
     optimizer.step()
-    for n, p in model.named_parameters():
-        assert not torch.equal(p, before[n]), f"{n} did not change"
+    for n, p in model._module.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n] - lr * expected[n], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["softmax", "cosface", "arcface"])

@@ -224,15 +224,28 @@ def test_checkpoint_round_trip_and_resume_guard(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_builds_and_aggregates(name):
-    s = build_strategy(RunConfig(strategy=name, num_clients=2))
+    """Each strategy's first aggregate is its own rule applied to the sample-weighted mean
+    update (weights 10 and 30: 0.25 x 0.01 + 0.75 x 0.02 = 0.0175 per value)."""
+    cfg = RunConfig(strategy=name, num_clients=2)
+    s = build_strategy(cfg)
     current = {k: v.copy() for k, v in REF.items()}
     # what configure_train records in stateful strategies
     s.current_arrays = current if name in ("fedadam", "pfm") else numpy_record(current)
     s.round_lr = 0.1
-    agg, _ = copy.deepcopy(s).aggregate_train(1, [_reply(1, metrics={"train-steps": 2}),
-                                                  _reply(2, metrics={"train-steps": 2})])
+    agg, _ = copy.deepcopy(s).aggregate_train(1, [_reply(1, n=10, metrics={"train-steps": 2}),
+                                                  _reply(2, n=30, metrics={"train-steps": 2})])
     assert set(agg.keys()) == set(REF)
-    assert all(np.isfinite(a.numpy()).all() for a in agg.values())
+    mean = 0.25 * 0.01 + 0.75 * 0.02
+    if name == "fedadam":  # m = (1-b1) d, v = (1-b2) d^2, Flower's bias-corrected step size
+        b1, b2 = 0.9, 0.99
+        eta = cfg.fedadam_eta * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)
+        want = eta * (1 - b1) * mean / (np.sqrt((1 - b2) * mean ** 2) + cfg.fedadam_tau)
+    elif name == "fedavgm":  # first step: momentum = the update, scaled by server lr 1
+        want = cfg.server_lr * mean
+    else:  # fedavg, fedprox (client-side term), pfm (server lr 1)
+        want = mean
+    for k, a in agg.items():
+        np.testing.assert_allclose(a.numpy(), np.full(REF[k].shape, want), rtol=1e-4)
 
 
 def test_config_knows_every_registered_strategy():

@@ -5,11 +5,24 @@ and the membership-inference audit.
   join) into a noise multiplier; :class:`PrivacyLedger` accounts every round trained and
   persists it; :func:`make_private` wraps backbone, head and optimizer (Opacus).
 - :mod:`fedface.privacy.central`: client-level DP, server- or client-side.
-- :func:`membership_inference_auc`: the loss-threshold attack.
+- :func:`membership_inference_auc`: the loss-threshold attack (true-label loss, and
+  label-free ones); :func:`audit_run` (:mod:`fedface.privacy.audit`): the record- and
+  person-level audit of a finished run's institutions, and where their heads are kept.
 """
 
 from fedface.config import CENTRAL_DP_MODES  # valid combinations: RunConfig.validate
 from fedface.privacy.attacks import membership_inference_auc, sample_losses
+from fedface.privacy.audit import (
+    AUDIT_VERSION,
+    audit_client,
+    audit_run,
+    client_state_dir,
+    head_file,
+    head_prefix,
+    people_split,
+    records_split,
+    saved_heads,
+)
 from fedface.privacy.budget import (
     ACCOUNTANTS,
     DPPlan,
@@ -26,6 +39,7 @@ from fedface.privacy.central import (
     central_delta,
     central_epsilon,
     clip_and_noise_update,
+    effective_noise_multiplier,
 )
 from fedface.privacy.engine import (
     GRAD_SAMPLE_MODES,
@@ -36,6 +50,7 @@ from fedface.privacy.engine import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "AUDIT_VERSION",
     "CENTRAL_DP_MODES",
     "DPPlan",
     "GRAD_SAMPLE_MODES",
@@ -43,16 +58,25 @@ __all__ = [
     "PrivacyConfigError",
     "PrivacyLedger",
     "PrivateTraining",
+    "audit_client",
+    "audit_run",
     "central_delta",
     "central_epsilon",
     "check_dp_compatible",
     "check_run",
+    "client_state_dir",
     "clip_and_noise_update",
     "default_delta",
+    "effective_noise_multiplier",
     "epsilon_of",
+    "head_file",
+    "head_prefix",
     "make_private",
     "membership_inference_auc",
+    "people_split",
     "plan_dp",
     "plan_for_run",
+    "records_split",
     "sample_losses",
+    "saved_heads",
 ]

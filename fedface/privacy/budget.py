@@ -306,13 +306,23 @@ class PrivacyLedger:
                 f"(ledger: {self.path})")
         return after
 
-    def record(self, server_round: int, plan: DPPlan, steps: int) -> float:
-        """Add a trained round, save the file, return the epsilon spent so far."""
+    def record(self, server_round: int, plan: DPPlan, steps: int | None = None, *,
+               ran: list | tuple | None = None) -> float:
+        """Add a trained round, save the file, return the epsilon spent so far.
+
+        ``ran`` is ``(noise_multiplier, sample_rate, steps)`` of the steps that actually
+        ran (:meth:`fedface.privacy.PrivateTraining.accounted`): what is accounted is
+        what ran, not what was planned. Without it, ``steps`` steps of the plan.
+        """
         self.bind(plan)
-        self.history.append([plan.noise_multiplier, plan.sample_rate, int(steps)])
+        if ran is None:
+            ran = (plan.noise_multiplier, plan.sample_rate,
+                   plan.steps_per_round if steps is None else steps)
+        sigma, q, n = float(ran[0]), float(ran[1]), int(ran[2])
+        self.history.append([sigma, q, n])
         eps = self.spent
-        self.rounds.append({"round": int(server_round), "steps": int(steps),
-                            "epsilon": round(eps, 6)})
+        self.rounds.append({"round": int(server_round), "steps": n, "sample_rate": q,
+                            "noise_multiplier": sigma, "epsilon": round(eps, 6)})
         self.save()
         return eps
 

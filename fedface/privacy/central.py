@@ -58,21 +58,53 @@ def clip_and_noise_update(before: dict[str, np.ndarray], after: dict[str, np.nda
     return out, norm
 
 
-def central_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
-                    delta: float) -> float:
+def central_epsilon(noise_multiplier: float | list[float], sample_rate: float,
+                    rounds: int | None, delta: float) -> float:
     """Client-level epsilon after ``rounds`` releases at ``noise_multiplier`` with clients
-    sampled at ``sample_rate`` (RDP accountant; inf when there is no noise)."""
-    if rounds <= 0:
+    sampled at ``sample_rate`` (RDP accountant; inf when any release has no noise).
+
+    ``noise_multiplier`` may be the list of every release's own (effective) multiplier,
+    see :func:`effective_noise_multiplier`; ``rounds`` is then its length.
+    """
+    sigmas = ([float(noise_multiplier)] * int(rounds or 0)
+              if not isinstance(noise_multiplier, (list, tuple)) else
+              [float(z) for z in noise_multiplier])
+    if not sigmas:
         return 0.0
-    if noise_multiplier <= 0:
+    if min(sigmas) <= 0:
         return math.inf
     from opacus.accountants import RDPAccountant
 
+    merged: dict[float, int] = {}
+    for z in sigmas:
+        merged[z] = merged.get(z, 0) + 1
     acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, rounds)]
+    acc.history = [(z, sample_rate, n) for z, n in merged.items()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=delta))
+
+
+def effective_noise_multiplier(mode: str, noise_multiplier: float, sampled: int,
+                               aggregated: int) -> float:
+    """The noise multiplier a release really carries when ``aggregated`` of the
+    ``sampled`` clients the noise was calibrated for made it into the mean.
+
+    - ``server-*``: Flower adds std ``z C / m`` to the mean of ``r`` updates, whose
+      sensitivity to one client is ``C / r``: ``z_eff = z r / m``.
+    - ``client-fixed``: each of the ``r`` replies carries std ``z C / sqrt(m)``, so their
+      sum carries ``z C sqrt(r / m)`` against a sensitivity of ``C``:
+      ``z_eff = z sqrt(r / m)``.
+
+    With every sampled client in the mean both equal ``z``; with fewer, less noise
+    protects each of them, and the epsilon must be accounted at ``z_eff``.
+    """
+    if sampled <= 0 or aggregated <= 0:
+        return float(noise_multiplier)
+    ratio = min(1.0, aggregated / sampled)
+    if mode == "client-fixed":
+        return float(noise_multiplier) * math.sqrt(ratio)
+    return float(noise_multiplier) * ratio
 
 
 def central_delta(num_clients: int, delta: float = 0.0) -> float:

@@ -59,29 +59,56 @@ def check_dp_compatible(module: nn.Module, name: str = "model") -> None:
 @dataclass
 class PrivateTraining:
     """What :func:`make_private` returns: pass ``optimizer``, ``batches`` and ``forward``
-    to :func:`fedface.training.train_epochs`."""
+    to :func:`fedface.training.train_epochs`.
+
+    Every path (book-keeping and Opacus) samples with :meth:`batches`, and counts what it
+    ran: :meth:`accounted` gives the ``(noise multiplier, sample rate, steps)`` of the
+    steps actually taken, which is what the ledger records.
+    """
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: torch.utils.data.DataLoader | None
     plan: DPPlan
     mode: str = "hooks"
     keeper: BookKeeping | None = None
     sampler: torch.Generator | None = None
     people: list[torch.Tensor] | None = None
+    steps_taken: int = 0
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson rate :meth:`batches` draws every unit with."""
+        return self.plan.sample_rate
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps :meth:`batches` yields per epoch (the plan's ``int(1/q)``)."""
+        return int(1.0 / self.sample_rate)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Noise std over the unit clipping norm, as the optimizer applies it."""
+        opt = self.optimizer
+        std = float(opt.noise_multiplier) * float(opt.max_grad_norm
+                                                  if not isinstance(opt, BookKeepingOptimizer)
+                                                  else self.keeper.max_grad_norm)
+        return std / self.plan.max_grad_norm
+
+    def accounted(self) -> list:
+        """``[noise_multiplier, sample_rate, steps]`` of what ran (for the ledger)."""
+        return [self.noise_multiplier, self.sample_rate, int(self.steps_taken)]
 
     def batches(self, _generator: torch.Generator | None = None):
         """One epoch of Poisson-sampled index batches (sizes vary around the plan's).
 
-        ``unit="person"``: each person is drawn with the plan's rate and contributes at
-        most ``images_per_unit`` of their images, drawn at random, to the step."""
-        if self.loader is not None:
-            for (idx,) in self.loader:
-                yield idx
-            return
-        n, q = self.plan.num_examples, self.plan.sample_rate
-        for _ in range(int(1.0 / q)):  # the plan's steps per epoch
+        Every unit is drawn independently with probability ``sample_rate``, from this
+        object's own generator (seeded from the institution's secret), ``steps_per_epoch``
+        times. ``unit="person"``: each person drawn contributes at most
+        ``images_per_unit`` of their images, drawn at random, to the step."""
+        n, q = self.plan.num_examples, self.sample_rate
+        for _ in range(self.steps_per_epoch):
             drawn = torch.nonzero(torch.rand(n, generator=self.sampler) < q).flatten()
+            self.steps_taken += 1  # an empty draw is still a (noise-only) step
             if self.people is None:
                 yield drawn
                 continue
@@ -134,8 +161,9 @@ def person_groups(people, plan: DPPlan) -> tuple[list[torch.Tensor], float]:
 
 
 def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
-                 plan: DPPlan, *, seed: int = 0, grad_sample_mode: str = "bk",
-                 people=None) -> PrivateTraining:
+                 plan: DPPlan, *, seed: int = 0, noise_seed: int | None = None,
+                 grad_sample_mode: str = "bk", people=None,
+                 example: torch.Tensor | None = None) -> PrivateTraining:
     """Wrap a client's backbone, head and optimizer for DP-SGD under ``plan``.
 
     Parameters
@@ -146,9 +174,11 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
         Over the parameters of both (e.g. SGD with momentum).
     plan : DPPlan
         Noise multiplier, clipping norm and sampling rate (see :func:`plan_dp`).
-    seed : int
-        Seeds Poisson sampling and the noise (reproducible runs; a deployment that wants
-        cryptographic randomness should use Opacus' secure mode instead).
+    seed, noise_seed : int
+        Seed Poisson sampling and the Gaussian noise (``noise_seed`` defaults to
+        ``seed + 1``). A client derives both from its private secret
+        (:mod:`crypto.seeds`): anyone who knows them can recompute the noise and
+        subtract it, so they must never come from public values such as the run config.
     grad_sample_mode : str
         ``"bk"`` (default): book-keeping clipping in one backward pass
         (:mod:`fedface.privacy.bookkeeping`), falling back to ``"hooks"`` for models with
@@ -160,6 +190,11 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
         so a person's images in a step sum to at most ``plan.max_grad_norm``, and the
         noise is ``plan.noise_multiplier x plan.max_grad_norm``, as for one image at the
         image level.
+    example : torch.Tensor, optional
+        A small input batch for book-keeping's probe (default: two random chips of the
+        backbone's ``input_size``): a layer used in a way book-keeping has no exact rule
+        for (called twice, shared parameters, ...) sends the model to Opacus' hooks
+        before any step (:func:`fedface.privacy.bookkeeping.unsupported_layers`).
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise PrivacyConfigError(f"dp-grad-sample-mode={grad_sample_mode!r}: use one of "
@@ -174,31 +209,36 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
                                      "to sample people")
         groups, expected = person_groups(people, plan)
     sampler = torch.Generator().manual_seed(int(seed))
+    noise_seed = int(seed) + 1 if noise_seed is None else int(noise_seed)
     if grad_sample_mode == "bk":
-        if not unsupported_layers(joint):
+        # Book-keeping needs an example batch to check how the layers are used (layers
+        # called twice, inputs of other shapes): two chips, unless given; none: hooks.
+        size = getattr(backbone, "input_size", None)
+        if example is None and isinstance(size, int):
+            example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        if example is not None and not unsupported_layers(joint, example):
             keeper = BookKeeping(joint, plan.image_clip)
             opt = BookKeepingOptimizer(
                 optimizer, keeper, plan.image_noise_multiplier, expected_batch_size=expected,
-                generator=torch.Generator().manual_seed(int(seed) + 1))
-            return PrivateTraining(module=joint, optimizer=opt, loader=None, plan=plan,
+                generator=torch.Generator().manual_seed(noise_seed))
+            return PrivateTraining(module=joint, optimizer=opt, plan=plan,
                                    mode="bk", keeper=keeper, sampler=sampler, people=groups)
         grad_sample_mode = "hooks"
-    # Opacus' per-sample gradients. Images: its own Poisson loader. People: our sampler,
-    # and the optimizer normalises by the expected images per step.
+    # Opacus' per-sample gradients with our sampler, as on the book-keeping path: the
+    # steps and the rate that run are the plan's (Opacus' own Poisson loader would run
+    # ceil(N/B) steps at rate 1/ceil(N/B), which the plan does not account). Its loader
+    # is only needed by make_private's signature and never iterated; the optimizer
+    # normalises by the expected units per step.
     index = torch.utils.data.TensorDataset(torch.arange(plan.num_examples))
-    loader = torch.utils.data.DataLoader(index, batch_size=plan.batch_size,
-                                         generator=torch.Generator().manual_seed(int(seed)))
+    loader = torch.utils.data.DataLoader(index, batch_size=plan.batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure-RNG and optimizer-state notices
         engine = PrivacyEngine(accountant=plan.accountant)
-        module, dp_opt, dp_loader = engine.make_private(
+        module, dp_opt, _ = engine.make_private(
             module=joint, optimizer=optimizer, data_loader=loader,
             noise_multiplier=plan.image_noise_multiplier, max_grad_norm=plan.image_clip,
-            poisson_sampling=groups is None, grad_sample_mode=grad_sample_mode,
-            noise_generator=torch.Generator().manual_seed(int(seed) + 1))
-    if groups is not None:
-        dp_opt.expected_batch_size = expected
-        return PrivateTraining(module=module, optimizer=dp_opt, loader=None, plan=plan,
-                               mode=grad_sample_mode, sampler=sampler, people=groups)
-    return PrivateTraining(module=module, optimizer=dp_opt, loader=dp_loader, plan=plan,
-                           mode=grad_sample_mode)
+            poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+            noise_generator=torch.Generator().manual_seed(noise_seed))
+    dp_opt.expected_batch_size = expected
+    return PrivateTraining(module=module, optimizer=dp_opt, plan=plan, mode=grad_sample_mode,
+                           sampler=sampler, people=groups)

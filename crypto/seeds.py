@@ -1,0 +1,96 @@
+"""The institution's private randomness: a secret that never leaves it, and seeds from it.
+
+Every random draw a privacy guarantee rests on (DP-SGD's Poisson sampling and noise,
+the ``client-fixed`` central-DP noise share, the stochastic rounding of an encrypted
+update) is seeded from a 256-bit secret drawn from the operating system's CSPRNG
+(:func:`secrets.token_bytes`) the first time the institution needs it, and kept
+owner-only in its state folder. Seeds are derived with HKDF-SHA256 (RFC 5869) from the
+secret, a purpose label and the round, so:
+
+- nothing public (the run config's ``seed``, partition or node ids, the round) determines
+  them: the server and other institutions cannot recompute or subtract the noise;
+- two institutions, or two runs with fresh state folders, draw independent noise even
+  with identical run configs;
+- a resumed run reads the same secret and replays a round bit for bit.
+
+The seeds drive PyTorch's and NumPy's generators (Mersenne Twister, PCG64), which are not
+cryptographic generators, and the Gaussian noise is sampled in floating point; see the
+README's threat model for what that leaves open (Mironov 2012) and why secure mode is not
+used.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SECRET_BYTES = 32
+_INFO = b"fedface/private-randomness/v1|"
+
+
+class SecretFileError(ValueError):
+    """A secret file that is unreadable, insecure, or of the wrong size."""
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a secret that is a symbolic link, owned by someone else or readable by others."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise SecretFileError(f"private-randomness secret {path} is a symbolic link: replace it "
+                              "with the file itself (a link can point anywhere)")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise SecretFileError(f"private-randomness secret {path} is owned by uid {info.st_uid}, "
+                              f"not by this process (uid {os.getuid()}): run the node as its owner")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise SecretFileError(f"private-randomness secret {path} is readable by other users "
+                              f"(mode {oct(stat.S_IMODE(info.st_mode))}): run `chmod 600 {path}`")
+
+
+def load_or_create_secret(path: str | Path | None, kept: bytes | None = None) -> bytes:
+    """The institution's secret: read from ``path``, else ``kept`` (e.g. from the node's
+    in-memory state), else drawn fresh from the OS CSPRNG and written to ``path``
+    owner-only (0600, created exclusively, so two processes never hold different ones).
+
+    Never delete the file of a running federation: a new secret is harmless for privacy
+    (fresh noise) but a resumed run would no longer replay its rounds bit for bit.
+    """
+    if path:
+        p = Path(path)
+        if p.exists() or p.is_symlink():
+            _check_private(p)
+            data = p.read_bytes()
+            if len(data) != SECRET_BYTES:
+                raise SecretFileError(f"private-randomness secret {p} holds {len(data)} bytes, "
+                                      f"expected {SECRET_BYTES} (truncated or edited): restore "
+                                      "it from a backup, or remove it to draw a new one")
+            return data
+    if kept is not None and len(kept) == SECRET_BYTES:
+        secret = bytes(kept)
+    else:
+        secret = secrets.token_bytes(SECRET_BYTES)
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of this institution was first: use its
+            return load_or_create_secret(p)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret)
+        os.chmod(p, 0o600)
+    return secret
+
+
+def derive_seed(secret: bytes, purpose: str, server_round: int) -> int:
+    """A 63-bit seed for ``purpose`` in ``server_round``: HKDF-SHA256 of the secret."""
+    if len(secret) != SECRET_BYTES:
+        raise SecretFileError(f"a private-randomness secret has {SECRET_BYTES} bytes, got "
+                              f"{len(secret)}")
+    okm = HKDF(algorithm=hashes.SHA256(), length=8, salt=None,
+               info=_INFO + f"{purpose}|{int(server_round)}".encode()).derive(secret)
+    return int.from_bytes(okm, "big") >> 1
