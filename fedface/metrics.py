@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedface.io import atomic_write_text
 
 
 def _jsonable(x: Any) -> Any:
@@ -27,12 +28,7 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2))
 
 
 class RunRecorder:

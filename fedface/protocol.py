@@ -65,6 +65,38 @@ HE_CLIPPED = "he-clipped"
 DP_RELEASABLE = frozenset({NUM_EXAMPLES, CLIENT_ID, UNIT_WEIGHT, TRAIN_STEPS, DP_EPSILON_SPENT,
                            DP_DELTA, DP_NOISE, HE_SCALE})
 
+# More reply metrics: validation scores (``val-accuracy``; FV candidate i: ``fv-i-accuracy``,
+# see :func:`score_key`) and the encrypted protocol's bookkeeping.
+VAL_PREFIX = "val"
+ACCURACY = "accuracy"
+AUC = "auc"
+HE_ROUND = "he-round"  # the round a client holds after a catch-up
+HE_CLIENTS = "he-clients"  # updates in an aggregate (strategy metrics)
+HE_BYTES = "he-bytes"
+
+# Config keys the server sets besides TrainInstructions' own fields.
+PFM_BETA = "pfm-beta"
+PROXIMAL_MU = "proximal-mu"
+DATA_DIR = "data-dir"
+STATE_DIR = "state-dir"
+
+
+def score_key(candidate: int, metric: str = ACCURACY) -> str:
+    """Metric key of a validation score: ``val-<metric>`` for the round's model
+    (candidate 0), ``fv-<i>-<metric>`` for FV candidate ``i``."""
+    return f"{VAL_PREFIX}-{metric}" if candidate == 0 else f"{FV_PREFIX}{candidate}-{metric}"
+
+
+# Typed error replies: a client that declines or cannot serve a message replies
+# ``Message(Error(code=..., reason=...), reply_to=msg)`` with one of these codes (Flower's
+# own codes are below 100), so the server acts on the code, never on the reason's text.
+ERR_CLIENT = 4100  # any other failure of the client (its reason says what)
+ERR_DP_BUDGET_SPENT = 4101  # declines: the next round would overspend its privacy budget
+ERR_OUT_OF_SYNC = 4102  # missed an exchange of an encrypted run: catch it up
+ERR_PRIVACY_REFUSED = 4103  # the run asks what the institution does not allow
+ERR_KEY_MISMATCH = 4104  # the server holds another key ceremony's keys
+ERR_RELEASE_REFUSED = 4105  # a release it will not make (before the end, one update)
+
 # Node config keys (``flower-supernode --node-config "k=v ..."``; the simulation sets the
 # partition ones).
 NODE_PARTITION_ID = "partition-id"
@@ -74,6 +106,8 @@ NODE_STATE_DIR = "state-dir"
 NODE_DP_EPSILON = "dp-epsilon"  # the most epsilon this institution allows a run to spend
 NODE_DP_DELTA = "dp-delta"  # the largest delta it allows
 NODE_FEDERATION_SIZE = "federation-size"  # institutions in the federation, as it knows it
+NODE_HE_KEYS = "he-keys"  # the institution's key folder (encrypted runs)
+NODE_HE_SENDER = "he-sender"  # its index in the key ceremony
 
 
 @dataclass
@@ -96,6 +130,11 @@ class TrainInstructions:
     def from_record(cls, record: ConfigRecord) -> TrainInstructions:
         known = {f.replace("_", "-") for f in cls.__dataclass_fields__}
         return cls(**{k.replace("-", "_"): v for k, v in record.items() if k in known})
+
+
+def record_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The arrays of an ``ArrayRecord`` as ``{name: numpy array}`` (order kept)."""
+    return {k: a.numpy() for k, a in record.items()}
 
 
 def backbone_record(module: nn.Module) -> ArrayRecord:

@@ -9,13 +9,14 @@ a torn one. ``fedface train --resume OUT`` continues from it.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fedface.io import atomic_write, load_torch
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fedface-checkpoint/1"
@@ -66,13 +67,7 @@ def save_checkpoint(out_dir: str | Path, server_round: int, arrays: dict[str, np
     blob = {"format": FORMAT, "round": int(server_round), "arrays": _tensors(arrays),
             "strategy": _tensors(strategy_state), "rng": rng_state(), "config": config,
             "metrics": metrics}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(blob, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: torch.save(blob, fh))
 
 
 def _text(path: Path) -> str:
@@ -92,10 +87,7 @@ def load_checkpoint(out_dir: str | Path) -> dict[str, Any]:
                 "checkpoint, so it cannot be resumed; start it again")
         raise FileNotFoundError(f"No checkpoint in {out_dir}: --resume needs the --out folder "
                                 "of a run that completed at least one round")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
-        raise ValueError(f"{path} is not a readable checkpoint ({str(err)[:200]})") from None
+    blob = load_torch(path, "checkpoint", "start the run again (the checkpoint is torn)")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fedface checkpoint (expected {FORMAT})")
     blob["arrays"] = _arrays(blob["arrays"])

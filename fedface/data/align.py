@@ -33,14 +33,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedface.io import atomic_write
 
 from .dlib_models import load_detector, load_shape_predictor
 from .images import ImageError, decode_image_bytes, read_image_bytes
@@ -330,9 +330,9 @@ class FaceAligner:
         npy, meta = self._cache_paths(key)
         npy.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"status": status, "version": ALIGN_VERSION, **self.config.to_dict()})
-        _atomic_write(meta, lambda f: f.write(payload.encode()))
+        atomic_write(meta, lambda f: f.write(payload.encode()))
         arr = chip if chip is not None else np.zeros((0,), dtype=np.uint8)
-        _atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))  # written last: commit
+        atomic_write(npy, lambda f: np.save(f, arr, allow_pickle=False))  # written last: commit
 
     # -- files ------------------------------------------------------------------------------------
     def align_file(self, path: str | Path) -> tuple[np.ndarray | None, str]:
@@ -419,15 +419,3 @@ class FaceAligner:
         return chips, keep, statuses
 
 
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from fedface.data.datasets import FaceDataset, detect_layout, find_images_root, 
 from fedface.data.pairs import read_pairs
 from fedface.data.partition import hold_out_images, partition_identities
 from fedface.data.report import DataReport
+from fedface.io import atomic_write, atomic_write_text
 
 PREPARED_VERSION = "1"
 Progress = Callable[[str, int, int], None]  # (step description, done, total)
@@ -134,15 +133,7 @@ class PreparedData:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays), suffix=".tmp.npz")
 
 
 def local_labels(labels: np.ndarray) -> np.ndarray:
@@ -230,9 +221,7 @@ def synthetic_root(cfg: RunConfig) -> tuple[Path, Path]:
         labels = np.repeat(np.arange(cfg.synthetic_identities, total), cfg.synthetic_images)
         names = [syn.identity_name(int(i)) for i in labels]
         pairs = syn.make_pairs(labels, num_folds=10, pairs_per_fold=50, seed=cfg.seed)
-        tmp = pairs_file.with_suffix(".tmp")
-        syn.write_pairs_file(tmp, pairs, names)
-        os.replace(tmp, pairs_file)
+        syn.write_pairs_file(pairs_file, pairs, names)
     return root, pairs_file
 
 
@@ -368,9 +357,7 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
     }
     meta = {"version": PREPARED_VERSION, "client_files": client_files,
             "pair_files": pair_files, "summary": summary}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, done)
+    atomic_write_text(done, json.dumps(meta, indent=1))
     return PreparedData(out, [out / f for f in client_files], [out / f for f in pair_files],
                         summary)
 

@@ -41,6 +41,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fedface.io import atomic_write_text
+
 __all__ = [
     "GENERATOR_VERSION",
     "IdentityParams",
@@ -749,9 +751,7 @@ def write_identity_folder(
         "pixel_hash_note": "SHA-256 over the uint8 RGB arrays (C order) in folder order, "
         "before image encoding",
     })
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return root
 
 
@@ -872,9 +872,7 @@ def write_pairs_file(
             lines.append(f"{names[a]}\t{number[a]}\t{number[b]}")
         for a, b in d:
             lines.append(f"{names[a]}\t{number[a]}\t{names[b]}\t{number[b]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def make_montage(images: np.ndarray, cols: int = 8, pad: int = 2) -> np.ndarray:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from fedface.io import atomic_write, load_torch
 
 FORMAT = "fedface-backbone/1"
 
@@ -19,10 +20,7 @@ def save_backbone(path: str | Path, backbone: nn.Module, name: str, embedding_si
     blob = {"format": FORMAT, "backbone": name, "embedding_size": int(embedding_size),
             "image_size": int(image_size), "state_dict": backbone.state_dict(),
             "extra": extra or {}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: torch.save(blob, fh))
 
 
 def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
@@ -33,11 +31,7 @@ def load_backbone(path: str | Path) -> tuple[nn.Module, dict]:
     if not path.exists():
         raise FileNotFoundError(f"Model file {path} does not exist: train one with "
                                 "`fedface train --out DIR` (it writes DIR/model.pt)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        reason = str(err).strip().splitlines()[0][:200]
-        raise ValueError(f"{path} is not a readable fedface model file ({reason})") from None
+    blob = load_torch(path, "fedface model file", "train it again, or restore the file")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fedface model file (expected format {FORMAT})")
     model = build_backbone(blob["backbone"], embedding_size=blob["embedding_size"],

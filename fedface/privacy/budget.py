@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedface.config import ACCOUNTANTS, DP_UNITS
+from fedface.io import atomic_write_text
 from fedface.protocol import DP_BUDGET_SPENT
 
 
@@ -330,11 +330,7 @@ class PrivacyLedger:
         """Write the file atomically (no-op for an in-memory ledger, ``path=""``)."""
         if not self.path:
             return
-        p = Path(self.path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, p)
+        atomic_write_text(self.path, self.to_json())
 
 
 def plan_for_run(cfg, images: int, people: int, client: str = "this client") -> DPPlan:
