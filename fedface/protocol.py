@@ -21,11 +21,15 @@ add ``he-scale`` (the client's weight pre-scaling) and ``he-clipped`` to their m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
+
+from fedface.config import RunConfig
+
+_RUN_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -112,11 +116,17 @@ NODE_HE_SENDER = "he-sender"  # its index in the key ceremony
 
 @dataclass
 class TrainInstructions:
-    """What the server tells clients each round (carried in the ``config`` record)."""
+    """What the server tells clients each round (carried in the ``config`` record).
+
+    ``lr`` and ``local_epochs`` default to :class:`fedface.config.RunConfig`'s own
+    defaults (one source). ``pfm_beta`` and ``proximal_mu`` are not the run's settings
+    but what the *strategy* asks of this round: 0 means "no PFM momentum" and "no
+    proximal term"; :class:`server.strategies.PFM` and FedProx set them.
+    """
 
     server_round: int = 1
-    lr: float = 0.1
-    local_epochs: int = 1
+    lr: float = _RUN_DEFAULTS["lr"]
+    local_epochs: int = _RUN_DEFAULTS["local_epochs"]
     data_dir: str = ""
     state_dir: str = ""
     pfm_beta: float = 0.0
