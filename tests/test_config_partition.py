@@ -82,9 +82,15 @@ def test_pyproject_flower_config_lists_every_run_setting():
     import tomllib
     from pathlib import Path
 
+    from fedface.config import FLOWER_CONFIGS
+
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     declared = pyproject["tool"]["flwr"]["app"]["config"]
-    defaults = RunConfig().to_run_config()
+    defaults: dict = {}
+    for config in FLOWER_CONFIGS:  # every config Flower carries; no key in two of them
+        own = config().to_run_config()
+        assert not set(own) & set(defaults), f"{config.__name__} reuses keys"
+        defaults.update(own)
     assert set(declared) == set(defaults)
     assert {k: v for k, v in declared.items() if k != "out"} == {
         k: v for k, v in defaults.items() if k != "out"}
@@ -144,3 +150,32 @@ def test_a_prepared_synthetic_federation_from_another_generator_folder_is_rebuil
     assert prepare(cfg).summary["root"] == real_root  # rebuilt, not reused
     assert prepare(cfg).summary["prepare_seconds"] == json.loads(report.read_text())[
         "summary"]["prepare_seconds"]  # and then reused
+
+
+def test_a_capability_config_gets_reading_coercion_and_collected_problems_from_the_base():
+    from dataclasses import dataclass
+
+    from fedface.config import FlatConfig
+
+    @dataclass
+    class Blur(FlatConfig):
+        WHAT = "anonymizer configuration"
+        kernel: int = 9
+        strength: float = 1.0
+
+        def problems(self) -> list[str]:
+            out = []
+            if self.kernel % 2 == 0:
+                out.append(f"kernel={self.kernel}: use an odd size")
+            if self.strength <= 0:
+                out.append(f"strength={self.strength}: use a value > 0")
+            return out
+
+    b = Blur.from_run_config({"kernel": "5", "strength": 2})
+    assert (b.kernel, b.strength) == (5, 2.0) and b.to_run_config() == {"kernel": 5, "strength": 2.0}
+    with pytest.raises(ValueError, match="Invalid anonymizer configuration: kernel=4.*; strength=0"):
+        Blur(kernel=4, strength=0)
+    with pytest.raises(ValueError, match=r"Unknown run-config keys \['sigma'\]. Valid keys: kernel, strength"):
+        Blur.from_run_config({"sigma": 1})
+    with pytest.raises(ValueError, match="kernel='x' is not a valid int"):
+        Blur.from_run_config({"kernel": "x"})

@@ -10,22 +10,21 @@ reads it (unknown keys are an error that lists the valid ones) and
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from fedface.config.base import FlatConfig
+from fedface.config.encryption import encryption_problems
+from fedface.config.privacy import privacy_problems
 
 DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
 # Names of server.strategies.STRATEGIES (a test keeps the two equal; the core does not
 # import the server package).
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
-ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("bk", "hooks", "ew", "functorch")
-CENTRAL_DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed")
-DP_UNITS = ("image", "person")
 
 
 def default_cache_dir() -> Path:
@@ -38,7 +37,7 @@ def default_cache_dir() -> Path:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(FlatConfig):
     """Everything that defines a training run.
 
     Parameters
@@ -170,6 +169,8 @@ class RunConfig:
         Cache for aligned chips and prepared partitions (default ``~/.cache/fedface``).
     """
 
+    WHAT: ClassVar[str] = "run configuration"
+
     data: str = "synthetic"
     train_people: str = ""
     pairs: str = ""
@@ -233,11 +234,10 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ helpers
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Refuse settings that cannot work, saying what to change."""
+    def problems(self) -> list[str]:
+        """Every setting that cannot work, saying what to change: training and data here,
+        then each capability's own checks (:mod:`fedface.config.privacy`,
+        :mod:`fedface.config.encryption`)."""
         problems = []
         if self.mode not in ("federated", "centralized"):
             problems.append(f"mode={self.mode!r}: use 'federated' or 'centralized'")
@@ -269,130 +269,11 @@ class RunConfig:
             problems.append(
                 f"min_train_nodes={self.min_train_nodes} > num_clients={self.num_clients}"
             )
-        problems += self._privacy_problems()
-        problems += self._encryption_problems()
-        if problems:
-            raise ValueError("Invalid run configuration: " + "; ".join(problems))
-
-    def _privacy_problems(self) -> list[str]:
-        """DP settings and the combinations that are refused (see ``fedface.privacy``).
-
-        Valid: local DP-SGD with any strategy; ``client-fixed`` central DP with encrypted
-        updates and any strategy they allow; ``server-*`` central DP with plaintext
-        updates and FedAvg or FedProx.
-        Refused: FV with any DP (FV scores candidates on the institutions' private
-        validation people, a release outside the accounting; under central DP every
-        candidate is another release of the same updates); ``server-*`` central DP with
-        PFM, FedAvgM or FedAdam (their server state carries earlier noiseless means into
-        each release); ``client-fixed`` without encryption (the server would see each
-        update with only its share of the noise).
-        """
-        out = []
-        if self.dp_epsilon < 0 or self.dp_epsilon != self.dp_epsilon:
-            out.append(f"dp_epsilon={self.dp_epsilon}: use a value > 0 (0 turns DP-SGD off)")
-        if not 0.0 <= self.dp_delta < 1.0:
-            out.append(f"dp_delta={self.dp_delta}: use a value in (0, 1/N), or 0 for the default")
-        if self.dp_clip <= 0 or self.central_dp_clip <= 0:
-            out.append("dp_clip and central_dp_clip must be > 0")
-        if self.dp_accountant not in ACCOUNTANTS:
-            out.append(f"dp_accountant={self.dp_accountant!r}: use one of {', '.join(ACCOUNTANTS)}")
-        if self.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
-            out.append(f"dp_grad_sample_mode={self.dp_grad_sample_mode!r}: use one of "
-                       f"{', '.join(GRAD_SAMPLE_MODES)}")
-        if self.mode == "centralized" and (self.dp_epsilon > 0 or self.central_dp != "off"):
-            out.append("DP settings apply to federated clients: use mode=federated, or "
-                       "drop dp_epsilon / central_dp for the centralized baseline")
-        if self.dp_rounds < 0:
-            out.append(f"dp_rounds={self.dp_rounds}: use 0 (= rounds) or a positive count")
-        if self.dp_unit not in DP_UNITS:
-            out.append(f"dp_unit={self.dp_unit!r}: use one of {', '.join(DP_UNITS)}")
-        if self.dp_person_images < 1:
-            out.append(f"dp_person_images={self.dp_person_images}: use at least 1")
-        if self.fv and self.dp_epsilon > 0:
-            out.append("fv with dp_epsilon is refused: FV scores every candidate on the "
-                       "institutions' private validation people, whom DP-SGD does not protect "
-                       "(they are not trained on), so the scores would be a release outside "
-                       "the accounting; turn fv off under DP")
-        if self.central_dp not in CENTRAL_DP_MODES:
-            out.append(f"central_dp={self.central_dp!r}: use one of {', '.join(CENTRAL_DP_MODES)}")
-        elif self.central_dp != "off":
-            if self.fv:
-                out.append("central_dp with fv is refused: each FV candidate is another "
-                           "release of the same updates and would multiply the privacy cost; "
-                           "turn fv off, or use local DP-SGD (dp_epsilon) with fv")
-            if self.central_dp_noise < 0:
-                out.append(f"central_dp_noise={self.central_dp_noise}: must be >= 0")
-            if self.strategy == "pfm" and self.central_dp.startswith("server-"):
-                out.append(f"strategy=pfm with central_dp={self.central_dp!r} is refused: PFM's "
-                           "momentum, sent to every client, is estimated from the aggregate "
-                           "before Flower's server-side wrapper adds its noise, so it would "
-                           "release the noiseless mean; use central_dp=client-fixed with pfm "
-                           "(the noise is added before updates leave the clients)")
-            if self.strategy in ("fedavgm", "fedadam") and self.central_dp.startswith("server-"):
-                out.append(f"strategy={self.strategy} with central_dp={self.central_dp!r} is "
-                           "refused: its server optimizer (momentum or Adam moments) is updated "
-                           "from the noiseless mean before the wrapper adds noise, and carries "
-                           "it into every later release beyond the calibrated sensitivity; use "
-                           "fedavg or fedprox with server-side central DP")
-            if self.central_dp == "client-fixed" and not self.he_keys:
-                out.append("central_dp=client-fixed without he_keys is refused: the server "
-                           "would see each update carrying only its 1/sqrt(m) share of the "
-                           "noise (a far larger epsilon per update than the one reported); add "
-                           "--he-keys (encrypted aggregation), or use central_dp=server-fixed")
-        return out
+        return problems + privacy_problems(self) + encryption_problems(self)
 
     @property
     def encrypted(self) -> bool:
         return bool(self.he_keys)
-
-    def _encryption_problems(self) -> list[str]:
-        """Combinations that encrypted aggregation refuses (the server sees no plaintext).
-
-        Valid: fedavg, pfm (momentum applied by clients) and fedprox, with local DP-SGD
-        and ``client-fixed`` central DP. Refused: FV (every candidate weighting is another
-        linear combination of the same encrypted updates, and every institution decrypts
-        them all: ``k + 1`` combinations solve for individual updates); fewer than 2
-        institutions or ``min_train_nodes`` below 2 (an aggregate of one update is that
-        update, and institutions refuse to decrypt it).
-        """
-        if not self.encrypted:
-            return []
-        out = []
-        if self.mode != "federated":
-            out.append("he_keys applies to federated runs: drop it for mode=centralized")
-        if self.fv:
-            out.append("fv with he_keys is refused: each FV candidate is another linear "
-                       "combination of the same encrypted updates, and every institution "
-                       "decrypts them all; k+1 combinations reveal individual updates (with up "
-                       f"to fv_candidates + 1 = {self.fv_candidates + 1} institutions, one "
-                       "institution solves every other's update). Use plaintext FV (drop "
-                       "he_keys) or HE without FV (drop fv)")
-        if self.num_clients < 2 or self.min_train_nodes < 2:
-            out.append(f"num_clients={self.num_clients}, min_train_nodes={self.min_train_nodes} "
-                       "with he_keys: an aggregate of one update is that update (institutions "
-                       "refuse to decrypt it); use at least 2 of each")
-        if self.strategy not in ("fedavg", "pfm", "fedprox"):
-            out.append(f"strategy={self.strategy!r} keeps a server-side optimizer state that "
-                       "needs plaintext updates: with he_keys use fedavg, pfm or fedprox")
-        if self.central_dp.startswith("server-"):
-            out.append(f"central_dp={self.central_dp!r} clips plaintext updates on the server: "
-                       "with he_keys use central_dp=client-fixed")
-        if self.server_lr != 1.0 and self.strategy == "pfm":
-            out.append(f"server_lr={self.server_lr} with he_keys: the institutions apply the "
-                       "decrypted mean as it is; use server-lr=1")
-        if not 2 <= self.he_bits <= 30:
-            out.append(f"he_bits={self.he_bits}: use 2..30")
-        if not self.he_clip > 0:
-            out.append(f"he_clip={self.he_clip}: use a positive range")
-        if self.he_max_clients < self.num_clients:
-            out.append(f"he_max_clients={self.he_max_clients} < num_clients={self.num_clients}: "
-                       "the packing's headroom must hold the sum over every client; raise it")
-        if not 0 <= self.he_fv_bits <= 8:
-            out.append(f"he_fv_bits={self.he_fv_bits}: use 0..8")
-        if self.pause_after:
-            out.append("pause_after with he_keys: encrypted runs keep no plaintext checkpoint "
-                       "to resume from; drop pause-after")
-        return out
 
     @property
     def cache_path(self) -> Path:
@@ -401,44 +282,6 @@ class RunConfig:
     @property
     def pair_files(self) -> list[str]:
         return [p.strip() for p in self.pairs.split(",") if p.strip()]
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (snake_case keys), as written to ``metrics.json``."""
-        d = {name: getattr(self, name) for name in self.field_names()}
-        d.update(self.extra)
-        return d
-
-    def to_run_config(self) -> dict[str, Any]:
-        """Flat kebab-case dict for Flower's ``run_config``."""
-        return {k.replace("_", "-"): v for k, v in self.to_dict().items()}
-
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any], **overrides: Any) -> RunConfig:
-        """Build from Flower's ``run_config`` (kebab- or snake-case keys).
-
-        Unknown keys are refused with the list of valid ones; values are coerced to
-        the field's type (``flwr run -c`` gives strings and ints).
-        """
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in {**dict(run_config), **overrides}.items():
-            name = key.replace("-", "_")
-            if name not in types or name == "extra":
-                unknown.append(key)
-                continue
-            kwargs[name] = _coerce(value, types[name], key)
-        if unknown:
-            valid = ", ".join(k.replace("_", "-") for k in cls.field_names())
-            raise ValueError(f"Unknown run-config keys {unknown}. Valid keys: {valid}")
-        return cls(**kwargs)
-
-    def replace(self, **changes: Any) -> RunConfig:
-        return dataclasses.replace(self, **changes)
 
     def data_key(self) -> str:
         """Hash of the settings that define the prepared (aligned, partitioned) data."""
@@ -455,26 +298,3 @@ class RunConfig:
         blob = json.dumps(values, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-def _coerce(value: Any, type_name: Any, key: str) -> Any:
-    type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
-    try:
-        if type_name == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if type_name == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if type_name == "float":
-            return float(value)
-        if type_name == "str":
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"run-config {key}={value!r} is not a valid {type_name}") from None
-    return value
