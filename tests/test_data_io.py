@@ -32,7 +32,7 @@ from fedface.data import (
     read_people,
     scan_identity_folder,
 )
-from fedface.data.datasets import detect_layout, find_images_root
+from fedface.data.datasets import DataSource, detect_layout, find_images_root, resolve_source
 from fedface.data.pairs import read_people_folds
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +409,72 @@ def test_detect_layout_and_images_root(tmp_path: Path) -> None:
     assert [p.name for p in ds.paths[:3]] == ["1.pgm", "2.pgm", "10.pgm"]
     with pytest.raises(FileNotFoundError):
         detect_layout(tmp_path / "nothing")
+
+
+def _write_pairs(path: Path, same: list[tuple[str, int, int]], diff: list[tuple[str, int, str, int]]):
+    """A one-fold LFW pairs file (header ``1 <n>``: n same pairs, then n different ones)."""
+    assert len(same) == len(diff)
+    lines = [f"1 {len(same)}"] + [f"{n}\t{i}\t{j}" for n, i, j in same]
+    path.write_text("\n".join(lines + [f"{a}\t{i}\t{b}\t{j}" for a, i, b, j in diff]) + "\n")
+
+
+def test_resolve_source_describes_a_folder_once(tmp_path: Path) -> None:
+    lfw = tmp_path / "lfw"
+    _make_lfw_tree(lfw, _NAMES)
+    (lfw / "peopleDevTrain.txt").write_text("2\nAnn_A 3\nBob_B 2\n")
+    _write_pairs(lfw / "pairsDevTest.txt", [("Dee_D", 1, 2)], [("Cid_C", 1, "Dee_D", 1)])
+    src = resolve_source(lfw)  # LFW's development protocol by default
+    assert src == DataSource(lfw, "lfw", lfw / "lfw-deepfunneled", (lfw / "pairsDevTest.txt",),
+                             lfw / "peopleDevTrain.txt", prealigned=False)
+    assert src.pairs_images_root == lfw / "lfw-deepfunneled"
+    with pytest.raises(AttributeError):
+        src.layout = "orl"  # frozen: handed down, never changed on the way
+    bare = resolve_source(lfw, protocol_defaults=False)
+    assert bare.pair_files == () and bare.people_file is None
+    # Names that do not exist as given are looked up in the root.
+    (lfw / "mine.txt").write_text((lfw / "pairsDevTest.txt").read_text())
+    mine = resolve_source(lfw, ["mine.txt"], "peopleDevTrain.txt")
+    assert mine.pair_files == (lfw / "mine.txt",) and mine.people_file == lfw / "peopleDevTrain.txt"
+    with pytest.raises(FileNotFoundError, match=r"Pair file .*nope.txt does not exist$"):
+        resolve_source(lfw, ["nope.txt"])
+    with pytest.raises(FileNotFoundError, match=r"nope.txt does not exist \(from --pairs\)$"):
+        resolve_source(lfw, ["nope.txt"], pairs_from="--pairs")
+    # Loading from the resolved source is loading from the folder.
+    a, b = load_dataset(src), load_dataset(lfw, people_file="peopleDevTrain.txt")
+    assert (a.root, a.paths, a.identities, a.layout) == (b.root, b.paths, b.identities, b.layout)
+    (lfw / "ann.txt").write_text("1\nAnn_A 3\n")
+    assert load_dataset(src, people_file="ann.txt").identities == ["Ann_A"]  # over the source's
+    folder = resolve_source(lfw / "lfw-deepfunneled")
+    assert (folder.layout, folder.images_root, folder.pair_files) == (
+        "folder", lfw / "lfw-deepfunneled", ())
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "pairs.txt").write_text("1 1\n")
+    with pytest.raises(FileNotFoundError, match="has LFW protocol files but no image folder"):
+        resolve_source(tmp_path / "broken")
+
+
+def test_prepare_resolves_its_source_once(tmp_path: Path, monkeypatch) -> None:
+    """One run's preparation looks at the data folder once and hands the description down."""
+    from fedface.config import RunConfig
+    from fedface.data import datasets
+    from fedface.data.prepare import prepare
+
+    names = {f"Per_{k:02d}": 3 for k in range(10)}
+    lfw = tmp_path / "lfw"
+    _make_lfw_tree(lfw, names)
+    test = list(names)[6:]
+    _write_pairs(lfw / "pairsDevTest.txt", [(n, 1, 2) for n in test],
+                 [(a, 1, b, 2) for a, b in zip(test, test[1:] + test[:1])])
+    calls = []
+    for name in ("detect_layout", "find_images_root"):
+        real = getattr(datasets, name)
+        monkeypatch.setattr(datasets, name, lambda root, _f=real, _n=name: calls.append(_n) or _f(root))
+    cfg = RunConfig(data=str(lfw), image_size=32, num_clients=2, cache_dir=str(tmp_path / "cache"))
+    data = prepare(cfg)
+    assert calls == ["detect_layout"]
+    assert data.summary["layout"] == "lfw" and data.summary["root"] == str(lfw)
+    assert data.summary["pair_sets"] == ["pairsDevTest"]
+    assert data.summary["train_identities"] == 6  # the pair identities left training
 
 
 # ----------------------------------------------------------------------------------------------

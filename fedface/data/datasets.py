@@ -21,16 +21,23 @@ from .pairs import _LFW_IMAGE_DIRS, read_people
 from .report import DataReport
 
 __all__ = [
+    "DataSource",
     "FaceDataset",
     "detect_layout",
     "find_images_root",
+    "is_prealigned",
     "load_dataset",
     "natural_key",
+    "resolve_source",
     "scan_identity_folder",
 ]
 
 _EXPECTED = "root/<identity>/*.jpg (one folder per person holding that person's images)"
 _ORL_DIR = re.compile(r"^s\d+$")
+# LFW's development protocol, used when a run names no training list or pair file of its own.
+_LFW_TRAIN_PEOPLE = "peopleDevTrain.txt"
+_LFW_TEST_PAIRS = "pairsDevTest.txt"
+_PREALIGNED_MARKER = "SYNTHETIC.md"  # written by fedface.data.synthetic.write_identity_folder
 
 
 def natural_key(name: str) -> tuple:
@@ -158,7 +165,11 @@ def find_images_root(root: str | Path) -> Path:
     """The folder holding the identity folders: for LFW its ``lfw-deepfunneled`` (or ``lfw``)
     subfolder, otherwise ``root`` itself."""
     root = Path(root)
-    if detect_layout(root) == "lfw":
+    return _images_root(root, detect_layout(root))
+
+
+def _images_root(root: Path, layout: str) -> Path:
+    if layout == "lfw":
         for sub in _LFW_IMAGE_DIRS:
             if (root / sub).is_dir():
                 return root / sub
@@ -167,6 +178,73 @@ def find_images_root(root: str | Path) -> Path:
             f"{root}/lfw-deepfunneled/<Name>/<Name>_0001.jpg"
         )
     return root
+
+
+def is_prealigned(root: str | Path) -> bool:
+    """Generated sets (``SYNTHETIC.md``) hold aligned face chips by construction: no detection."""
+    return (Path(root) / _PREALIGNED_MARKER).exists()
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data set folder, looked at once by :func:`resolve_source`: what every reader needs.
+
+    ``root`` is the folder as given (for LFW the tree holding the protocol files),
+    ``layout`` its :func:`detect_layout`, ``images_root`` the folder holding the identity folders
+    (:func:`find_images_root`), ``pair_files`` the evaluation pair files and ``people_file`` the
+    training identity list (``None``: every identity), both resolved against ``root``;
+    ``prealigned``: generated images, already face chips (:func:`is_prealigned`).
+    """
+
+    root: Path
+    layout: str
+    images_root: Path
+    pair_files: tuple[Path, ...] = ()
+    people_file: Path | None = None
+    prealigned: bool = False
+
+    @property
+    def pairs_images_root(self) -> Path:
+        """The folder the pair files' ``<name>/<name>_NNNN`` images are looked up in."""
+        return self.root if self.prealigned else self.images_root
+
+
+def resolve_source(
+    root: str | Path,
+    pair_files: Iterable[str | Path] = (),
+    people_file: str | Path | None = None,
+    *,
+    protocol_defaults: bool = True,
+    pairs_from: str | None = None,
+) -> DataSource:
+    """Look at the data set folder ``root`` once and describe it as a :class:`DataSource`.
+
+    ``pair_files`` and ``people_file`` that do not exist as given and are relative are taken
+    inside ``root``. With ``protocol_defaults``, an LFW tree without them uses its
+    ``peopleDevTrain.txt`` and ``pairsDevTest.txt`` where present. Raises
+    :class:`FileNotFoundError` when ``root`` is not a folder, a pair file does not exist (the
+    message names ``pairs_from``, where the file was given, when set) or an LFW tree has no image
+    folder. The people file is read later (:func:`load_dataset`), so its errors come from there.
+    """
+    root = Path(root)
+    layout = detect_layout(root)
+    people = Path(people_file).expanduser() if people_file else None
+    pairs = [Path(p).expanduser() for p in pair_files]
+    if protocol_defaults and layout == "lfw":
+        if people is None and (root / _LFW_TRAIN_PEOPLE).exists():
+            people = root / _LFW_TRAIN_PEOPLE
+        if not pairs and (root / _LFW_TEST_PAIRS).exists():
+            pairs = [root / _LFW_TEST_PAIRS]
+    if people is not None and not people.is_absolute() and not people.exists():
+        people = root / people
+    pairs = [p if p.exists() or p.is_absolute() else root / p for p in pairs]
+    for p in pairs:
+        if not p.exists():
+            raise FileNotFoundError(
+                f"Pair file {p} does not exist" + (f" (from {pairs_from})" if pairs_from else "")
+            )
+    return DataSource(root, layout, _images_root(root, layout), tuple(pairs), people,
+                      is_prealigned(root))
 
 
 def scan_identity_folder(
@@ -277,21 +355,28 @@ def scan_identity_folder(
 
 
 def load_dataset(
-    root: str | Path,
+    root: str | Path | DataSource,
     people_file: str | Path | None = None,
     min_images: int = 1,
     report: DataReport | None = None,
 ) -> FaceDataset:
-    """Load a data set folder, dispatching on :func:`detect_layout`.
+    """Load a data set folder (or an already resolved :class:`DataSource`) in its layout.
 
-    ``people_file`` (e.g. LFW ``peopleDevTrain.txt``; a bare name is looked up in ``root``)
-    restricts the identities; for LFW, an identity whose image count differs from the file is
-    recorded as ``"people_count_mismatch"``. See :func:`scan_identity_folder` for what is reported.
+    ``people_file`` (e.g. LFW ``peopleDevTrain.txt``; a bare name is looked up in ``root``;
+    default: the source's own) restricts the identities; for LFW, an identity whose image count
+    differs from the file is recorded as ``"people_count_mismatch"``. See
+    :func:`scan_identity_folder` for what is reported.
     """
-    root = Path(root)
+    if isinstance(root, DataSource):
+        source = root
+        if people_file is None:
+            people_file = source.people_file
+    else:
+        path = Path(root)
+        layout = detect_layout(path)
+        source = DataSource(path, layout, _images_root(path, layout))
+    root, images_root = source.root, source.images_root
     report = report if report is not None else DataReport()
-    layout = detect_layout(root)
-    images_root = find_images_root(root)
     people: dict[str, int] | None = None
     if people_file is not None:
         pf = Path(people_file)
@@ -300,7 +385,7 @@ def load_dataset(
         people = read_people(pf, report=report)
     dataset = scan_identity_folder(
         images_root, report=report, identities=None if people is None else list(people),
-        min_images=min_images, layout=layout,
+        min_images=min_images, layout=source.layout,
     )
     if people is not None:
         counts = dataset.counts()

@@ -14,6 +14,7 @@ A second call with the same settings reads ``report.json`` and returns at once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -26,7 +27,14 @@ import numpy as np
 
 from fedface.config import RunConfig
 from fedface.data.align import AlignConfig, FaceAligner
-from fedface.data.datasets import FaceDataset, detect_layout, find_images_root, load_dataset
+from fedface.data.datasets import (
+    DataSource,
+    FaceDataset,
+    detect_layout,
+    is_prealigned,
+    load_dataset,
+    resolve_source,
+)
 from fedface.data.pairs import read_pairs
 from fedface.data.partition import hold_out_images, partition_identities
 from fedface.data.report import DataReport
@@ -143,17 +151,16 @@ def local_labels(labels: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- sources
-def is_prealigned(root: Path) -> bool:
-    """Generated sets (``SYNTHETIC.md``) are aligned by construction: no detection."""
-    return (Path(root) / "SYNTHETIC.md").exists()
-
-
-def make_aligner(cfg: RunConfig, root: Path) -> FaceAligner:
+def make_aligner(cfg: RunConfig, source: DataSource | Path) -> FaceAligner:
     """The aligner for a source: dlib detection, or resize only for generated data."""
-    if is_prealigned(root):
+    if isinstance(source, DataSource):
+        prealigned, layout = source.prealigned, source.layout
+    else:
+        prealigned = is_prealigned(source)
+        layout = "" if prealigned else detect_layout(source)
+    if prealigned:
         return ChipResizer(AlignConfig(size=cfg.image_size, policy=cfg.align_policy))
-    acfg = AlignConfig.for_layout(detect_layout(root), size=cfg.image_size,
-                                  policy=cfg.align_policy)
+    acfg = AlignConfig.for_layout(layout, size=cfg.image_size, policy=cfg.align_policy)
     return FaceAligner(acfg, cfg.cache_path)
 
 
@@ -225,32 +232,23 @@ def synthetic_root(cfg: RunConfig) -> tuple[Path, Path]:
     return root, pairs_file
 
 
-def resolve_source(cfg: RunConfig) -> tuple[Path, list[Path], Path | None]:
-    """(images root, evaluation pair files, people file) for the configured source."""
+def resolve_run_source(cfg: RunConfig) -> DataSource:
+    """The configured source (``RunConfig.data``, ``pairs``, ``train_people``), resolved once:
+    the generated set (written on first use) or a data set folder (see
+    :func:`~fedface.data.datasets.resolve_source`)."""
     if cfg.data == "synthetic":
         root, pairs_file = synthetic_root(cfg)
-        pair_files = [Path(p) for p in cfg.pair_files] or [pairs_file]
-        return root, pair_files, None
+        # The generated pairs, or the given files as they are (not looked up in the root).
+        return dataclasses.replace(
+            resolve_source(root, protocol_defaults=False),
+            pair_files=tuple(Path(p) for p in cfg.pair_files) or (pairs_file,))
     root = Path(cfg.data).expanduser()
     if not root.exists():
         raise FileNotFoundError(
             f"Data folder {root} does not exist: give an identity folder "
             "(root/<identity>/*.jpg), an LFW tree or the ORL folder, or use --data synthetic"
         )
-    people = Path(cfg.train_people).expanduser() if cfg.train_people else None
-    pair_files = [Path(p).expanduser() for p in cfg.pair_files]
-    if detect_layout(root) == "lfw":
-        if people is None and (root / "peopleDevTrain.txt").exists():
-            people = root / "peopleDevTrain.txt"
-        if not pair_files and (root / "pairsDevTest.txt").exists():
-            pair_files = [root / "pairsDevTest.txt"]
-    if people is not None and not people.is_absolute() and not people.exists():
-        people = root / people
-    pair_files = [p if p.exists() or p.is_absolute() else root / p for p in pair_files]
-    for p in pair_files:
-        if not p.exists():
-            raise FileNotFoundError(f"Pair file {p} does not exist (from --pairs)")
-    return root, pair_files, people
+    return resolve_source(root, cfg.pair_files, cfg.train_people or None, pairs_from="--pairs")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -272,25 +270,24 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
     out.mkdir(parents=True)
     t0 = time.time()
     report = DataReport()
-    root, pair_paths, people = resolve_source(cfg)
-    aligner = make_aligner(cfg, root)
+    source = resolve_run_source(cfg)
+    aligner = make_aligner(cfg, source)
 
     # --- evaluation pairs (read first: their identities leave the training set)
     pairsets_raw = []
-    for pf in pair_paths:
-        images_root = find_images_root(root) if not is_prealigned(root) else root
-        pairs = read_pairs(pf, images_root, report=report)
+    for pf in source.pair_files:
+        pairs = read_pairs(pf, source.pairs_images_root, report=report)
         if not pairs:
             raise ValueError(f"Pair file {pf} gave no usable pairs; see the report above")
         pairsets_raw.append((pf, pairs))
 
-    dataset = load_dataset(root, people_file=people, min_images=cfg.min_images, report=report)
+    dataset = load_dataset(source, min_images=cfg.min_images, report=report)
     if cfg.data == "synthetic":
         keep = dataset.labels < _label_of(dataset, f"id_{cfg.synthetic_identities:05d}")
         dataset = dataset.subset(np.flatnonzero(keep))
     test_names = {p.a.parent.name for _, ps in pairsets_raw for p in ps} | {
         p.b.parent.name for _, ps in pairsets_raw for p in ps}
-    if test_names and people is None and cfg.data != "synthetic":
+    if test_names and source.people_file is None and cfg.data != "synthetic":
         # No explicit training list: keep evaluation identities out of training.
         keep = [i for i, lab in enumerate(dataset.labels)
                 if dataset.identities[lab] not in test_names]
@@ -302,7 +299,7 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
 
     if len(dataset.labels) == 0:
         raise ValueError(
-            f"No training images left in {root}: every identity is used by the evaluation "
+            f"No training images left in {source.root}: every identity is used by the evaluation "
             "pairs or was dropped (see the report). Give a training list (--train-people) "
             "or pair files that name other identities"
         )
@@ -347,8 +344,8 @@ def prepare(cfg: RunConfig, progress: Progress | None = None, force: bool = Fals
         pair_files.append(path.name)
 
     summary = {
-        "source": str(cfg.data), "root": str(root), "layout": "synthetic"
-        if cfg.data == "synthetic" else detect_layout(root),
+        "source": str(cfg.data), "root": str(source.root),
+        "layout": "synthetic" if cfg.data == "synthetic" else source.layout,
         "train_identities": len(np.unique(dataset.labels)),
         "train_images": len(dataset.labels),
         "clients": clients_summary, "pair_sets": [p.removeprefix("pairs_").removesuffix(".npz")
