@@ -29,24 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see fedface.cli)
+import _study
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from fedface.config import RunConfig  # noqa: E402
-from fedface.metrics import write_json  # noqa: E402
-from fedface.privacy import AUDIT_VERSION, audit_run  # noqa: E402
-from fedface.privacy.attacks import LABEL_FREE, TRUE_LABEL  # noqa: E402
-from fedface.runner import run  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_LFW = HERE.parent.parent / "shared" / "data" / "lfw"
-
+from fedface.config import RunConfig
+from fedface.metrics import RunDocument
+from fedface.privacy import AUDIT_VERSION, audit_run
+from fedface.privacy.attacks import LABEL_FREE, TRUE_LABEL
+from fedface.runner import run
 
 # The attacks of each audit (see fedface.privacy.audit): records has labels, people has not.
 ATTACKS = {"records": (TRUE_LABEL, *LABEL_FREE), "people": LABEL_FREE}
@@ -71,8 +65,7 @@ def _mia(rows: list[dict], kind: str) -> tuple[float | None, float | None]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW)
+    ap = _study.parser(__doc__)
     ap.add_argument("--epsilons", default="1,3,8,inf")
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--clients", type=int, default=8)
@@ -93,10 +86,8 @@ def main() -> None:
                     help="dp-unit=person: images a sampled person brings to a step")
     ap.add_argument("--quick", action="store_true", help="3 rounds, pairsDevTest only")
     ap.add_argument("--tag", default="", help="name of the result files (default dp[_quick])")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    args = ap.parse_args()
-    if not (args.lfw / "pairsDevTest.txt").exists():
-        raise SystemExit(f"LFW not found at {args.lfw}: pass --lfw PATH")
+    args = _study.parse(ap)
+    _study.require_lfw(args.lfw)
     units = [u.strip() for u in args.units.split(",")]
     if set(units) - {"image", "person"}:
         raise SystemExit(f"--units {args.units}: choose from image, person")
@@ -108,14 +99,13 @@ def main() -> None:
     grid = [(u, float(e), int(s)) for s in args.seeds.split(",") for e in args.epsilons.split(",")
             for u in (units if math.isfinite(float(e)) else ["none"])]
     rows, t_all, earlier_seconds = [], time.time(), 0.0
-    if args.audit_only and not (args.out / f"{tag}.json").exists():
+    old = _study.previous(args.out, tag) if args.append or args.audit_only else None
+    if args.audit_only and old is None:
         raise SystemExit(f"--audit-only: no {tag}.json in {args.out} to re-audit")
-    if (args.append or args.audit_only) and (args.out / f"{tag}.json").exists():
-        old = json.loads((args.out / f"{tag}.json").read_text())
+    if old is not None:
         same = {"rounds": args.rounds, "batch_size": args.batch_size,
                 "image_size": args.image_size, "strategy": args.strategy}
-        differ = {k: (old.get(k, "fedavg" if k == "strategy" else None), v)
-                  for k, v in same.items() if old.get(k, "fedavg" if k == "strategy" else None) != v}
+        differ = _study.changed_settings(old, same, defaults={"strategy": "fedavg"})
         if differ:
             raise SystemExit(f"--{'audit-only' if args.audit_only else 'append'}: {tag}.json was "
                              f"run with other settings (theirs, these): {differ}")
@@ -152,16 +142,16 @@ def main() -> None:
         # study, which would (rightly) refuse to spend the budget again.
         shutil.rmtree(cfg.out, ignore_errors=True)
         t0 = time.time()
-        doc = run(cfg)
-        spent = doc["rounds"][-1].get("dp", {}).get("epsilon_spent", {})
+        result = RunDocument(run(cfg))
+        plans = result.dp_plans.values()
         row = {"unit": unit, "seed": seed,
                "epsilon": eps if math.isfinite(eps) else "inf", "seconds": round(time.time() - t0, 1),
-               "epsilon_spent_max": max(spent.values(), default=None),
-               "delta": max((p["delta"] for p in doc.get("dp_plans", {}).values()), default=None),
-               "noise_multiplier": [p["noise_multiplier"] for p in doc.get("dp_plans", {}).values()],
+               "epsilon_spent_max": max(result.dp_spent().values(), default=None),
+               "delta": max((p["delta"] for p in plans), default=None),
+               "noise_multiplier": [p["noise_multiplier"] for p in plans],
                "final": {k: {f: v[f] for f in ("accuracy", "accuracy_std", "auc")}
-                         for k, v in doc["final"].items() if isinstance(v, dict) and "accuracy" in v},
-               "curve": [r.get("test_accuracy") for r in doc["rounds"]],
+                         for k, v in result.final_reports().items()},
+               "curve": result.test_curve(),
                **audit_fields(cfg)}
         rows.append(row)
         print(json.dumps(_brief(row)), flush=True)
@@ -172,10 +162,9 @@ def main() -> None:
                "seeds": ",".join(str(x) for x in sorted({r["seed"] for r in rows})),
                "image_size": args.image_size, "pairs": pairs.split(","),
                "seconds": round(earlier_seconds + time.time() - t_all, 1), "results": rows}
-    write_json(args.out / f"{tag}.json", summary)
-    (args.out / f"{tag}.md").write_text(markdown(summary))
+    text = _study.write_results(args.out, tag, summary, markdown)
     plot(rows, args.out / f"{tag}.png")
-    print((args.out / f"{tag}.md").read_text())
+    print(text)
 
 
 def study_config(args: argparse.Namespace, pairs: str, tag: str, unit: str, eps: float,
@@ -295,12 +284,7 @@ def markdown(summary: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (a1, a2) = _study.subplots(1, 2, figsize=(12, 4.5))
     table = groups(rows)
     nodp = [g for u, _, g in table if u == "none"]
     pset = next(iter(rows[0]["final"]))
@@ -335,8 +319,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.minorticks_off()
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _study.save_figure(fig, path)
 
 
 if __name__ == "__main__":

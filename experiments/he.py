@@ -19,22 +19,17 @@ Writes ``experiments/results/he[_quick].json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see fedface.cli)
+import _study
 
-from crypto.keys import init_keys  # noqa: E402
-from fedface.config import RunConfig  # noqa: E402
-from fedface.metrics import write_json  # noqa: E402
-from fedface.runner import run  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_LFW = HERE.parent.parent / "shared" / "data" / "lfw"
+from crypto.keys import init_keys
+from fedface.config import RunConfig
+from fedface.metrics import RunDocument
+from fedface.runner import run
 
 
 def pair(name: str, cfg: RunConfig, keys: str, out: Path) -> dict:
@@ -44,11 +39,10 @@ def pair(name: str, cfg: RunConfig, keys: str, out: Path) -> dict:
         c = cfg.replace(out=str(out / f"{name}-s{cfg.seed}-{mode}"),
                         he_keys=keys if mode == "encrypted" else "")
         t0 = time.time()
-        doc = run(c)
-        rounds = doc["rounds"]
+        result = RunDocument(run(c))
+        rounds = result.rounds
         row[mode] = {
-            "final": {k: round(v["accuracy"], 4) for k, v in doc["final"].items()
-                      if isinstance(v, dict) and "accuracy" in v},
+            "final": {k: round(v["accuracy"], 4) for k, v in result.final_reports().items()},
             "round_seconds": round(statistics.mean(r["seconds"] for r in rounds[1:]), 3),
             "bytes_up_per_round": int(statistics.mean(r["bytes_up"] for r in rounds)),
             "bytes_down_per_round": int(statistics.mean(r["bytes_down"] for r in rounds)),
@@ -60,14 +54,12 @@ def pair(name: str, cfg: RunConfig, keys: str, out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW)
+    ap = _study.parser(__doc__)
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the demo setting")
     ap.add_argument("--lfw-seeds", type=int, default=1)
     ap.add_argument("--lfw-rounds", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="demo setting, 2 seeds")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    args = ap.parse_args()
+    args = _study.parse(ap)
     tag = "he_quick" if args.quick else "he"
     runs = args.out / tag
     keys = tempfile.mkdtemp(prefix="fedface-he-study-")
@@ -76,7 +68,7 @@ def main() -> None:
     rows, t_all = [], time.time()
     for seed in range(2 if args.quick else args.seeds):
         rows.append(pair("demo", RunConfig(seed=seed), keys, runs))
-    if not args.quick and (args.lfw / "pairsDevTest.txt").exists():
+    if not args.quick and _study.has_lfw(args.lfw):
         for seed in range(args.lfw_seeds):
             cfg = RunConfig(data=str(args.lfw), train_people="peopleDevTrain.txt",
                             pairs="pairsDevTest.txt,pairs.txt", image_size=64, num_clients=8,
@@ -92,9 +84,7 @@ def main() -> None:
                "seconds": round(time.time() - t_all, 1), "results": rows,
                "mean_gap_points": {k: round(statistics.mean(v), 2) for k, v in gaps.items()},
                "target_gap_points": 0.5}
-    write_json(args.out / f"{tag}.json", summary)
-    (args.out / f"{tag}.md").write_text(markdown(summary))
-    print((args.out / f"{tag}.md").read_text())
+    print(_study.write_results(args.out, tag, summary, markdown))
 
 
 def markdown(summary: dict) -> str:

@@ -12,34 +12,26 @@ Writes ``experiments/results/lfw_fedavg[_quick].json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see fedface.cli)
+import _study
 
 from fedface.config import RunConfig
-from fedface.metrics import write_json
+from fedface.metrics import RunDocument, pair_reports
 from fedface.runner import run
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_LFW = HERE.parent.parent / "shared" / "data" / "lfw"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW, help="LFW root (pairs files inside)")
+    ap = _study.parser(__doc__, lfw_help="LFW root (pairs files inside)")
     ap.add_argument("--rounds", type=int, default=32)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="8 rounds: a smoke run of the study")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    args = ap.parse_args()
-    if not (args.lfw / "pairsDevTest.txt").exists():
-        raise SystemExit(f"LFW not found at {args.lfw}: pass --lfw PATH (an LFW tree with pairs files)")
+    args = _study.parse(ap)
+    _study.require_lfw(args.lfw, "pass --lfw PATH (an LFW tree with pairs files)")
     rounds = 8 if args.quick else args.rounds
     tag = "lfw_fedavg_quick" if args.quick else "lfw_fedavg"
     base = dict(
@@ -52,21 +44,18 @@ def main() -> None:
     for mode in ("centralized", "federated"):
         cfg = RunConfig(**base, mode=mode, out=str(args.out / tag / mode))
         t0 = time.time()
-        doc = run(cfg)
-        results[mode] = {"final": doc["final"], "rounds": doc["rounds"],
+        result = RunDocument(run(cfg))
+        results[mode] = {"final": result.final, "rounds": result.rounds,
                          "wall_seconds": round(time.time() - t0, 1)}
-        print(mode, json.dumps({k: v.get("accuracy") for k, v in doc["final"].items()
-                                if isinstance(v, dict)}))
+        print(mode, json.dumps({k: v["accuracy"] for k, v in result.final_reports().items()}))
     summary = portable({"study": "centralized vs FedAvg on LFW", "config": base,
-                        "data": doc["data"], "results": results})
-    write_json(args.out / f"{tag}.json", summary)
-    (args.out / f"{tag}.md").write_text(markdown(summary))
-    print((args.out / f"{tag}.md").read_text())
+                        "data": result.data, "results": results})
+    print(_study.write_results(args.out, tag, summary, markdown))
 
 
 def portable(obj):
     """Paths of this machine written relative to the repository (results are committed)."""
-    root = str(HERE.parent)
+    root = str(_study.HERE.parent)
     if isinstance(obj, dict):
         return {k: portable(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -83,16 +72,14 @@ def markdown(summary: dict) -> str:
              "| method | pair set | accuracy % (10-fold) | AUC | EER % | TAR@FAR=1e-3 % | wall s |",
              "|---|---|---|---|---|---|---|"]
     for mode, r in res.items():
-        for name, rep in r["final"].items():
-            if not isinstance(rep, dict) or "accuracy" not in rep:
-                continue
+        for name, rep in pair_reports(r["final"]).items():
             lines.append(f"| {mode} | {name} | {100 * rep['accuracy']:.1f} ± "
                          f"{100 * rep['accuracy_std']:.1f} | {rep['auc']:.3f} | "
                          f"{100 * rep['eer']:.1f} | {100 * rep['tar_at_far_1e-3']:.1f} | "
                          f"{r['wall_seconds']:.0f} |")
     first = next(iter(res.values()))["final"]
-    for name, rep in first.items():
-        if isinstance(rep, dict) and "raw_pixels" in rep:
+    for name, rep in pair_reports(first).items():
+        if "raw_pixels" in rep:
             raw = rep["raw_pixels"]
             lines.append(f"| raw pixels | {name} | {100 * raw['accuracy']:.1f} ± "
                          f"{100 * raw['accuracy_std']:.1f} | {raw['auc']:.3f} | "

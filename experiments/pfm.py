@@ -16,22 +16,17 @@ Writes ``experiments/results/pfm[_quick].json``, ``.md`` and ``_curves.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see fedface.cli)
+import _study
+import numpy as np
 
-import numpy as np  # noqa: E402
+from fedface.config import RunConfig
+from fedface.metrics import RunDocument
+from fedface.runner import run
 
-from fedface.config import RunConfig  # noqa: E402
-from fedface.metrics import write_json  # noqa: E402
-from fedface.runner import run  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-DEFAULT_LFW = HERE.parent.parent / "shared" / "data" / "lfw"
 METHODS = {
     "centralized": {"mode": "centralized"},
     "fedavg": {"strategy": "fedavg"},
@@ -45,8 +40,7 @@ FIGURES = ("accuracy", "auc", "tar_at_far_1e-3")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lfw", type=Path, default=DEFAULT_LFW)
+    ap = _study.parser(__doc__)
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2")
@@ -60,10 +54,8 @@ def main() -> None:
                          "only the (clients, seed, method) it lacks")
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 8 clients, 4 rounds, pairsDevTest only")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    args = ap.parse_args()
-    if not (args.lfw / "pairsDevTest.txt").exists():
-        raise SystemExit(f"LFW not found at {args.lfw}: pass --lfw PATH")
+    args = _study.parse(ap)
+    _study.require_lfw(args.lfw)
     if args.quick:
         args.rounds, args.seeds, args.clients = 4, "0", "8"
     pairs = "pairsDevTest.txt" if args.quick else "pairsDevTest.txt,pairs.txt"
@@ -79,11 +71,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     runs, t_all, earlier = [], time.time(), 0.0
-    if args.append and (args.out / f"{tag}.json").exists():
-        old = json.loads((args.out / f"{tag}.json").read_text())
+    old = _study.previous(args.out, tag) if args.append else None
+    if old is not None:
         mine = {"rounds": args.rounds, "local_epochs": args.local_epochs,
                 "image_size": args.image_size}
-        if any(old.get(k) != v for k, v in mine.items()):
+        if _study.changed_settings(old, mine):
             raise SystemExit(f"--append: {tag}.json was run with other settings "
                              f"({ {k: old.get(k) for k in mine} }, now {mine})")
         runs, earlier = old["runs"], float(old.get("seconds", 0.0))
@@ -116,12 +108,12 @@ def main() -> None:
                            "error": str(e).splitlines()[-1][:300]})
             print(json.dumps(failed[-1]), flush=True)
             continue
+        result = RunDocument(doc)
         row = {"method": method, "clients": n_clients, "seed": seed,
                "seconds": round(time.time() - t0, 1),
-               "final": {k: {f: v[f] for f in FIGURES} for k, v in doc["final"].items()
-                         if isinstance(v, dict) and "accuracy" in v},
-               "curve": [r.get("test_accuracy") for r in doc["rounds"]],
-               "fv_chosen": [r["fv"]["chosen"] for r in doc["rounds"] if "fv" in r]}
+               "final": {k: {f: v[f] for f in FIGURES} for k, v in result.final_reports().items()},
+               "curve": result.test_curve(),
+               "fv_chosen": [r["fv"]["chosen"] for r in result.rounds if "fv" in r]}
         runs.append(row)
         print(json.dumps({k: row[k] for k in ("method", "clients", "seed", "seconds")}
                          | {"devtest": row["final"]["pairsDevTest"]["accuracy"]}), flush=True)
@@ -131,8 +123,7 @@ def main() -> None:
                    "seconds": round(earlier + time.time() - t_all, 1),
                    "table": aggregate(runs), "paired": paired(runs), "failed": failed,
                    "runs": runs}
-        write_json(args.out / f"{tag}.json", summary)
-        (args.out / f"{tag}.md").write_text(markdown(summary))
+        _study.write_results(args.out, tag, summary, markdown)
         plot(runs, args.out / f"{tag}_curves.png")
     print((args.out / f"{tag}.md").read_text())
 
@@ -207,13 +198,8 @@ def markdown(summary: dict) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     clients = sorted({r["clients"] for r in runs})
-    fig, axes = plt.subplots(1, len(clients), figsize=(6 * len(clients), 4), squeeze=False)
+    fig, axes = _study.subplots(1, len(clients), figsize=(6 * len(clients), 4), squeeze=False)
     for ax, c in zip(axes[0], clients):
         for method in METHODS:
             group = [r["curve"] for r in runs if r["clients"] == c and r["method"] == method]
@@ -225,8 +211,7 @@ def plot(runs: list[dict], path: Path) -> None:
                ylabel="accuracy %")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _study.save_figure(fig, path)
 
 
 if __name__ == "__main__":

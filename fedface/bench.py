@@ -10,6 +10,17 @@ from collections.abc import Callable
 import psutil
 
 from fedface.config import RunConfig
+from fedface.metrics import RunDocument, write_json
+
+
+def record_bench(bench: Callable[[], dict], json_path: str | os.PathLike) -> dict:
+    """Run one benchmark; its result gets ``bench_seconds`` (the whole wall time) and is
+    written to ``json_path``."""
+    t0 = time.time()
+    res = bench()
+    res["bench_seconds"] = round(time.time() - t0, 1)
+    write_json(json_path, res)
+    return res
 
 
 class PeakMemory:
@@ -290,12 +301,11 @@ def _he_rounds(key_dir: str, rounds: int, log: Callable[[str], None]) -> dict:
             log(f"{mode} run {rep}: rounds {[r['seconds'] for r in doc['rounds']]}")
 
     def final(doc: dict) -> float:
-        return next(v["accuracy"] for v in doc["final"].values()
-                    if isinstance(v, dict) and "accuracy" in v)
+        return RunDocument(doc).final_report()["accuracy"]
 
     def per_client(doc: dict, key: str) -> float:
-        r = doc["rounds"][-1]
-        return r[key] / max(1, doc["config"]["num_clients"])
+        run = RunDocument(doc)
+        return run.last_round[key] / max(1, run.config["num_clients"])
 
     plain, enc = float(np.median(seconds["plain"])), float(np.median(seconds["encrypted"]))
     return {"round_seconds_plain": round(plain, 3), "round_seconds_encrypted": round(enc, 3),

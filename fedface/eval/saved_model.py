@@ -1,4 +1,9 @@
-"""Evaluate a saved model on a pair file: what ``fedface eval`` does."""
+"""A saved model (``model.pt``) on a pair file: what ``fedface eval`` does.
+
+The one module of :mod:`fedface.eval` that reads files and models (data preparation,
+the model registry, the training module's verification protocol); the package's own
+``__init__`` does not import it, so the metrics stay a leaf.
+"""
 
 from __future__ import annotations
 

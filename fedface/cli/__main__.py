@@ -1,0 +1,5 @@
+"""``python -m fedface.cli``: the ``fedface`` script."""
+
+from fedface.cli.app import main
+
+main()

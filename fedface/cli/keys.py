@@ -1,0 +1,75 @@
+"""``fedface keys``: the encryption key ceremony, fingerprints, a new key generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fedface.cli.common import console
+from fedface.errors import user_errors
+
+keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys: ceremony, fingerprints, "
+                       "rotation.")
+
+
+def keys_table(desc: dict, folder: str) -> Table:
+    """The public description of a key folder (``key.json``): no secret in it."""
+    t = Table(title=f"Encryption keys in {folder}", show_header=False)
+    p = desc["params"]
+    for k, v in (("fingerprint", desc["fingerprint"]), ("generation", desc["generation"]),
+                 ("scheme", f"{p['scheme'].upper()}, n={p['poly_modulus_degree']}, "
+                  f"q {p['coeff_bits']} bits, t {p['plain_bits']} bits, 128-bit security"),
+                 ("institutions", desc["clients"]), ("created", desc["created"])):
+        t.add_row(k, str(v))
+    return t
+
+
+@keys_app.command("init")
+def keys_init(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the key bundles.")],
+    clients: Annotated[int, typer.Option(help="Institutions (one MAC key each).")] = 8,
+    poly_modulus_degree: Annotated[int, typer.Option(help="BFV ring dimension.")] = 4096,
+    plain_bits: Annotated[int, typer.Option(help="Plaintext modulus bits.")] = 40,
+) -> None:
+    """The key ceremony: a client bundle (with the secret key shared by the institutions)
+    and a server bundle (no secret key), owner-only files, one fingerprint."""
+    from crypto.context import HEParams
+    from crypto.keys import handout, init_keys
+
+    with user_errors(ValueError):  # KeyBundleError is one
+        desc = init_keys(out, clients, HEParams(poly_modulus_degree=poly_modulus_degree,
+                                                plain_bits=plain_bits))
+    console.print(keys_table(desc, str(out)))
+    console.print("Hand out each folder to its recipient only, over a private channel:")
+    for who, folder in handout(out):
+        console.print(f"  {who}: {folder}/", soft_wrap=True)
+    console.print(f"Each institution's folder holds the shared secret key and only its own MAC "
+                  f"key: the SuperNode of institution K runs with --node-config \"he-keys="
+                  f"<its copy of {out}/institutions/client_K> he-sender=K\". The server's folder "
+                  f"holds no secret key. Simulation (fedface train --he-keys {out}) reads both "
+                  f"from {out}. {out}/key.json is the public description.", soft_wrap=True)
+
+
+@keys_app.command("show")
+def keys_show(folder: Annotated[Path, typer.Argument(help="Key folder or bundle folder.")]) -> None:
+    """Fingerprint and parameters of a key folder (prints no secret)."""
+    from crypto.keys import KeyBundleError, describe_keys
+
+    with user_errors(KeyBundleError):
+        desc = describe_keys(folder)
+    console.print(keys_table(desc, str(folder)))
+
+
+@keys_app.command("rotate")
+def keys_rotate(folder: Annotated[Path, typer.Argument(help="Key folder of `keys init`.")]) -> None:
+    """A new key generation (same parameters); the old one moves to retired/gen-G."""
+    from crypto.keys import KeyBundleError, rotate_keys
+
+    with user_errors(KeyBundleError):
+        desc = rotate_keys(folder)
+    console.print(keys_table(desc, str(folder)))
+    console.print("envelopes under the old generation are now refused ('another key'): "
+                  "redistribute the bundles before the next run")
