@@ -23,20 +23,33 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from crypto.envelope import Envelope, EnvelopeError, from_record, to_record
+from crypto.envelope import Envelope, EnvelopeError, from_record, open_envelope, to_record
 from crypto.keys import ClientKeys, load_client_keys
 from crypto.packing import float_keys
-from crypto.update import JOIN_PROOF, Quantization, decrypt_aggregate, encrypt_update, prove_join
+from crypto.update import (
+    AGGREGATE,
+    JOIN_PROOF,
+    SERVER,
+    Quantization,
+    decrypt_aggregate,
+    encrypt_update,
+    prove_join,
+)
 from fedface.config import RunConfig
 from fedface.momentum import momentum_update
 from fedface.protocol import (
+    HE_CLIPPED,
     HE_COMMIT_INDEX,
     HE_COMMIT_ROUND,
     HE_FINGERPRINT,
     HE_RUN,
     HE_SCALE,
     HE_WEIGHT_REF,
+    NODE_HE_KEYS,
+    NODE_HE_SENDER,
+    NODE_PARTITION_ID,
     numpy_record,
+    record_numpy,
 )
 
 STATE = "he-state"
@@ -44,11 +57,27 @@ GLOBAL = "he-global"
 MOMENTUM = "he-momentum"
 PENDING = "he-pending-"
 PENDING_MOMENTUM = "he-pending-momentum-"
+# Fields of the STATE record.
+RUN, ROUND, PENDING_ROUND, PENDING_COUNT = "run", "round", "pending-round", "pending-count"
+OPENED_ROUND, OPENED_TAG = "opened-round", "opened-tag"
 MIN_SENDERS = 2  # an aggregate of one update is that update: never decrypted
 
 
 class OutOfSync(RuntimeError):
     """This institution's copy of the global model is not the one the round builds on."""
+
+
+class KeyMismatch(ValueError):
+    """The server holds another key ceremony's keys."""
+
+
+class ReleaseRefused(PermissionError):
+    """The server asked for the plaintext model at a point where it must not have it."""
+
+
+class AggregateRefused(EnvelopeError):
+    """An aggregate this institution will not decrypt: one of fewer than
+    :data:`MIN_SENDERS` updates, or another combination of a round's updates."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -60,11 +89,11 @@ def client_keys(cfg: RunConfig, context: Context) -> ClientKeys:
     """This node's keys: node config ``he-keys`` / ``he-sender`` (deployment), else the
     run's ``he-keys`` folder and the partition id (simulation)."""
     node = context.node_config
-    path = Path(str(node.get("he-keys", cfg.he_keys)))
-    if "he-sender" in node:
-        sender = int(node["he-sender"])
-    elif "partition-id" in node:
-        sender = int(node["partition-id"])
+    path = Path(str(node.get(NODE_HE_KEYS, cfg.he_keys)))
+    if NODE_HE_SENDER in node:
+        sender = int(node[NODE_HE_SENDER])
+    elif NODE_PARTITION_ID in node:
+        sender = int(node[NODE_PARTITION_ID])
     else:
         raise ValueError("Encrypted aggregation: set node config he-sender=K, this "
                          "institution's index in the key ceremony (its folder "
@@ -76,22 +105,18 @@ def client_keys(cfg: RunConfig, context: Context) -> ClientKeys:
 
 def _state(context: Context) -> ConfigRecord:
     if STATE not in context.state:
-        context.state[STATE] = ConfigRecord({"run": "", "round": -1, "pending-round": -1,
-                                             "pending-count": 0})
+        context.state[STATE] = ConfigRecord({RUN: "", ROUND: -1, PENDING_ROUND: -1,
+                                             PENDING_COUNT: 0})
     return context.state[STATE]
-
-
-def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: a.numpy() for k, a in record.items()}
 
 
 def check_key(keys: ClientKeys, config: ConfigRecord) -> None:
     """Refuse a server that holds another ceremony's keys."""
     theirs = str(config.get(HE_FINGERPRINT, ""))
     if theirs != keys.fingerprint:
-        raise ValueError(f"key mismatch: the server holds key fingerprint {theirs}, this "
-                         f"institution {keys.fingerprint} (generation {keys.generation}); "
-                         "both must come from the same `fedface keys init` / rotation")
+        raise KeyMismatch(f"key mismatch: the server holds key fingerprint {theirs}, this "
+                          f"institution {keys.fingerprint} (generation {keys.generation}); "
+                          "both must come from the same `fedface keys init` / rotation")
 
 
 def join(context: Context, keys: ClientKeys, config: ConfigRecord, initial: ArrayRecord) -> None:
@@ -99,8 +124,8 @@ def join(context: Context, keys: ClientKeys, config: ConfigRecord, initial: Arra
     check_key(keys, config)
     context.state[GLOBAL] = initial
     context.state.pop(MOMENTUM, None)
-    context.state[STATE] = ConfigRecord({"run": str(config[HE_RUN]), "round": 0,
-                                         "pending-round": -1, "pending-count": 0})
+    context.state[STATE] = ConfigRecord({RUN: str(config[HE_RUN]), ROUND: 0,
+                                         PENDING_ROUND: -1, PENDING_COUNT: 0})
 
 
 def join_proof(keys: ClientKeys, config: ConfigRecord, node_id: int, num_examples: int
@@ -110,10 +135,6 @@ def join_proof(keys: ClientKeys, config: ConfigRecord, node_id: int, num_example
     to ``keys.sender`` for the run."""
     return {JOIN_PROOF: ConfigRecord(prove_join(keys, run=str(config[HE_RUN]), node=int(node_id),
                                                 num_examples=int(num_examples)))}
-
-
-class ReleaseRefused(PermissionError):
-    """The server asked for the plaintext model at a point where it must not have it."""
 
 
 def check_release(cfg: RunConfig, committed: int, can_train_again: Callable[[], bool]) -> None:
@@ -138,29 +159,29 @@ def check_release(cfg: RunConfig, committed: int, can_train_again: Callable[[], 
 
 def _commit(context: Context, state: ConfigRecord, rnd: int, idx: int) -> None:
     """Make pending candidate ``idx`` of round ``rnd`` this institution's global model."""
-    if idx >= int(state["pending-count"]):
+    if idx >= int(state[PENDING_COUNT]):
         raise OutOfSync(f"out of sync: candidate {idx} of round {rnd} was never received")
     context.state[GLOBAL] = context.state[f"{PENDING}{idx}"]
     if f"{PENDING_MOMENTUM}{idx}" in context.state:
         context.state[MOMENTUM] = context.state[f"{PENDING_MOMENTUM}{idx}"]
-    for i in range(int(state["pending-count"])):
+    for i in range(int(state[PENDING_COUNT])):
         context.state.pop(f"{PENDING}{i}", None)
         context.state.pop(f"{PENDING_MOMENTUM}{i}", None)
-    state["round"], state["pending-round"], state["pending-count"] = rnd, -1, 0
+    state[ROUND], state[PENDING_ROUND], state[PENDING_COUNT] = rnd, -1, 0
 
 
 def sync(context: Context, config: ConfigRecord, needed_round: int) -> None:
     """Commit the candidate the server chose and check we hold round ``needed_round``."""
     state = _state(context)
-    if state["run"] != str(config.get(HE_RUN, "")):
+    if state[RUN] != str(config.get(HE_RUN, "")):
         raise OutOfSync("out of sync: this institution did not join this encrypted run "
                         "(it was unreachable at the start); it can join the next run")
     rnd, idx = int(config[HE_COMMIT_ROUND]), int(config[HE_COMMIT_INDEX])
-    if int(state["round"]) != rnd and int(state["pending-round"]) == rnd:
+    if int(state[ROUND]) != rnd and int(state[PENDING_ROUND]) == rnd:
         _commit(context, state, rnd, idx)
-    if int(state["round"]) != needed_round:
+    if int(state[ROUND]) != needed_round:
         raise OutOfSync(f"out of sync: this institution holds the global model of round "
-                        f"{state['round']}, this step needs round {needed_round} (it missed "
+                        f"{state[ROUND]}, this step needs round {needed_round} (it missed "
                         "an exchange); the server sends it the missed aggregates")
 
 
@@ -177,9 +198,9 @@ def catch_up(context: Context, keys: ClientKeys, config: ConfigRecord,
         sync(context, config, target)
         return target
     except OutOfSync:
-        if state["run"] != str(config.get(HE_RUN, "")):
+        if state[RUN] != str(config.get(HE_RUN, "")):
             raise
-    have = int(state["round"])
+    have = int(state[ROUND])
     for rnd in sorted(r for r in aggregates if r > have):
         if rnd != have + 1:
             raise OutOfSync(f"out of sync: this institution holds round {have} and the server "
@@ -195,8 +216,8 @@ def catch_up(context: Context, keys: ClientKeys, config: ConfigRecord,
 
 def global_model(context: Context) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """The global backbone this institution holds, and the global momentum (PFM)."""
-    momentum = _numpy(context.state[MOMENTUM]) if MOMENTUM in context.state else None
-    return _numpy(context.state[GLOBAL]), momentum
+    momentum = record_numpy(context.state[MOMENTUM]) if MOMENTUM in context.state else None
+    return record_numpy(context.state[GLOBAL]), momentum
 
 
 def weight_scale(config: ConfigRecord, num_examples: int) -> float:
@@ -221,36 +242,42 @@ def encrypt(cfg: RunConfig, keys: ClientKeys, config: ConfigRecord, before: dict
                                num_examples=int(num_examples), train_steps=int(train_steps),
                                run=str(config[HE_RUN]), server_round=server_round,
                                rng=np.random.default_rng(seed))
-    return to_record(env), {HE_SCALE: scale, "he-clipped": info["clipped"]}
+    return to_record(env), {HE_SCALE: scale, HE_CLIPPED: info["clipped"]}
 
 
 def open_candidates(context: Context, keys: ClientKeys, config: ConfigRecord,
                     records: list[ArrayRecord], server_round: int) -> list[dict[str, np.ndarray]]:
     """Decrypt the round's aggregate into the pending global model (a list of one).
 
-    Refused before anything is decrypted: more than one aggregate for the round, or an
-    aggregate other than the one this institution already opened for the round (each
-    would be another combination of the same updates: FV under encryption is refused,
-    since ``k + 1`` combinations solve for individual updates); an aggregate of fewer
-    than :data:`MIN_SENDERS` institutions (:func:`crypto.update.decrypt_aggregate`).
+    Refused (:class:`AggregateRefused`) before anything is decrypted: more than one
+    aggregate for the round, or an aggregate other than the one this institution already
+    opened for the round (each would be another combination of the same updates: FV
+    under encryption is refused, since ``k + 1`` combinations solve for individual
+    updates); an authentic aggregate of fewer than :data:`MIN_SENDERS` institutions
+    (:func:`crypto.update.decrypt_aggregate`).
     """
     if len(records) != 1:
-        raise EnvelopeError(f"the server sent {len(records)} aggregates for round {server_round}: "
-                            "each further one is another combination of the same updates, and "
-                            "enough of them reveal individual updates (FV is refused under "
-                            "encryption); this institution decrypts one aggregate per round")
+        raise AggregateRefused(f"the server sent {len(records)} aggregates for round {server_round}: "
+                               "each further one is another combination of the same updates, and "
+                               "enough of them reveal individual updates (FV is refused under "
+                               "encryption); this institution decrypts one aggregate per round")
     state = _state(context)
     aggregate = records[0] if isinstance(records[0], Envelope) else from_record(records[0])
-    if (int(state.get("opened-round", -1)) == int(server_round)
-            and state.get("opened-tag") != aggregate.tag.hex()):
-        raise EnvelopeError(f"a second, different aggregate for round {server_round}: two "
-                            "combinations of the same updates reveal more than their sum; "
-                            "this institution decrypts one aggregate per round")
+    if (int(state.get(OPENED_ROUND, -1)) == int(server_round)
+            and state.get(OPENED_TAG) != aggregate.tag.hex()):
+        raise AggregateRefused(f"a second, different aggregate for round {server_round}: two "
+                               "combinations of the same updates reveal more than their sum; "
+                               "this institution decrypts one aggregate per round")
     before, held = global_model(context)  # held: the momentum this round started from
     fk = float_keys(before)
-    mean, env = decrypt_aggregate(keys, aggregate, before, fk, run=str(config[HE_RUN]),
-                                  server_round=server_round, min_senders=MIN_SENDERS)
-    state["opened-round"], state["opened-tag"] = int(server_round), env.tag.hex()
+    try:
+        mean, env = decrypt_aggregate(keys, aggregate, before, fk, run=str(config[HE_RUN]),
+                                      server_round=server_round, min_senders=MIN_SENDERS)
+    except EnvelopeError as err:
+        if _too_few_senders(keys, aggregate, str(config[HE_RUN]), server_round):
+            raise AggregateRefused(str(err)) from None
+        raise
+    state[OPENED_ROUND], state[OPENED_TAG] = int(server_round), env.tag.hex()
     model = dict(before)
     for k in fk:
         model[k] = (np.asarray(before[k], np.float32) + mean[k]).astype(before[k].dtype)
@@ -260,5 +287,17 @@ def open_candidates(context: Context, keys: ClientKeys, config: ConfigRecord,
         m = momentum_update(held, before, model, float(env.meta["lr"]),
                             max(float(env.meta["steps"]), 1.0), beta)
         context.state[f"{PENDING_MOMENTUM}0"] = numpy_record(m)
-    state["pending-round"], state["pending-count"] = server_round, 1
+    state[PENDING_ROUND], state[PENDING_COUNT] = server_round, 1
     return [model]
+
+
+def _too_few_senders(keys: ClientKeys, aggregate: Envelope, run: str, server_round: int) -> bool:
+    """Whether a refused aggregate is an authentic one of fewer than :data:`MIN_SENDERS`
+    institutions (a release refused), not a tampered or misaddressed envelope."""
+    try:
+        env = open_envelope(aggregate, kind=AGGREGATE, fingerprint=keys.fingerprint,
+                            mac_keys={SERVER: keys.server_mac_key}, run=run,
+                            server_round=server_round)
+        return len(set(env.meta["senders"])) < MIN_SENDERS
+    except (EnvelopeError, KeyError, TypeError):
+        return False

@@ -1,5 +1,6 @@
 """A client's differential privacy: its ledger, its private randomness, the budget the
-institution allows, and its central-DP share.
+institution allows, DP-SGD's set-up for a round of local training (:class:`DPSGDRound`),
+and its central-DP share.
 
 Where the ledger and the private-randomness secret live (they must outlive the process,
 so a restarted client still knows what it has spent and replays a round bit for bit):
@@ -23,10 +24,24 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
+from client.task import client_id
 from crypto.seeds import derive_seed, load_or_create_secret
 from fedface.config import RunConfig
-from fedface.privacy import DPPlan, PrivacyConfigError, PrivacyLedger, clip_and_noise_update
+from fedface.data.prepare import ClientData
+from fedface.privacy import (
+    DPPlan,
+    PrivacyBudgetExhausted,
+    PrivacyConfigError,
+    PrivacyLedger,
+    PrivateTraining,
+    clip_and_noise_update,
+    make_private,
+    plan_for_run,
+)
 from fedface.protocol import (
+    DP_DELTA,
+    DP_EPSILON_SPENT,
+    DP_NOISE,
     NODE_DATA_PATH,
     NODE_DP_DELTA,
     NODE_DP_EPSILON,
@@ -41,6 +56,13 @@ SECRET_STATE = "private-randomness"
 # Purposes of the seeds derived from the secret (one independent stream each).
 SEED_DP_SAMPLING, SEED_DP_NOISE, SEED_CENTRAL_NOISE, SEED_HE_ROUNDING = (
     "dp-sampling", "dp-noise", "central-dp-noise", "he-rounding")
+CLIENT_FIXED = "client-fixed"  # the central-dp mode in which each client noises its update
+
+
+def private_run(cfg: RunConfig) -> bool:
+    """Whether the run is under DP (DP-SGD or central DP): then nothing outside the
+    accounting leaves this client (:data:`fedface.protocol.DP_RELEASABLE`)."""
+    return cfg.dp_epsilon > 0 or cfg.central_dp != "off"
 
 
 def _state_file(context: Context, ins: TrainInstructions, cid: int, name: str,
@@ -149,3 +171,63 @@ def central_dp_share(cfg: RunConfig, ins: TrainInstructions, before: dict, after
                                       num_sampled_clients=max(ins.sampled_clients, 1),
                                       rng=np.random.default_rng(seed))
     return shared
+
+
+class DPSGDRound:
+    """DP-SGD in one round of local training.
+
+    Built before training: the plan for the run's budget (None without DP-SGD), refused
+    when it asks more than the node config allows (:func:`check_node_budget`, also for
+    a run without DP-SGD). :meth:`wrap` refuses a round the ledger cannot pay for
+    (``PrivacyBudgetExhausted``) and wraps model and optimizer, seeded from the
+    institution's secret; :meth:`account` records what ran in the ledger.
+    """
+
+    def __init__(self, cfg: RunConfig, context: Context, ins: TrainInstructions, cid: int,
+                 data: ClientData) -> None:
+        self.cfg, self.context, self.ins, self.cid = cfg, context, ins, cid
+        self.plan = (plan_for_run(cfg, len(data.y_train), data.num_classes, f"client {cid}")
+                     if cfg.dp_epsilon > 0 else None)
+        check_node_budget(cfg, context.node_config, self.plan)
+        self.private: PrivateTraining | None = None
+        self.ledger: PrivacyLedger | None = None
+
+    def wrap(self, backbone, head, optimizer, people) -> dict:
+        """``train_epochs``' optimizer and private sampling, forward and empty step (the
+        plain optimizer without DP-SGD). The momentum buffer only ever sees noised
+        gradients (post-processing)."""
+        if self.plan is None:
+            return {"optimizer": optimizer}
+        self.ledger = load_ledger(self.context, self.ins, self.cid)
+        self.ledger.check_next_round(self.plan)
+        seeds = private_seeds(self.context, self.ins, self.cid)
+        self.private = make_private(backbone, head, optimizer, self.plan,
+                                    seed=seeds.of(SEED_DP_SAMPLING),
+                                    noise_seed=seeds.of(SEED_DP_NOISE),
+                                    grad_sample_mode=self.cfg.dp_grad_sample_mode, people=people)
+        p = self.private
+        return {"optimizer": p.optimizer, "batches": p.batches, "forward": p.forward,
+                "on_empty": p.empty_step}
+
+    def account(self) -> dict:
+        """Record the round in the ledger (the rate, steps and noise of the steps taken)
+        and return the reply's accounting metrics ({} without DP-SGD)."""
+        if self.private is None:
+            return {}
+        spent = self.ledger.record(self.ins.server_round, self.private.plan,
+                                   ran=self.private.accounted())
+        keep_ledger(self.context, self.ledger)
+        return {DP_EPSILON_SPENT: spent, DP_DELTA: self.private.plan.delta,
+                DP_NOISE: self.private.noise_multiplier}
+
+
+def can_train_again(cfg: RunConfig, context: Context, ins: TrainInstructions,
+                    data: ClientData) -> bool:
+    """Whether this institution's own DP ledger pays for another round."""
+    cid = client_id(context)
+    plan = plan_for_run(cfg, len(data.y_train), data.num_classes, f"client {cid}")
+    try:
+        load_ledger(context, ins, cid).check_next_round(plan)
+    except PrivacyBudgetExhausted:
+        return False
+    return True

@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, Context
 from fedface.config import RunConfig
 from fedface.data.partition import verification_pairs
 from fedface.data.prepare import ClientData
+from fedface.io import atomic_write, load_torch
 from fedface.models import build_backbone, build_head
 from fedface.privacy.audit import head_file, head_prefix, saved_heads
 from fedface.protocol import (
@@ -121,10 +122,10 @@ def _load_kept(context: Context, ins: TrainInstructions | None, key: str, tag: s
             return None  # first round of this run: a fresh head
         path = earlier[max(earlier)]
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated or foreign file: say which, keep it
-            raise ValueError(f"Client state file {path} is unreadable ({type(e).__name__}): "
-                             "restore it, or remove it to start that head afresh") from None
+            return load_torch(path, "head or head-momentum file",
+                              "restore it, or remove it to start that head afresh")
+        except ValueError as err:  # truncated or foreign file: say which, keep it
+            raise ValueError(f"Client state file {path.name} is unreadable: {err}") from None
     if key in context.state:
         return context.state[key].to_torch_state_dict()
     return None
@@ -137,11 +138,7 @@ def _keep(state: dict, context: Context, ins: TrainInstructions | None, key: str
     if where is not None:
         folder, prefix = where
         prefix += tag
-        folder.mkdir(parents=True, exist_ok=True)
-        path = head_file(folder, prefix, ins.server_round)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(head_file(folder, prefix, ins.server_round), lambda fh: torch.save(state, fh))
         for r, f in saved_heads(folder, prefix).items():
             if r < ins.server_round - 1:
                 f.unlink(missing_ok=True)

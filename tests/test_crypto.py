@@ -1070,7 +1070,7 @@ def test_institutions_release_the_model_only_at_the_end_of_the_run(ceremony, cli
     from client import he
     from client.app import build_client_app
     from fedface.config import RunConfig
-    from fedface.protocol import ARRAYS, CONFIG, HE_RELEASE
+    from fedface.protocol import ARRAYS, CONFIG, ERR_RELEASE_REFUSED, HE_RELEASE
 
     for name, value in (("_run_id", 1), ("_node_id", 5), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
@@ -1084,9 +1084,10 @@ def test_institutions_release_the_model_only_at_the_end_of_the_run(ceremony, cli
         msg = Message(RecordDict({CONFIG: ask}), dst_node_id=5, message_type=MessageType.QUERY)
         return app(msg, ctx)
 
-    for rnd in (1, 2, 4):
-        with pytest.raises(he.ReleaseRefused, match=f"model of round {rnd}, but this run has 3 rounds"):
-            release(rnd)
+    for rnd in (1, 2, 4):  # refused with a typed error reply
+        refused = release(rnd)
+        assert refused.error.code == ERR_RELEASE_REFUSED
+        assert f"model of round {rnd}, but this run has 3 rounds" in refused.error.reason
     reply = release(3)
     assert sorted(reply.content[ARRAYS]) == ["b", "w"]
     # the budget-stopped run's rule, with the ledger's answer given

@@ -19,15 +19,20 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
+from client import he
 from client.app import build_client_app
+from client.mods import typed_errors
 from client.privacy import check_sampled_clients, federation_size, private_seeds
 from client.task import build_backbone_only
+from crypto.envelope import EnvelopeError
 from crypto.seeds import SecretFileError, derive_seed, load_or_create_secret
 from fedface.config import STRATEGY_NAMES, RunConfig
 from fedface.data.prepare import ClientData
 from fedface.models import build_backbone, build_head
 from fedface.privacy import (
+    PrivacyBudgetExhausted,
     PrivacyConfigError,
     PrivacyLedger,
     central_epsilon,
@@ -35,11 +40,19 @@ from fedface.privacy import (
     epsilon_of,
     make_private,
     plan_dp,
+    plan_for_run,
 )
 from fedface.protocol import (
     ARRAYS,
     CONFIG,
+    DP_BUDGET_SPENT,
     DP_RELEASABLE,
+    ERR_CLIENT,
+    ERR_DP_BUDGET_SPENT,
+    ERR_KEY_MISMATCH,
+    ERR_OUT_OF_SYNC,
+    ERR_PRIVACY_REFUSED,
+    ERR_RELEASE_REFUSED,
     METRICS,
     NUM_EXAMPLES,
     TRAIN_LOSS,
@@ -233,17 +246,57 @@ def test_a_private_client_releases_only_accounted_figures(tmp_path, client_file,
 
 # ------------------------------------------------------------- the institution's budget
 def test_the_node_config_caps_what_a_run_may_spend(tmp_path, client_file, flower_task):
-    def reason(cfg, **node):  # the runtime turns the exception into the error reply
-        try:
-            _arrays(_train(cfg, _context(cfg, client_file, tmp_path / str(len(node)), **node)))
-        except PrivacyConfigError as e:
-            return str(e)
-        return ""
+    def reason(cfg, **node):  # the refusal travels as a typed error reply
+        reply = _train(cfg, _context(cfg, client_file, tmp_path / str(len(node)), **node))
+        if not reply.has_error():
+            return ""
+        assert reply.error.code == ERR_PRIVACY_REFUSED, reply.error
+        return reply.error.reason
 
     assert "at most dp-epsilon=4" in reason(_cfg(dp_epsilon=8.0), **{"dp-epsilon": 4.0})
     assert "no DP-SGD" in reason(_cfg(dp_epsilon=0.0), **{"dp-epsilon": 4.0})
     assert "at most dp-delta=1e-06" in reason(_cfg(dp_epsilon=4.0), **{"dp-delta": 1e-6})
     assert reason(_cfg(dp_epsilon=4.0), **{"dp-epsilon": 4.0, "dp-delta": 1e-5}) == ""
+
+
+def test_a_client_whose_budget_is_spent_declines_with_a_typed_error(tmp_path, client_file,
+                                                                      flower_task):
+    """The server reads the decline's code, not its text: a spent ledger replies
+    ERR_DP_BUDGET_SPENT (the reason still says what happened), and nothing trains."""
+    cfg = _cfg()
+    state = tmp_path / "spent"
+    plan = plan_for_run(cfg, N, CLASSES, "client 7")
+    ledger = PrivacyLedger.load(state / "privacy_ledger.json")
+    for rnd in range(1, cfg.rounds + 1):
+        ledger.record(rnd, plan, plan.steps_per_round)
+    reply = _train(cfg, _context(cfg, client_file, state), server_round=cfg.rounds + 1)
+    assert reply.has_error() and reply.error.code == ERR_DP_BUDGET_SPENT
+    assert reply.error.reason.startswith(DP_BUDGET_SPENT)
+    assert not list(state.glob("head_r*.pt"))  # declined before training
+
+
+@pytest.mark.parametrize("err,code", [
+    (PrivacyBudgetExhausted("privacy budget exhausted: ..."), ERR_DP_BUDGET_SPENT),
+    (he.OutOfSync("out of sync: ..."), ERR_OUT_OF_SYNC),
+    (PrivacyConfigError("this institution allows at most ..."), ERR_PRIVACY_REFUSED),
+    (he.KeyMismatch("key mismatch: ..."), ERR_KEY_MISMATCH),
+    (he.ReleaseRefused("release refused: ..."), ERR_RELEASE_REFUSED),
+    (he.AggregateRefused("a second, different aggregate ..."), ERR_RELEASE_REFUSED),
+    (FileNotFoundError("Client data x.npz is missing"), ERR_CLIENT),
+    (EnvelopeError("authentication tag of sender 1 does not verify"), ERR_CLIENT),
+])
+def test_every_decline_and_failure_replies_its_code_and_text(err, code, flower_task):
+    app = ClientApp(mods=[typed_errors])
+
+    @app.train()
+    def train(msg, context):
+        raise err
+
+    msg = Message(RecordDict({CONFIG: TrainInstructions().to_record()}), dst_node_id=7,
+                  message_type=MessageType.TRAIN)
+    reply = app(msg, Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
+                             run_config={}))
+    assert (reply.error.code, reply.error.reason) == (code, str(err))
 
 
 def test_a_sampled_count_larger_than_the_federation_is_refused():
