@@ -19,7 +19,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.mods import ClientMods, typed_errors
-from client.privacy import DPSGDRound
+from client.privacy import DPSGDRound, released_count
 from client.task import (
     build_backbone_only,
     build_models,
@@ -91,13 +91,13 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         kept = head_momentum(context, ins) if pfm else None
         if kept:
             seed_momentum(opt, head, kept)
-        private = dp.wrap(backbone, head, opt, people=data.y_train)
+        private = dp.wrap(backbone, head, opt, data)
         res = train_epochs(backbone, head, data.x_train, data.y_train,
                            epochs=ins.local_epochs, batch_size=cfg.batch_size, lr=ins.lr,
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=seed,
                            proximal_mu=ins.proximal_mu, **private)
         save_head(head, context, ins, momentum_of(opt, head) if pfm else None)
-        metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: cid, UNIT_WEIGHT: 1,
+        metrics = {NUM_EXAMPLES: released_count(cfg, data), CLIENT_ID: cid, UNIT_WEIGHT: 1,
                    **dp.account(), TRAIN_LOSS: res.loss, TRAIN_SECONDS: res.seconds,
                    TRAIN_STEPS: res.steps}
         content = RecordDict({ARRAYS: backbone_record(backbone), METRICS: MetricRecord(metrics)})

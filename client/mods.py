@@ -38,6 +38,7 @@ from client.privacy import (
     federation_size,
     private_run,
     private_seeds,
+    released_count,
 )
 from client.task import client_config, client_id, load_client_data
 from fedface.config import RunConfig
@@ -63,6 +64,7 @@ from fedface.protocol import (
     HE_ROUND_PREFIX,
     METRICS,
     MOMENTUM,
+    NODE_HE_KEYS,
     NUM_EXAMPLES,
     TRAIN_STEPS,
     TrainInstructions,
@@ -127,7 +129,7 @@ class ClientMods:
         reply's metrics are cut to :data:`fedface.protocol.DP_RELEASABLE`, and no model
         reaches the validation scoring (its people's scores are an unaccounted release;
         DP-SGD does not even train on them)."""
-        if not private_run(self.config(context)):
+        if not private_run(self.config(context), context.node_config):
             return call_next(msg, context)
         if msg.metadata.message_type == MessageType.EVALUATE:
             models = [k for k in msg.content.array_records if k == ARRAYS or k.startswith(FV_PREFIX)]
@@ -135,8 +137,10 @@ class ClientMods:
         reply = call_next(msg, context)
         if not reply.has_error() and METRICS in reply.content.metric_records:
             metrics = reply.content[METRICS]
-            reply.content[METRICS] = MetricRecord({k: v for k, v in metrics.items()
-                                                   if k in DP_RELEASABLE})
+            kept = {k: v for k, v in metrics.items() if k in DP_RELEASABLE}
+            if msg.metadata.message_type == MessageType.EVALUATE:
+                kept[NUM_EXAMPLES] = 1  # the count of its private validation pairs stays
+            reply.content[METRICS] = MetricRecord(kept)
         return reply
 
     # ------------------------------------------------------------------ central DP
@@ -154,8 +158,9 @@ class ClientMods:
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        seed = private_seeds(context, ins, client_id(context)).of(SEED_CENTRAL_NOISE)
         after = record_numpy(reply.content[ARRAYS])
+        seed = private_seeds(context, ins, client_id(context), cfg.to_dict(), before,
+                             after).of(SEED_CENTRAL_NOISE)
         reply.content[ARRAYS] = numpy_record(central_dp_share(cfg, ins, before, after, seed))
         return reply
 
@@ -166,6 +171,11 @@ class ClientMods:
         before scoring; answer the join, catch-up and release queries."""
         cfg = self.config(context)
         if not cfg.encrypted:
+            if NODE_HE_KEYS in context.node_config:
+                raise PrivacyConfigError(
+                    "this institution sends its updates encrypted only (node config he-keys) "
+                    "and the run does not use encrypted aggregation: refused; run with "
+                    "--he-keys, or start the node without he-keys")
             return call_next(msg, context)
         kind = msg.metadata.message_type
         if kind == MessageType.QUERY:
@@ -198,9 +208,11 @@ class ClientMods:
         if reply.has_error():
             return reply
         metrics = reply.content[METRICS]
-        seed = private_seeds(context, ins, client_id(context)).of(SEED_HE_ROUNDING)
-        record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], start,
-                                   record_numpy(reply.content[ARRAYS]), int(metrics[NUM_EXAMPLES]),
+        after = record_numpy(reply.content[ARRAYS])
+        seed = private_seeds(context, ins, client_id(context), cfg.to_dict(), start,
+                             after).of(SEED_HE_ROUNDING)
+        record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], start, after,
+                                   int(metrics[NUM_EXAMPLES]),
                                    ins.server_round, seed, train_steps=int(metrics[TRAIN_STEPS]))
         reply.content[ARRAYS] = record  # the update leaves encrypted
         reply.content[METRICS] = MetricRecord({**metrics, **extra})
@@ -213,7 +225,7 @@ class ClientMods:
         if config.get(HE_JOIN):
             data = load_client_data(context, str(config.get(DATA_DIR, "")))
             he.join(context, keys, config, msg.content[ARRAYS])
-            metrics = {NUM_EXAMPLES: len(data.y_train), CLIENT_ID: client_id(context)}
+            metrics = {NUM_EXAMPLES: released_count(cfg, data), CLIENT_ID: client_id(context)}
             # The proof binds this node to its ceremony index (and sample count) for the run.
             proof = he.join_proof(keys, config, context.node_id, len(data.y_train))
             return Message(RecordDict({METRICS: MetricRecord(metrics), **proof}), reply_to=msg)

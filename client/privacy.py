@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from client.task import client_id
-from crypto.seeds import derive_seed, load_or_create_secret
+from crypto.seeds import derive_seed, input_digest, load_or_create_secret
 from fedface.config import RunConfig
 from fedface.data.prepare import ClientData
 from fedface.privacy import (
@@ -45,8 +45,10 @@ from fedface.protocol import (
     NODE_DATA_PATH,
     NODE_DP_DELTA,
     NODE_DP_EPSILON,
+    NODE_DP_UNIT,
     NODE_FEDERATION_SIZE,
     NODE_NUM_PARTITIONS,
+    NODE_PARTITION_ID,
     NODE_STATE_DIR,
     TrainInstructions,
 )
@@ -59,10 +61,24 @@ SEED_DP_SAMPLING, SEED_DP_NOISE, SEED_CENTRAL_NOISE, SEED_HE_ROUNDING = (
 CLIENT_FIXED = "client-fixed"  # the central-dp mode in which each client noises its update
 
 
-def private_run(cfg: RunConfig) -> bool:
-    """Whether the run is under DP (DP-SGD or central DP): then nothing outside the
-    accounting leaves this client (:data:`fedface.protocol.DP_RELEASABLE`)."""
-    return cfg.dp_epsilon > 0 or cfg.central_dp != "off"
+def private_run(cfg: RunConfig, node_config=None) -> bool:
+    """Whether this client is under DP: the run asks for DP-SGD or central DP, or the
+    institution's node config sets a DP budget (then even a run without DP, which it
+    refuses to train in, gets no validation score of its people). Nothing outside the
+    accounting then leaves it (:data:`fedface.protocol.DP_RELEASABLE`)."""
+    node = node_config or {}
+    return (cfg.dp_epsilon > 0 or cfg.central_dp != "off" or NODE_DP_EPSILON in node
+            or NODE_DP_DELTA in node or NODE_DP_UNIT in node)
+
+
+def released_count(cfg: RunConfig, data: ClientData) -> int:
+    """The ``num-examples`` this client reports (weights, the encrypted join): its
+    training images, or under person-level DP-SGD its person slots, the count the
+    accounting treats as public (the image count would change with one person's
+    images)."""
+    if cfg.dp_epsilon > 0 and cfg.dp_unit == "person":
+        return int(data.num_classes)
+    return int(len(data.y_train))
 
 
 def _state_file(context: Context, ins: TrainInstructions, cid: int, name: str,
@@ -72,7 +88,10 @@ def _state_file(context: Context, ins: TrainInstructions, cid: int, name: str,
         return Path(str(node[NODE_STATE_DIR])) / name
     if NODE_DATA_PATH in node:
         return Path(str(node[NODE_DATA_PATH]) + suffix)
-    if ins.state_dir:
+    if ins.state_dir and NODE_PARTITION_ID in node:
+        # Simulation only: the run's folder of the simulated institutions. A deployed
+        # node never keeps its budget or secret where the server's instructions say (a
+        # server could point it at a fresh folder and reset the budget).
         return Path(ins.state_dir) / f"client_{cid:03d}_{sim}"
     return None
 
@@ -88,24 +107,31 @@ def secret_path(context: Context, ins: TrainInstructions, cid: int) -> Path | No
 
 class PrivateSeeds:
     """Seeds of this institution's private randomness for one round (see
-    :mod:`crypto.seeds`): ``seeds.of(SEED_DP_NOISE)`` etc. Nothing public determines them."""
+    :mod:`crypto.seeds`): ``seeds.of(SEED_DP_NOISE)`` etc. Nothing public determines them,
+    and each is bound to the digest of the inputs it protects, so noise is never reused
+    on different inputs (another run, another data snapshot)."""
 
-    def __init__(self, secret: bytes, server_round: int) -> None:
+    def __init__(self, secret: bytes, server_round: int, inputs: bytes = b"") -> None:
         self._secret = secret
         self.server_round = int(server_round)
+        self.inputs = inputs
 
     def of(self, purpose: str) -> int:
-        return derive_seed(self._secret, purpose, self.server_round)
+        return derive_seed(self._secret, purpose, self.server_round, self.inputs)
 
 
-def private_seeds(context: Context, ins: TrainInstructions, cid: int) -> PrivateSeeds:
-    """This institution's seeds for the round: its secret from the state folder (drawn
-    from the OS CSPRNG on first use, owner-only), else from the node's memory."""
+def private_seeds(context: Context, ins: TrainInstructions, cid: int,
+                  *inputs) -> PrivateSeeds:
+    """This institution's seeds for the round, bound to ``inputs`` (everything the draws
+    protect: the start model, the data, the settings, or the update to be noised): its
+    secret from the state folder (drawn from the OS CSPRNG on first use, owner-only),
+    else from the node's memory."""
     kept = context.state.config_records.get(SECRET_STATE)
     secret = load_or_create_secret(secret_path(context, ins, cid),
                                    bytes.fromhex(str(kept["hex"])) if kept is not None else None)
     context.state[SECRET_STATE] = ConfigRecord({"hex": secret.hex()})
-    return PrivateSeeds(secret, ins.server_round)
+    digest = input_digest(dict(ins.to_record()), *inputs) if inputs else b""
+    return PrivateSeeds(secret, ins.server_round, digest)
 
 
 def load_ledger(context: Context, ins: TrainInstructions, cid: int) -> PrivacyLedger:
@@ -137,6 +163,12 @@ def check_node_budget(cfg: RunConfig, node_config, plan: DPPlan | None) -> None:
         raise PrivacyConfigError(
             f"this institution allows at most dp-delta={cap_delta:g} (its node config) and the "
             f"run's plan uses delta={plan.delta:g}: set dp-delta={cap_delta:g} or less")
+    unit = str(node_config.get(NODE_DP_UNIT, "") or "")
+    if unit == "person" and (plan is None or plan.unit != "person"):
+        raise PrivacyConfigError(
+            "this institution allows only person-level DP-SGD (node config dp-unit=person) "
+            f"and the run asks for {'no DP-SGD' if plan is None else 'dp-unit=' + plan.unit}: "
+            "run with --set dp-unit=person")
 
 
 def check_sampled_clients(ins: TrainInstructions, federation_size: int) -> None:
@@ -192,15 +224,21 @@ class DPSGDRound:
         self.private: PrivateTraining | None = None
         self.ledger: PrivacyLedger | None = None
 
-    def wrap(self, backbone, head, optimizer, people) -> dict:
+    def wrap(self, backbone, head, optimizer, data: ClientData) -> dict:
         """``train_epochs``' optimizer and private sampling, forward and empty step (the
         plain optimizer without DP-SGD). The momentum buffer only ever sees noised
-        gradients (post-processing)."""
+        gradients (post-processing). The draws are bound to everything the step starts
+        from: settings, start model and head, momentum buffers and the data."""
         if self.plan is None:
             return {"optimizer": optimizer}
         self.ledger = load_ledger(self.context, self.ins, self.cid)
         self.ledger.check_next_round(self.plan)
-        seeds = private_seeds(self.context, self.ins, self.cid)
+        buffers = [optimizer.state[p].get("momentum_buffer") for g in optimizer.param_groups
+                   for p in g["params"]]
+        seeds = private_seeds(self.context, self.ins, self.cid, self.cfg.to_dict(),
+                              backbone.state_dict(), head.state_dict(),
+                              [b for b in buffers if b is not None], data.x_train, data.y_train)
+        people = data.y_train
         self.private = make_private(backbone, head, optimizer, self.plan,
                                     seed=seeds.of(SEED_DP_SAMPLING),
                                     noise_seed=seeds.of(SEED_DP_NOISE),

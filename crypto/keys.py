@@ -75,7 +75,8 @@ def _read_private(path: Path, what: str) -> bytes:
     """The bytes of a key file that is a regular file (not a symbolic link), owned by the
     current user and readable by nobody else; anything else is refused, saying why."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a FIFO in place of a key file is refused below instead of blocking.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise KeyBundleError(f"{what} {path} is missing: run `fedface keys init --out DIR` and "
                              "point he-keys at DIR (or, on a node, at its own folder "
@@ -88,7 +89,7 @@ def _read_private(path: Path, what: str) -> bytes:
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise KeyBundleError(f"{what} {path} is not a regular file")
+            raise KeyBundleError(f"{what} {path} is not a regular file: copy the file itself")
         uid = os.getuid()
         if st.st_uid != uid:
             raise KeyBundleError(f"{what} {path} is owned by uid {st.st_uid}, not by the current "

@@ -21,11 +21,15 @@ used.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -37,18 +41,34 @@ class SecretFileError(ValueError):
     """A secret file that is unreadable, insecure, or of the wrong size."""
 
 
-def _check_private(path: Path) -> None:
-    """Refuse a secret that is a symbolic link, owned by someone else or readable by others."""
-    info = path.lstat()
-    if stat.S_ISLNK(info.st_mode):
-        raise SecretFileError(f"private-randomness secret {path} is a symbolic link: replace it "
-                              "with the file itself (a link can point anywhere)")
-    if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise SecretFileError(f"private-randomness secret {path} is owned by uid {info.st_uid}, "
-                              f"not by this process (uid {os.getuid()}): run the node as its owner")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise SecretFileError(f"private-randomness secret {path} is readable by other users "
-                              f"(mode {oct(stat.S_IMODE(info.st_mode))}): run `chmod 600 {path}`")
+def _read_private(path: Path) -> bytes:
+    """The secret's bytes, read from one descriptor that was checked first: refuse a
+    symbolic link, anything but a regular file (a FIFO would block the node), a file
+    owned by someone else or readable by others."""
+    what = f"private-randomness secret {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        if os.path.islink(path):
+            raise SecretFileError(f"{what} is a symbolic link: replace it with the file itself "
+                                  "(a link can point anywhere)") from None
+        raise SecretFileError(f"{what} cannot be opened ({err.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SecretFileError(f"{what} is not a regular file: replace it with the file")
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise SecretFileError(f"{what} is owned by uid {info.st_uid}, not by this process "
+                                  f"(uid {os.getuid()}): run the node as its owner")
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            raise SecretFileError(f"{what} is readable by other users (mode "
+                                  f"{oct(stat.S_IMODE(info.st_mode))}): run `chmod 600 {path}`")
+        chunks = []
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def load_or_create_secret(path: str | Path | None, kept: bytes | None = None) -> bytes:
@@ -62,8 +82,7 @@ def load_or_create_secret(path: str | Path | None, kept: bytes | None = None) ->
     if path:
         p = Path(path)
         if p.exists() or p.is_symlink():
-            _check_private(p)
-            data = p.read_bytes()
+            data = _read_private(p)
             if len(data) != SECRET_BYTES:
                 raise SecretFileError(f"private-randomness secret {p} holds {len(data)} bytes, "
                                       f"expected {SECRET_BYTES} (truncated or edited): restore "
@@ -86,11 +105,55 @@ def load_or_create_secret(path: str | Path | None, kept: bytes | None = None) ->
     return secret
 
 
-def derive_seed(secret: bytes, purpose: str, server_round: int) -> int:
-    """A 63-bit seed for ``purpose`` in ``server_round``: HKDF-SHA256 of the secret."""
+def input_digest(*parts: Any) -> bytes:
+    """SHA-256 over everything a random draw protects (the exact inputs of the step).
+
+    Takes numpy arrays and tensors (shape, dtype and bytes), mappings (sorted by key),
+    sequences, strings, bytes, numbers, booleans and None. Two calls agree exactly when
+    their inputs are bit for bit the same.
+    """
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
+            x = x.detach().cpu().numpy()
+        if isinstance(x, np.ndarray):
+            a = np.ascontiguousarray(x)
+            h.update(f"A{a.dtype.str}{a.shape}|".encode())
+            h.update(a.tobytes())
+        elif isinstance(x, Mapping):
+            h.update(f"M{len(x)}|".encode())
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}|".encode())
+            for v in x:
+                feed(v)
+        elif isinstance(x, bytes):
+            h.update(b"B%d|" % len(x) + x)
+        elif isinstance(x, (str, int, float, bool, np.generic)) or x is None:
+            h.update(f"S{type(x).__name__}:{x!r}|".encode())
+        else:
+            raise TypeError(f"input_digest cannot digest {type(x).__name__}")
+
+    for part in parts:
+        feed(part)
+    return h.digest()
+
+
+def derive_seed(secret: bytes, purpose: str, server_round: int, inputs: bytes = b"") -> int:
+    """A 63-bit seed for ``purpose`` in ``server_round``: HKDF-SHA256 of the secret, bound
+    to ``inputs`` (an :func:`input_digest` of what the draw protects).
+
+    Binding the draw to its inputs means noise is never reused on *different* data: a
+    second run with the same secret but another start model, config or data snapshot
+    draws independent noise, while the very same inputs (a resumed round) give the very
+    same output, which releases nothing new.
+    """
     if len(secret) != SECRET_BYTES:
         raise SecretFileError(f"a private-randomness secret has {SECRET_BYTES} bytes, got "
                               f"{len(secret)}")
     okm = HKDF(algorithm=hashes.SHA256(), length=8, salt=None,
-               info=_INFO + f"{purpose}|{int(server_round)}".encode()).derive(secret)
+               info=_INFO + f"{purpose}|{int(server_round)}|".encode() + inputs).derive(secret)
     return int.from_bytes(okm, "big") >> 1

@@ -109,6 +109,7 @@ NODE_DATA_PATH = "data-path"
 NODE_STATE_DIR = "state-dir"
 NODE_DP_EPSILON = "dp-epsilon"  # the most epsilon this institution allows a run to spend
 NODE_DP_DELTA = "dp-delta"  # the largest delta it allows
+NODE_DP_UNIT = "dp-unit"  # "person": it allows only person-level DP-SGD
 NODE_FEDERATION_SIZE = "federation-size"  # institutions in the federation, as it knows it
 NODE_HE_KEYS = "he-keys"  # the institution's key folder (encrypted runs)
 NODE_HE_SENDER = "he-sender"  # its index in the key ceremony

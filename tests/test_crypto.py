@@ -1122,3 +1122,14 @@ def test_institutions_decrypt_one_aggregate_per_round(server, clients, deltas):
         he.open_candidates(ctx, clients[0], config, [second], ROUND)
     (again,) = he.open_candidates(ctx, clients[0], config, [first], ROUND)  # a resend is fine
     np.testing.assert_array_equal(again["w"], model["w"])
+
+
+def test_a_fifo_in_place_of_a_key_file_is_refused_without_blocking(tmp_path):
+    import os
+
+    from crypto.keys import KeyBundleError, _read_private
+
+    fifo = tmp_path / "mac.key"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(KeyBundleError, match="not a regular file"):
+        _read_private(fifo, "MAC key")

@@ -150,6 +150,40 @@ def test_dp_noise_comes_from_the_institutions_secret_not_the_run_config(
     assert not (tmp_path / "p1" / "private_randomness.key").exists()
 
 
+def _norm_of_difference(a: dict, b: dict) -> float:
+    return math.sqrt(sum(float(np.square(a[k].astype(np.float64) - b[k]).sum())
+                         for k in a if a[k].dtype.kind == "f"))
+
+
+def test_one_institution_never_reuses_noise_on_different_inputs(tmp_path, client_file,
+                                                                 flower_task):
+    """The same institution (the same secret, as across its runs) trains on a data
+    snapshot that differs in one image. Were the noise reused, the two releases would
+    differ by about one image's clipped contribution and reveal it; the draws are bound
+    to the inputs, so they differ by independent noise, as much as two institutions'."""
+    cfg = _cfg()
+    first = _arrays(_train(cfg, _context(cfg, client_file, tmp_path / "site")))
+    with np.load(client_file) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["x_train"][0] = 255 - arrays["x_train"][0]  # one patient's photo changed
+    changed = tmp_path / "snapshot2.npz"
+    ClientData(arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"]).save(changed)
+    for f in (tmp_path / "site").glob("*"):
+        if not f.name.endswith(".key"):
+            f.unlink()  # a new run: the institution keeps only its secret
+    second = _arrays(_train(cfg, _context(cfg, changed, tmp_path / "site")))
+    independent = _arrays(_train(cfg, _context(cfg, client_file, tmp_path / "other")))
+    reference = _norm_of_difference(first, independent)
+    assert _norm_of_difference(first, second) > 0.5 * reference > 0
+    # The draws themselves: bound to the inputs, not just to the secret and the round.
+    from client.privacy import private_seeds
+
+    ctx = _context(cfg, client_file, tmp_path / "site")
+    ins = TrainInstructions(server_round=1)
+    a, b = (private_seeds(ctx, ins, 7, np.array([x])).of("dp-noise") for x in (1.0, 1.5))
+    assert a != b and private_seeds(ctx, ins, 7, np.array([1.0])).of("dp-noise") == a
+
+
 def test_the_secret_is_owner_only_and_refused_when_exposed(tmp_path):
     path = tmp_path / "s.key"
     first = load_or_create_secret(path)
@@ -257,6 +291,66 @@ def test_the_node_config_caps_what_a_run_may_spend(tmp_path, client_file, flower
     assert "no DP-SGD" in reason(_cfg(dp_epsilon=0.0), **{"dp-epsilon": 4.0})
     assert "at most dp-delta=1e-06" in reason(_cfg(dp_epsilon=4.0), **{"dp-delta": 1e-6})
     assert reason(_cfg(dp_epsilon=4.0), **{"dp-epsilon": 4.0, "dp-delta": 1e-5}) == ""
+    assert "only person-level DP-SGD" in reason(_cfg(dp_epsilon=4.0), **{"dp-unit": "person"})
+    # The server cannot switch off an institution's encryption by leaving he-keys out.
+    assert "encrypted only" in reason(_cfg(dp_epsilon=0.0), **{"he-keys": str(tmp_path)})
+
+
+def _evaluate(cfg: RunConfig, context: Context, record) -> Message:
+    ins = TrainInstructions(server_round=1)
+    msg = Message(RecordDict({ARRAYS: record, CONFIG: ins.to_record()}), dst_node_id=7,
+                  message_type=MessageType.EVALUATE)
+    return build_client_app()(msg, context)
+
+
+def test_an_institution_with_a_budget_scores_nothing_even_in_a_run_without_dp(
+        tmp_path, client_file, flower_task):
+    """The server's probe: a run without DP, which the institution refuses to train in,
+    still sends it models to score on its private validation people. It scores none."""
+    plain = _cfg(dp_epsilon=0.0)
+    model = backbone_record(build_backbone_only(plain))
+    capped = _evaluate(plain, _context(plain, client_file, tmp_path / "c", **{"dp-epsilon": 4.0}),
+                       model)
+    assert not capped.has_error()
+    assert set(capped.content[METRICS].keys()) <= DP_RELEASABLE
+    assert capped.content[METRICS][NUM_EXAMPLES] == 1  # not its count of private pairs
+    free = _evaluate(plain, _context(plain, client_file, tmp_path / "f"), model)
+    assert "val-accuracy" in free.content[METRICS]  # the same client without a cap scores
+
+
+def test_person_level_dp_reports_person_slots_not_image_counts(tmp_path, client_file,
+                                                               flower_task):
+    """The image count changes with one person's images: under dp-unit=person the reply
+    (and the weights it drives) carries the public number of person slots."""
+    person = _cfg(dp_unit="person", batch_size=2)
+    reply = _train(person, _context(person, client_file, tmp_path / "p"))
+    assert not reply.has_error(), reply.error
+    assert reply.content[METRICS][NUM_EXAMPLES] == CLASSES
+    image = _train(_cfg(), _context(_cfg(), client_file, tmp_path / "i"))
+    assert image.content[METRICS][NUM_EXAMPLES] == N
+
+
+def test_a_deployed_node_keeps_its_budget_where_its_own_config_says(tmp_path):
+    """A server naming a fresh state folder in its instructions cannot reset a deployed
+    institution's ledger or secret; only the simulation's nodes use the run's folder."""
+    from client.privacy import ledger_path, secret_path
+
+    ins = TrainInstructions(state_dir=str(tmp_path / "server-chosen"))
+    deployed = Context(run_id=1, node_id=9, node_config={}, state=RecordDict(), run_config={})
+    assert ledger_path(deployed, ins, 9) is None and secret_path(deployed, ins, 9) is None
+    simulated = Context(run_id=1, node_id=9, node_config={"partition-id": 2}, state=RecordDict(),
+                        run_config={})
+    assert ledger_path(simulated, ins, 2) == tmp_path / "server-chosen" / "client_002_privacy.json"
+    own = Context(run_id=1, node_id=9, node_config={"state-dir": str(tmp_path / "own")},
+                  state=RecordDict(), run_config={})
+    assert secret_path(own, ins, 9) == tmp_path / "own" / "private_randomness.key"
+
+
+def test_a_fifo_in_place_of_the_secret_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "s.key"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SecretFileError, match="not a regular file"):
+        load_or_create_secret(fifo)
 
 
 def test_a_client_whose_budget_is_spent_declines_with_a_typed_error(tmp_path, client_file,
@@ -311,11 +405,17 @@ def test_a_sampled_count_larger_than_the_federation_is_refused():
 # ------------------------------------------------------------- central DP
 def test_central_dp_is_accounted_at_the_noise_that_was_aggregated():
     """The reviewer's case: 8 of 8 sampled, noise 1, 16 rounds: 25.9 as reported; with 2
-    replies per round the client-fixed release carries half the noise: 68.6."""
+    replies per round the client-fixed release carries half the noise: 68.6 against the
+    server; a fellow institution, which subtracts its own share, faces one share: 116."""
     assert central_epsilon(1.0, 1.0, 16, 1e-5) == pytest.approx(25.93, abs=0.01)
-    z = effective_noise_multiplier("client-fixed", 1.0, sampled=8, aggregated=2)
+    z = effective_noise_multiplier("client-fixed", 1.0, sampled=8, aggregated=2, insider=False)
     assert z == pytest.approx(0.5)
     assert central_epsilon([z] * 16, 1.0, None, 1e-5) == pytest.approx(68.62, abs=0.01)
+    inside = effective_noise_multiplier("client-fixed", 1.0, sampled=8, aggregated=2)
+    assert inside == pytest.approx(math.sqrt(1 / 8))
+    assert central_epsilon([inside] * 16, 1.0, None, 1e-5) > 110
+    # Even with every institution replying, an insider faces m-1 shares of the noise.
+    assert effective_noise_multiplier("client-fixed", 1.0, 8, 8) == pytest.approx(math.sqrt(7 / 8))
     assert effective_noise_multiplier("server-fixed", 1.0, 8, 2) == pytest.approx(0.25)
     assert effective_noise_multiplier("server-fixed", 1.0, 8, 8) == 1.0
     # Measured: the mean of r client-fixed shares carries std z C sqrt(r/m) / r.

@@ -86,7 +86,7 @@ def central_epsilon(noise_multiplier: float | list[float], sample_rate: float,
 
 
 def effective_noise_multiplier(mode: str, noise_multiplier: float, sampled: int,
-                               aggregated: int) -> float:
+                               aggregated: int, insider: bool = True) -> float:
     """The noise multiplier a release really carries when ``aggregated`` of the
     ``sampled`` clients the noise was calibrated for made it into the mean.
 
@@ -94,17 +94,20 @@ def effective_noise_multiplier(mode: str, noise_multiplier: float, sampled: int,
       sensitivity to one client is ``C / r``: ``z_eff = z r / m``.
     - ``client-fixed``: each of the ``r`` replies carries std ``z C / sqrt(m)``, so their
       sum carries ``z C sqrt(r / m)`` against a sensitivity of ``C``:
-      ``z_eff = z sqrt(r / m)``.
+      ``z_eff = z sqrt(r / m)`` against the server and anyone who sees the model. A fellow
+      institution (``insider=True``, the default: it decrypts every aggregate) knows its
+      own share and subtracts it: ``z_eff = z sqrt((r - 1) / m)``.
 
-    With every sampled client in the mean both equal ``z``; with fewer, less noise
-    protects each of them, and the epsilon must be accounted at ``z_eff``.
+    With every sampled client in the mean the server-side figure equals ``z``; with
+    fewer, less noise protects each of them, and the epsilon must be accounted at
+    ``z_eff``.
     """
     if sampled <= 0 or aggregated <= 0:
         return float(noise_multiplier)
-    ratio = min(1.0, aggregated / sampled)
     if mode == "client-fixed":
-        return float(noise_multiplier) * math.sqrt(ratio)
-    return float(noise_multiplier) * ratio
+        others = aggregated - 1 if insider else aggregated
+        return float(noise_multiplier) * math.sqrt(max(others, 0) / sampled)
+    return float(noise_multiplier) * min(1.0, aggregated / sampled)
 
 
 def central_delta(num_clients: int, delta: float = 0.0) -> float:
