@@ -39,6 +39,7 @@ from fedface.privacy import (
     plan_for_run,
 )
 from fedface.protocol import (
+    DATA_DIR,
     DP_DELTA,
     DP_EPSILON_SPENT,
     DP_NOISE,
@@ -50,6 +51,7 @@ from fedface.protocol import (
     NODE_NUM_PARTITIONS,
     NODE_PARTITION_ID,
     NODE_STATE_DIR,
+    STATE_DIR,
     TrainInstructions,
 )
 
@@ -130,7 +132,11 @@ def private_seeds(context: Context, ins: TrainInstructions, cid: int,
     secret = load_or_create_secret(secret_path(context, ins, cid),
                                    bytes.fromhex(str(kept["hex"])) if kept is not None else None)
     context.state[SECRET_STATE] = ConfigRecord({"hex": secret.hex()})
-    digest = input_digest(dict(ins.to_record()), *inputs) if inputs else b""
+    # The round's instructions without where things are stored: a resumed run keeps its
+    # state in another folder and must still replay its rounds bit for bit.
+    where = {DATA_DIR, STATE_DIR}
+    settings = {k: v for k, v in ins.to_record().items() if k not in where}
+    digest = input_digest(settings, *inputs) if inputs else b""
     return PrivateSeeds(secret, ins.server_round, digest)
 
 

@@ -19,7 +19,7 @@ from fedface.config import RunConfig
 from fedface.data.partition import verification_pairs
 from fedface.data.prepare import prepare
 from fedface.metrics import RunRecorder, finalize_run
-from fedface.models import build_head
+from fedface.models import build_head, initial_backbone
 from fedface.progress import ProgressFn
 from fedface.training import (
     cosine_lr,
@@ -59,8 +59,8 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from client.app import build_client_app
+    from fedface.privacy import check_privacy
     from server.app import build_server_app
-    from server.loop import check_privacy
 
     # Prepare (align, partition) and check DP budgets before the engine starts, so
     # failures surface early and the progress bar is not interleaved with its start-up.
@@ -97,8 +97,6 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
 
 def run_centralized(cfg: RunConfig, progress: ProgressFn | None = None) -> dict:
     """Pooled training of the same backbone on all institutions' data (the baseline)."""
-    from server.loop import initial_backbone
-
     t_start = time.time()
     data = prepare(cfg, progress=progress)
     pooled = data.load_pooled()

@@ -1,1 +1,2 @@
-"""fedface server side: the ServerApp, the round loop and aggregation strategies."""
+"""fedface server side: the ServerApp, the round loop, the strategies' round lifecycle,
+reply screening, aggregation strategies (plaintext and encrypted) and checkpoints."""

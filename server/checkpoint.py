@@ -1,10 +1,11 @@
 """Checkpoints of a federated run: written every round, atomically, and resumable.
 
 ``OUT/checkpoint.pt`` holds the round number, the global backbone, the strategy's state
-(momentum, FV weights, optimizer moments), the RNG states of this process, the run
-config and the metrics recorded so far. It is written to a temporary file and renamed,
-so a run stopped at any moment leaves either the previous or the new checkpoint, never
-a torn one. ``fedface train --resume OUT`` continues from it.
+(its ``state_dict()``: momentum, optimizer moments, clip; and FV's weights), the RNG
+states of this process, the run config and the metrics recorded so far. It is written
+to a temporary file and renamed, so a run stopped at any moment leaves either the
+previous or the new checkpoint, never a torn one. ``fedface train --resume OUT``
+continues from it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import torch
 from fedface.io import atomic_write, load_torch
 
 CHECKPOINT = "checkpoint.pt"
-FORMAT = "fedface-checkpoint/1"
+FORMAT = "fedface-checkpoint/2"
+# Format 1 saved the strategy's state as a walk over its attributes, each value wrapped
+# as {"kind": ..., "value": ...}; it holds the same values as a format-2 state_dict.
+FORMAT_1 = "fedface-checkpoint/1"
 # Settings that may differ between the stopped run and its resumption.
 RESUMABLE_CHANGES = {"rounds", "out", "round_timeout", "eval_every", "cache_dir", "pause_after"}
 
@@ -77,6 +81,12 @@ def _text(path: Path) -> str:
         return ""
 
 
+def _unwrap(state: dict) -> dict:
+    """A format-1 strategy state as the ``state_dict`` it holds."""
+    return {name: _unwrap(item["value"]) if item["kind"] == "strategy" else item["value"]
+            for name, item in state.items()}
+
+
 def load_checkpoint(out_dir: str | Path) -> dict[str, Any]:
     """Read a checkpoint; a missing or foreign file gets a message saying what to do."""
     path = Path(out_dir) / CHECKPOINT
@@ -88,10 +98,12 @@ def load_checkpoint(out_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"No checkpoint in {out_dir}: --resume needs the --out folder "
                                 "of a run that completed at least one round")
     blob = load_torch(path, "checkpoint", "start the run again (the checkpoint is torn)")
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") not in (FORMAT, FORMAT_1):
         raise ValueError(f"{path} is not a fedface checkpoint (expected {FORMAT})")
     blob["arrays"] = _arrays(blob["arrays"])
     blob["strategy"] = _arrays(blob["strategy"])
+    if blob["format"] == FORMAT_1:
+        blob["strategy"]["strategy"] = _unwrap(blob["strategy"]["strategy"])
     return blob
 
 

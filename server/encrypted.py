@@ -45,6 +45,7 @@ weights that divide it are the authenticated metadata of exactly those clients.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import secrets
 from collections.abc import Iterable
 
@@ -55,6 +56,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from crypto.envelope import Envelope, EnvelopeError, from_record, to_record
 from crypto.keys import ServerKeys
+from crypto.packing import float_keys
 from crypto.update import (
     JOIN_PROOF,
     SCALE,
@@ -67,25 +69,38 @@ from crypto.update import (
 from fedface.protocol import (
     ARRAYS,
     CONFIG,
+    DATA_DIR,
+    HE_BYTES,
     HE_CATCH_UP,
+    HE_CLIENTS,
+    HE_CLIPPED,
     HE_COMMIT_INDEX,
     HE_COMMIT_ROUND,
     HE_FINGERPRINT,
     HE_JOIN,
     HE_RELEASE,
+    HE_ROUND,
     HE_ROUND_PREFIX,
     HE_RUN,
     HE_WEIGHT_REF,
     METRICS,
+    NODE_HE_SENDER,
     NUM_EXAMPLES,
+    STATE_DIR,
     UNIT_WEIGHT,
-    error_reason,
+    TrainInstructions,
+    record_numpy,
 )
-from server.validation import Screening
+from server.lifecycle import Lifecycle, RoundHost
+from server.screening import Screening, reply_error
 
 
-class EncryptedFedAvg(FedAvg):
+class EncryptedFedAvg(Lifecycle, FedAvg):
     """FedAvg (and PFM, FedProx) over homomorphically encrypted updates.
+
+    Its round lifecycle (:class:`server.lifecycle.Lifecycle`) is the protocol above:
+    :meth:`join`, :meth:`screen` (envelopes), :meth:`commit`, :meth:`catch_up` and
+    :meth:`release`; the server holds no plaintext model to test or checkpoint.
 
     Parameters
     ----------
@@ -113,7 +128,7 @@ class EncryptedFedAvg(FedAvg):
         self.proximal_mu = float(proximal_mu)
         self.run_id = secrets.token_hex(8)
         self.weight_ref = 0
-        self.commit = (0, 0)  # (round, candidate) every client must hold before the next step
+        self.commit_point = (0, 0)  # (round, candidate) every client must hold before the next step
         self.round_lr = 0.0
         self.keep_rounds = int(keep_rounds)
         self.history: dict[int, ArrayRecord] = {}  # committed aggregate of each recent round
@@ -121,6 +136,8 @@ class EncryptedFedAvg(FedAvg):
         self.members: set[int] = set()  # nodes that joined the run
         self.bound: dict[int, int] = {}  # node -> the ceremony index it proved at join
         self.dirs: dict[str, str] = {}  # data-dir / state-dir of the join (for the release)
+        self.summary: dict = {}  # run metadata: scheme, packing, keys, the join (no secrets)
+        self.caught_up: list[dict] = []  # this round's catch-up events
         # Envelopes verified by screen(), by record: aggregate_train does not hash and
         # check them again.
         self._verified: dict[int, tuple[int, ArrayRecord, Envelope]] = {}
@@ -140,10 +157,12 @@ class EncryptedFedAvg(FedAvg):
         config[HE_RUN] = self.run_id
         config[HE_FINGERPRINT] = self.keys.fingerprint
         config[HE_WEIGHT_REF] = int(self.weight_ref)
-        config[HE_COMMIT_ROUND], config[HE_COMMIT_INDEX] = self.commit
-        config["pfm-beta"] = self.pfm_beta
-        config["proximal-mu"] = self.proximal_mu
+        config[HE_COMMIT_ROUND], config[HE_COMMIT_INDEX] = self.commit_point
         return config
+
+    def instruct(self, ins: TrainInstructions) -> TrainInstructions:
+        """PFM's momentum coefficient and FedProx's proximal weight, for the clients."""
+        return dataclasses.replace(ins, pfm_beta=self.pfm_beta, proximal_mu=self.proximal_mu)
 
     def _query(self, grid: Grid, nodes: list[int], content: RecordDict, timeout: float
                ) -> list[Message]:
@@ -153,9 +172,10 @@ class EncryptedFedAvg(FedAvg):
 
     def join(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> dict:
         """Send the public initial model; check every node's key and ceremony index (the
-        node is bound to it); agree on weights from the proven sample counts."""
+        node is bound to it); agree on weights from the proven sample counts. Returns the
+        run's ``encryption`` metadata (:meth:`summary_record`)."""
         nodes = sorted(grid.get_node_ids())
-        self.dirs = {k: str(config[k]) for k in ("data-dir", "state-dir") if k in config}
+        self.dirs = {k: str(config[k]) for k in (DATA_DIR, STATE_DIR) if k in config}
         config = self.he_config(config)
         config[HE_JOIN] = True
         replies = self._query(grid, nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), timeout)
@@ -163,7 +183,8 @@ class EncryptedFedAvg(FedAvg):
         for m in replies:
             node = int(m.metadata.src_node_id)
             if m.has_error():
-                excluded.append({"node": node, "reason": error_reason(m)})
+                code, reason = reply_error(m)
+                excluded.append({"node": node, "code": code, "reason": reason})
                 continue
             try:
                 proof = m.content.config_records.get(JOIN_PROOF)
@@ -178,7 +199,7 @@ class EncryptedFedAvg(FedAvg):
                 who = ", ".join(str(n) for n, _ in claimants)
                 excluded += [{"node": n, "reason": f"join refused: nodes {who} all prove ceremony "
                               f"index {sender}; each institution joins once, under its own "
-                              "he-sender"} for n, _ in claimants]
+                              f"{NODE_HE_SENDER}"} for n, _ in claimants]
                 continue
             (node, count), = claimants
             self.bound[node] = sender
@@ -193,15 +214,25 @@ class EncryptedFedAvg(FedAvg):
                                f"institutions joined, min-train-nodes={self.min_train_nodes}. "
                                f"{reasons}")
         self.weight_ref = max(counts) if self.weighted_by_key == NUM_EXAMPLES else 0
-        return {"nodes": len(nodes), "joined": len(counts), "join_excluded": excluded,
-                "weight_ref": self.weight_ref, "fingerprint": self.keys.fingerprint,
-                "generation": self.keys.generation,
-                "senders": {str(n): k for n, k in sorted(self.bound.items())}}
+        self.summary = self.summary_record(record_numpy(arrays), {
+            "nodes": len(nodes), "joined": len(counts), "join_excluded": excluded,
+            "weight_ref": self.weight_ref, "fingerprint": self.keys.fingerprint,
+            "generation": self.keys.generation,
+            "senders": {str(n): k for n, k in sorted(self.bound.items())}})
+        return {"encryption": self.summary}
+
+    def summary_record(self, model: dict[str, np.ndarray], joined: dict) -> dict:
+        """Run metadata of encrypted aggregation: scheme, packing, keys (no secrets)."""
+        params = self.keys.context.params
+        layout = self.quantization.layout(sum(model[k].size for k in float_keys(model)),
+                                          self.keys)
+        return {**joined, "params": params.to_dict(), "layout": layout.to_dict(),
+                "ciphertexts_per_update": layout.ciphertexts, "step": layout.step}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Ask sampled clients to train from their copy of the global model (no arrays sent)."""
-        self.round_lr = float(config["lr"])
+        self.round_lr = float(TrainInstructions.from_record(config).lr)
         return super().configure_train(server_round, ArrayRecord(), self.he_config(config), grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -210,18 +241,16 @@ class EncryptedFedAvg(FedAvg):
         return super().configure_evaluate(server_round, arrays, self.he_config(config), grid)
 
     # ----------------------------------------------------------------- screening
-    def screen(self, replies: list[Message], server_round: int) -> Screening:
+    def screen(self, replies: list[Message], server_round: int,
+               reference: ArrayRecord | None = None) -> Screening:
         """Keep replies whose update envelope verifies, comes from the sender the node
         proved at join, and is the first of its sender this round; the others are
-        excluded with the reason."""
+        excluded with the reason. (There is no plaintext ``reference`` to check.)"""
         out = Screening()
         self._verified = {}
         seen: dict[int, int] = {}  # sender -> node whose envelope was kept
-        for msg in replies:
+        for msg in out.usable(replies):
             node = int(msg.metadata.src_node_id)
-            if msg.has_error():
-                out.excluded.append({"node": node, "reason": f"client error: {error_reason(msg)}"})
-                continue
             try:
                 if ARRAYS not in msg.content.array_records or METRICS not in msg.content.metric_records:
                     raise EnvelopeError("reply lacks its update envelope or metrics")
@@ -301,46 +330,71 @@ class EncryptedFedAvg(FedAvg):
                           max_units=self.quantization.max_clients * self.quantization.max_multiplier,
                           meta={"lr": self.round_lr, "steps": float(steps or 1.0),
                                 "pfm_beta": self.pfm_beta})
-        metrics = MetricRecord({"he-clients": len(updates),
-                                "he-bytes": int(sum(len(c) for c in env.chunks))})
+        metrics = MetricRecord({HE_CLIENTS: len(updates),
+                                HE_BYTES: int(sum(len(c) for c in env.chunks))})
         return to_record(env), metrics
 
-    def committed(self, server_round: int, index: int, aggregate: ArrayRecord) -> None:
-        """Record the candidate clients commit for ``server_round`` (kept for catch-up)."""
-        self.commit = (server_round, index)
-        self.history[server_round] = aggregate
+    def global_arrays(self, aggregate: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+        """The aggregate envelope, as it is: clients decrypt it into the global model."""
+        return aggregate
+
+    # ----------------------------------------------------------------- after the round
+    def commit(self, server_round: int, index: int, arrays: ArrayRecord,
+               missed: set[int]) -> None:
+        """Clients commit candidate ``index`` of ``server_round`` with the next message
+        (the aggregate is kept for catch-up); members in ``missed`` catch up next round."""
+        self.commit_point = (server_round, index)
+        self.history[server_round] = arrays
         for r in sorted(self.history)[:-self.keep_rounds]:
             del self.history[r]
+        self.lagging |= set(missed) & self.members
 
-    def missed(self, nodes: set[int]) -> None:
-        """Nodes that missed an exchange; members among them catch up next round."""
-        self.lagging |= set(nodes) & self.members
+    def round_record(self, host: RoundHost, server_round: int, arrays: ArrayRecord,
+                     good: list[Message]) -> dict:
+        """The round's ``encryption`` figures (plaintext metadata only): the server holds
+        only the aggregate ciphertext, so there is no plaintext model to test."""
+        meta = aggregate_meta(arrays)
+        clipped = [float(m.content[METRICS].get(HE_CLIPPED, 0.0)) for m in good]
+        record = {"clients": meta["count"], "multipliers": meta["multipliers"],
+                  "weight_sum": round(meta["weight_sum"], 6),
+                  "clipped_max": round(max(clipped, default=0.0), 6)}
+        if self.caught_up:
+            record["caught_up"] = self.caught_up
+        return {"encryption": record}
 
-    def catch_up(self, grid: Grid, timeout: float) -> list[dict]:
-        """Send the lagging nodes the committed aggregates they missed; who caught up."""
+    def checkpoint(self, host: RoundHost, server_round: int, arrays: ArrayRecord) -> None:
+        """None: the server holds no plaintext model (resuming is refused, RunConfig)."""
+
+    def catch_up(self, grid: Grid, timeout: float) -> None:
+        """Send the lagging nodes the committed aggregates they missed; who caught up goes
+        into the round's record."""
+        self.caught_up = []
         if not self.lagging or not self.history:
-            return []
+            return
         content = RecordDict({CONFIG: self.he_config(ConfigRecord({HE_CATCH_UP: True}))})
         for r, record in self.history.items():
             content[f"{HE_ROUND_PREFIX}{r:05d}"] = record
-        events = []
         for node in sorted(self.lagging):
             reply = self._query(grid, [node], content, timeout)
             if reply and not reply[0].has_error():
                 self.lagging.discard(node)
-                events.append({"node": node, "caught_up_to": int(reply[0].content[METRICS]["he-round"])})
+                self.caught_up.append({"node": node,
+                                       "caught_up_to": int(reply[0].content[METRICS][HE_ROUND])})
+            elif reply:
+                code, reason = reply_error(reply[0])
+                self.caught_up.append({"node": node, "code": code, "reason": reason})
             else:
-                events.append({"node": node, "reason": error_reason(reply[0]) if reply
-                               else "no reply"})
-        return events
+                self.caught_up.append({"node": node, "reason": "no reply"})
 
     def _is_verified(self, record: ArrayRecord, server_round: int) -> bool:
         """Whether screen() verified ``record`` (this very object) for ``server_round``."""
         hit = self._verified.get(id(record))
         return hit is not None and hit[0] == server_round and hit[1] is record
 
-    def release(self, grid: Grid, timeout: float) -> tuple[ArrayRecord, int]:
-        """The final model in plaintext from the first institution that returns it."""
+    def release(self, grid: Grid, arrays: ArrayRecord, timeout: float
+                ) -> tuple[ArrayRecord, dict]:
+        """The final model in plaintext from the first institution that returns it, and
+        the run's ``encryption`` metadata saying which one."""
         # The join's folders let an institution find its data and DP ledger (its check of
         # an early release after a budget stop).
         config = self.he_config(ConfigRecord({HE_RELEASE: True, **self.dirs}))
@@ -348,8 +402,11 @@ class EncryptedFedAvg(FedAvg):
         for node in sorted(grid.get_node_ids()):
             reply = self._query(grid, [node], RecordDict({CONFIG: config}), timeout)
             if reply and not reply[0].has_error() and ARRAYS in reply[0].content.array_records:
-                return reply[0].content[ARRAYS], node
-            problems.append(f"node {node}: {error_reason(reply[0]) if reply else 'no reply'}")
+                return reply[0].content[ARRAYS], {"encryption": {**self.summary,
+                                                                 "released_by_node": node}}
+            why = reply_error(reply[0])[1] if reply and reply[0].has_error() else (
+                "no model in the reply" if reply else "no reply")
+            problems.append(f"node {node}: {why}")
         raise RuntimeError("No institution released the final model: " + "; ".join(problems[:5]))
 
 

@@ -11,6 +11,9 @@ Candidates are a softmax-temperature family over the clients' sample counts,
 ``tau = 0`` uniform, and the search keeps the last chosen ``tau`` and tries its
 neighbours ``tau +/- step``, so the weighting can drift towards what validates best.
 The number of candidates per round (the budget) bounds the extra evaluation bytes.
+
+Without FV the round loop runs :class:`SingleCandidate`: the strategy's own aggregate is
+the one candidate, so the loop has one path.
 """
 
 from __future__ import annotations
@@ -22,7 +25,35 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 
-from fedface.protocol import METRICS, NUM_EXAMPLES, weighted_metric
+from fedface.protocol import METRICS, NUM_EXAMPLES, score_key, weighted_metric
+
+
+class SingleCandidate:
+    """No federated validation: one candidate, the strategy's own aggregate (no copy)."""
+
+    def aggregate_candidates(self, strategy: Strategy, server_round: int,
+                             replies: list[Message]) -> list[dict]:
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        return [{"arrays": arrays, "strategy": strategy}]
+
+    @staticmethod
+    def scores(eval_replies: list[Message], n_candidates: int) -> list[float | None]:
+        return [weighted_metric(eval_replies, score_key(0))]
+
+    def choose(self, scores: list[float | None]) -> int:
+        return 0
+
+    def chosen(self, candidate: dict) -> None:
+        """Nothing to learn from the choice."""
+
+    def round_record(self, candidates: list[dict], scores: list, best: int) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Nothing kept."""
 
 
 @dataclass
@@ -90,8 +121,7 @@ class FederatedValidation:
     @staticmethod
     def scores(eval_replies: list[Message], n_candidates: int) -> list[float | None]:
         """Sample-weighted validation accuracy of each candidate (index 0 = ``arrays``)."""
-        return [weighted_metric(eval_replies, "val-accuracy" if i == 0 else f"fv-{i}-accuracy")
-                for i in range(n_candidates)]
+        return [weighted_metric(eval_replies, score_key(i)) for i in range(n_candidates)]
 
     def choose(self, scores: list[float | None]) -> int:
         """Index of the best candidate (ties and missing scores favour sample count)."""
@@ -100,6 +130,19 @@ class FederatedValidation:
             if s is not None and s > best_score + 1e-12:
                 best, best_score = i, s
         return best
+
+    def chosen(self, candidate: dict) -> None:
+        """The search goes on around the chosen candidate's temperature."""
+        self.tau = candidate["tau"]
+        self.history.append(candidate["tau"])
+
+    @staticmethod
+    def round_record(candidates: list[dict], scores: list, best: int) -> dict:
+        """The round's ``fv`` record: every candidate's weights and score, the choice."""
+        return {"fv": {"candidates": [
+            {"name": c["name"], "tau": c["tau"], "score": s,
+             "weights": [round(float(w), 4) for w in c["weights"]]}
+            for c, s in zip(candidates, scores)], "chosen": candidates[best]["name"]}}
 
     def state(self) -> dict:
         return {"tau": self.tau, "history": list(self.history)}

@@ -1,42 +1,97 @@
 """Aggregation strategies by name.
 
 ``build_strategy(cfg)`` returns a ``flwr.serverapp.strategy`` object configured for the
-run: Flower's ``fedavg``, ``fedavgm``, ``fedadam`` and ``fedprox``, and fedface's
-:class:`PFM` (partially federated momentum). Federated validation (``--fv``) works on
-top of any of them (see :mod:`server.fv`).
+run: Flower's ``fedavg``, ``fedavgm``, ``fedadam`` and ``fedprox``, fedface's
+:class:`PFM` (partially federated momentum), optionally inside one of Flower's
+server-side central-DP wrappers. Each is the Flower class with fedface's round
+lifecycle in front (:class:`server.lifecycle.Lifecycle`: screening, test evaluation,
+checkpoints) and its learnt state saved and restored explicitly (``state_dict`` /
+``load_state_dict``). Federated validation (``--fv``) works on top of any of them (see
+:mod:`server.fv`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedProx,
-    Strategy,
-)
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedface import momentum as pfm
 from fedface.config import RunConfig
+from fedface.privacy import sampled_clients
 from fedface.protocol import (
     ARRAYS,
     CONFIG,
     MOMENTUM,
     NUM_EXAMPLES,
+    TRAIN_STEPS,
     UNIT_WEIGHT,
+    TrainInstructions,
     numpy_record,
+    record_numpy,
     weighted_metric,
 )
+from server.lifecycle import Lifecycle, check_state
 
 
-class PFM(FedAvg):
+def _arrays(value) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in value.items()}
+
+
+class FedAvg(Lifecycle, flwr_strategy.FedAvg):
+    """Flower's FedAvg (no state of its own)."""
+
+
+class FedProx(Lifecycle, flwr_strategy.FedProx):
+    """Flower's FedProx: asks clients for the proximal term."""
+
+    def instruct(self, ins: TrainInstructions) -> TrainInstructions:
+        return dataclasses.replace(ins, proximal_mu=self.proximal_mu)
+
+
+class FedAvgM(Lifecycle, flwr_strategy.FedAvgM):
+    """Flower's FedAvgM. State: its own copy of the global model (kept in the dtypes its
+    step produced) and the server momentum."""
+
+    def momentum_norm(self) -> float | None:
+        vec = self.momentum_vector
+        return None if vec is None else pfm.norm(dict(enumerate(vec)))
+
+    def state_dict(self) -> dict:
+        state = {}
+        if self.current_arrays is not None:
+            state["current_arrays"] = record_numpy(self.current_arrays)
+        if self.momentum_vector is not None:
+            state["momentum_vector"] = list(self.momentum_vector)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(self, state, ("current_arrays", "momentum_vector"))
+        arrays, vec = state.get("current_arrays"), state.get("momentum_vector")
+        self.current_arrays = None if arrays is None else numpy_record(arrays)
+        self.momentum_vector = None if vec is None else [np.asarray(v) for v in vec]
+
+
+class FedAdam(Lifecycle, flwr_strategy.FedAdam):
+    """Flower's FedAdam. State: the first and second moments (and the model of the
+    round, which ``configure_train`` sets again)."""
+
+    def state_dict(self) -> dict:
+        return {name: dict(value) for name in ("current_arrays", "m_t", "v_t")
+                if (value := getattr(self, name))}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(self, state, ("current_arrays", "m_t", "v_t"))
+        self.current_arrays, self.m_t, self.v_t = (
+            _arrays(state[n]) if n in state else None for n in ("current_arrays", "m_t", "v_t"))
+
+
+class PFM(Lifecycle, flwr_strategy.FedAvg):
     """Partially federated momentum (Bai et al., arXiv 2105.02501; our reading).
 
     The server keeps the equivalent global momentum over the federated backbone only,
@@ -66,15 +121,14 @@ class PFM(FedAvg):
         self.current_arrays: dict[str, np.ndarray] | None = None
         self.round_lr: float = 0.0
 
-    def summary(self) -> None:
-        super().summary()
+    def instruct(self, ins: TrainInstructions) -> TrainInstructions:
+        return dataclasses.replace(ins, pfm_beta=self.beta)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Send the backbone, the round's config with ``pfm-beta``, and the momentum."""
-        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
-        self.round_lr = float(config["lr"])
-        config["pfm-beta"] = self.beta
+        """Send the backbone, the round's config and the momentum."""
+        self.current_arrays = record_numpy(arrays)
+        self.round_lr = float(TrainInstructions.from_record(config).lr)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.momentum:
             record = numpy_record(self.momentum)
@@ -90,10 +144,10 @@ class PFM(FedAvg):
         if agg is None or self.current_arrays is None:
             return agg, metrics
         before = self.current_arrays
-        mean = {k: a.numpy() for k, a in agg.items()}
+        mean = record_numpy(agg)
         # The momentum describes the clients' own steps: it is estimated from the plain
         # average, before any server step size is applied.
-        steps = weighted_metric(replies, "train-steps", self.weighted_by_key) or 1.0
+        steps = weighted_metric(replies, TRAIN_STEPS, self.weighted_by_key) or 1.0
         self.momentum = pfm.momentum_update(self.momentum, before, mean, self.round_lr,
                                             max(steps, 1.0), self.beta)
         after = mean
@@ -101,6 +155,53 @@ class PFM(FedAvg):
             after = {k: (before[k] - self.server_learning_rate * (before[k] - v)).astype(v.dtype)
                      if v.dtype.kind == "f" else v for k, v in mean.items()}
         return numpy_record(after), metrics
+
+    def momentum_norm(self) -> float | None:
+        return None if self.momentum is None else pfm.norm(self.momentum)
+
+    def state_dict(self) -> dict:
+        state = {name: dict(value) for name in ("momentum", "current_arrays")
+                 if (value := getattr(self, name))}
+        return {**state, "round_lr": self.round_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(self, state, ("momentum", "current_arrays", "round_lr"))
+        self.momentum, self.current_arrays = (
+            _arrays(state[n]) if n in state else None for n in ("momentum", "current_arrays"))
+        self.round_lr = float(state.get("round_lr", 0.0))
+
+
+class _ServerSideDP(Lifecycle):
+    """Flower's server-side central-DP wrappers: the inner strategy's asks, momentum and
+    state, with the wrapper's own (its model of the round and its clip, which adaptive
+    clipping moves)."""
+
+    def instruct(self, ins: TrainInstructions) -> TrainInstructions:
+        return self.strategy.instruct(ins)
+
+    def momentum_norm(self) -> float | None:
+        return self.strategy.momentum_norm()
+
+    def state_dict(self) -> dict:
+        return {"strategy": self.strategy.state_dict(),
+                "current_arrays": record_numpy(self.current_arrays),
+                "clipping_norm": float(self.clipping_norm)}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(self, state, ("strategy", "current_arrays", "clipping_norm"))
+        self.strategy.load_state_dict(state.get("strategy", {}))
+        self.current_arrays = numpy_record(state.get("current_arrays", {}))
+        self.clipping_norm = float(state.get("clipping_norm", self.clipping_norm))
+
+
+class ServerSideFixedClipping(_ServerSideDP,
+                              flwr_strategy.DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping around a fedface strategy."""
+
+
+class ServerSideAdaptiveClipping(_ServerSideDP,
+                                 flwr_strategy.DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping around a fedface strategy."""
 
 
 def _common(cfg: RunConfig) -> dict:
@@ -111,12 +212,6 @@ def _common(cfg: RunConfig) -> dict:
                 min_train_nodes=min(cfg.min_train_nodes, n),
                 min_evaluate_nodes=min(cfg.min_train_nodes, n), min_available_nodes=n,
                 weighted_by_key=weights, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
-
-
-def sampled_clients(cfg: RunConfig) -> int:
-    """Clients asked to train each round (Flower's FedAvg sampling rule)."""
-    n = cfg.num_clients
-    return min(n, max(int(n * cfg.fraction_train), min(cfg.min_train_nodes, n)))
 
 
 STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
@@ -142,17 +237,19 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     strategy = factory(cfg)
     m = sampled_clients(cfg)
     if cfg.central_dp == "server-fixed":
-        strategy = DifferentialPrivacyServerSideFixedClipping(
+        strategy = ServerSideFixedClipping(
             strategy, noise_multiplier=cfg.central_dp_noise, clipping_norm=cfg.central_dp_clip,
             num_sampled_clients=m)
     elif cfg.central_dp == "server-adaptive":
         # The clipped-count's noise must exceed half the multiplier for the pair (count,
         # model) to compose to it (Andrew et al. 2021); Flower's default m/20 does not
         # for small federations (8 clients at noise 1 was refused).
-        strategy = DifferentialPrivacyServerSideAdaptiveClipping(
+        strategy = ServerSideAdaptiveClipping(
             strategy, noise_multiplier=cfg.central_dp_noise, num_sampled_clients=m,
             initial_clipping_norm=cfg.central_dp_clip,
             clipped_count_stddev=max(m / 20, cfg.central_dp_noise))
+    strategy.max_update_ratio = cfg.max_update_ratio
+    strategy.private_updates = cfg.central_dp.startswith("server-")
     return strategy
 
 
@@ -166,47 +263,3 @@ def encrypted_strategy(cfg: RunConfig) -> Strategy:
         load_server_keys(cfg.he_keys), Quantization.from_config(cfg),
         pfm_beta=cfg.pfm_beta if cfg.strategy == "pfm" else 0.0,
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, **_common(cfg))
-
-
-def inner_strategy(strategy: Strategy) -> Strategy:
-    """The aggregation strategy inside a DP wrapper (or the strategy itself)."""
-    inner = getattr(strategy, "strategy", None)
-    return inner if isinstance(inner, Strategy) else strategy
-
-
-# ---------------------------------------------------------------- state for checkpoints
-def strategy_state(strategy: Strategy) -> dict:
-    """The strategy's learned state (momenta, Adam moments, current weights) as arrays.
-
-    Collects every attribute holding arrays: an ``ArrayRecord``, a dict of arrays or a
-    list of arrays; configuration scalars are rebuilt from the run config on resume.
-    """
-    state = {}
-    for name, value in vars(strategy).items():
-        if isinstance(value, Strategy):  # a DP wrapper's inner strategy
-            state[name] = {"kind": "strategy", "value": strategy_state(value)}
-        elif isinstance(value, ArrayRecord):
-            state[name] = {"kind": "arrayrecord", "value": {k: a.numpy() for k, a in value.items()}}
-        elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
-            state[name] = {"kind": "dict", "value": dict(value)}
-        elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
-            state[name] = {"kind": "list", "value": list(value)}
-        elif isinstance(value, float) and name in ("round_lr", "clipping_norm"):
-            state[name] = {"kind": "float", "value": value}
-    return state
-
-
-def load_strategy_state(strategy: Strategy, state: dict) -> None:
-    """Restore what :func:`strategy_state` saved."""
-    for name, item in state.items():
-        kind, value = item["kind"], item["value"]
-        if kind == "strategy":
-            load_strategy_state(getattr(strategy, name), value)
-        elif kind == "arrayrecord":
-            setattr(strategy, name, numpy_record(value))
-        elif kind == "dict":
-            setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})
-        elif kind == "list":
-            setattr(strategy, name, [np.asarray(v) for v in value])
-        else:
-            setattr(strategy, name, value)

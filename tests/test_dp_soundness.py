@@ -626,3 +626,39 @@ def test_server_adaptive_central_dp_builds_at_the_default_noise():
         s = build_strategy(RunConfig(central_dp="server-adaptive", num_clients=m,
                                      min_train_nodes=2, central_dp_noise=z))
         assert s.clipped_count_stddev >= max(m / 20, z) - 1e-12
+
+
+def test_server_side_dp_screens_no_update_against_the_others_and_records_no_norm():
+    """Norm screening relative to the round's median lets one client's presence decide
+    whether another is aggregated (a change of 2C against noise calibrated to C), and the
+    pre-clip norms are private: under server-side central DP neither happens, and a reply
+    that weights itself down is refused."""
+    from server.strategies import build_strategy
+
+    def reply(node, value, weight=1):
+        r = _update(node, value)
+        r.content[METRICS][UNIT_WEIGHT] = weight
+        return r
+
+    replies = [reply(1, 0.01), reply(2, 0.011), reply(3, 0.012), reply(4, 5.0), reply(5, 0.01, 1e-6)]
+    ref = numpy_record(REF)
+    plain = build_strategy(RunConfig(num_clients=5, min_train_nodes=2))
+    s = plain.screen(replies, 1, ref)
+    assert 4 in {e["node"] for e in s.excluded} and s.update_norms  # plaintext: screened
+    for mode in ("server-fixed", "server-adaptive"):
+        dp = build_strategy(RunConfig(num_clients=5, min_train_nodes=2, central_dp=mode))
+        s = dp.screen(replies, 1, ref)
+        assert sorted(int(m.metadata.src_node_id) for m in s.good) == [1, 2, 3, 4]
+        assert [e["node"] for e in s.excluded] == [5] and "unit-weight" in s.excluded[0]["reason"]
+        assert s.update_norms == {}
+
+
+def test_central_dp_claims_no_amplification_by_sampling():
+    """Who takes part is visible to the server and the institutions: half the clients
+    sampled per round is accounted like every client every round."""
+    from fedface.privacy import privacy_record
+
+    half = RunConfig(num_clients=8, min_train_nodes=4, fraction_train=0.5,
+                     central_dp="server-fixed", central_dp_noise=1.0)
+    rec = privacy_record(half, object(), [Reply(i) for i in range(4)], [], 1, [])
+    assert rec["central_dp"]["epsilon"] == pytest.approx(central_epsilon(1.0, 1.0, 1, 1e-5))

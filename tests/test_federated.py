@@ -95,7 +95,7 @@ def test_federated_simulation_on_orl(tmp_path, orl_root):
 
 
 def test_initial_backbone_is_seeded():
-    from server.loop import initial_backbone
+    from fedface.models import initial_backbone
 
     a = initial_backbone(RunConfig(seed=1)).state_dict()
     b = initial_backbone(RunConfig(seed=1)).state_dict()

@@ -1,25 +1,53 @@
-"""Server side: reply screening, PFM momentum, FV candidates, checkpoints, strategies."""
+"""Server side: reply screening, typed error replies, PFM momentum, FV candidates,
+checkpoints and strategy state, and a real client's reply through the server's code."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
+import torch
 from fakes import Reply
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedface.config import RunConfig
 from fedface.momentum import momentum_update, seed_momentum
-from fedface.protocol import ARRAYS, CLIENT_ID, METRICS, NUM_EXAMPLES, numpy_record
-from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint
-from server.fv import FederatedValidation
-from server.strategies import (
-    PFM,
-    STRATEGIES,
-    build_strategy,
-    load_strategy_state,
-    strategy_state,
+from fedface.protocol import (
+    ARRAYS,
+    AUC,
+    CLIENT_ID,
+    CONFIG,
+    DP_BUDGET_SPENT,
+    DP_EPSILON_SPENT,
+    ERR_CLIENT,
+    ERR_DP_BUDGET_SPENT,
+    ERR_OUT_OF_SYNC,
+    FV_PREFIX,
+    METRICS,
+    NODE_DATA_PATH,
+    NODE_STATE_DIR,
+    NUM_EXAMPLES,
+    OUT_OF_SYNC,
+    TRAIN_LOSS,
+    TRAIN_STEPS,
+    UNIT_WEIGHT,
+    TrainInstructions,
+    numpy_record,
+    record_numpy,
+    score_key,
+    weighted_metric,
 )
-from server.validation import norm_outliers, screen_replies
+from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from server.fv import FederatedValidation, SingleCandidate
+from server.screening import (
+    budgets_spent,
+    client_error,
+    missed,
+    norm_outliers,
+    screen_replies,
+)
+from server.strategies import PFM, STRATEGIES, build_strategy
 
 REF = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -52,6 +80,67 @@ def test_screen_replies_excludes_each_kind_of_bad_reply_with_a_reason():
     assert "shape" in reasons[12] and "dtype" in reasons[13]
     assert "NaN or Inf" in reasons[14] and "NaN or Inf" in reasons[15]
     assert "num-examples" in reasons[16] and "x the round's median" in reasons[17]
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """Messages are built outside a live run: give them the identity Flower expects."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _asked(node: int, kind=MessageType.TRAIN) -> Message:
+    return Message(RecordDict({CONFIG: TrainInstructions().to_record()}), dst_node_id=node,
+                   message_type=kind)
+
+
+def _raised(msg: Message, err: Exception) -> Message:
+    """The error reply the simulation engine makes of a client's exception (Flower's
+    code, the client's text wrapped in Ray's and Flower's)."""
+    from flwr.clientapp.client_app import ClientAppException
+
+    wrapped = ClientAppException(str(err))
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                         reason=str(type(wrapped)) + ":<'" + str(wrapped) + "'>"), reply_to=msg)
+
+
+def test_error_replies_are_read_by_their_typed_code(flower_task):
+    """Clients reply typed errors (fedface.protocol.ERR_*); the server acts on the code
+    and keeps the reason. A raised exception (Flower's own code, the text wrapped) keeps
+    Flower's code: the server never recovers meaning from a reason's text."""
+    typed = [Message(Error(code=ERR_DP_BUDGET_SPENT, reason=f"{DP_BUDGET_SPENT}: 8.0 of 8.0"),
+                     reply_to=_asked(1)),
+             Message(Error(code=ERR_OUT_OF_SYNC, reason=f"{OUT_OF_SYNC}: holds round 1"),
+                     reply_to=_asked(2)),
+             Message(Error(code=ERR_CLIENT, reason="data file missing"), reply_to=_asked(3))]
+    raised = [_raised(_asked(1), ValueError(f"{DP_BUDGET_SPENT}: 8.0 of 8.0")),
+              _raised(_asked(2), ValueError(f"{OUT_OF_SYNC}: holds round 1")),
+              _raised(_asked(3), FileNotFoundError("data file missing"))]
+    crashed = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    records = [client_error(m) for m in raised]
+    assert [(e["node"], e["code"]) for e in records] == [(1, crashed), (2, crashed), (3, crashed)]
+    assert records[0]["reason"] == f"client error: {DP_BUDGET_SPENT}: 8.0 of 8.0"
+    assert not budgets_spent(records[:1])  # its text says "budget", its code does not
+    for replies, other in ((typed, ERR_CLIENT),):
+        records = [client_error(m) for m in replies]
+        assert [(e["node"], e["code"]) for e in records] == [
+            (1, ERR_DP_BUDGET_SPENT), (2, ERR_OUT_OF_SYNC), (3, other)]
+        assert records[0]["reason"] == f"client error: {DP_BUDGET_SPENT}: 8.0 of 8.0"
+        assert records[2]["reason"] == "client error: data file missing"
+        # The screening excludes them with those records, in reply order.
+        s = screen_replies(replies[:1] + [_reply(4)] + replies[1:], REF)
+        assert [e["node"] for e in s.excluded] == [1, 2, 3] and len(s.good) == 1
+        assert s.excluded == records
+        # Acting on the code: a budget stop only when every excluded reply declined ...
+        assert budgets_spent(records[:1]) and not budgets_spent(records)
+        # ... catch-up for the out-of-sync node and the ones that missed the exchange.
+        sent = [_asked(n, MessageType.EVALUATE) for n in (1, 2, 3, 4)]
+        answers = [Message(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 1})}), reply_to=sent[0]),
+                   replies[2]]
+        assert missed(sent, answers, records) == {2, 3, 4}
 
 
 def test_norm_outliers_needs_a_distribution():
@@ -203,15 +292,17 @@ def test_checkpoint_round_trip_and_resume_guard(tmp_path):
     s = build_strategy(RunConfig(strategy="pfm", num_clients=2))
     s.momentum = {"w": np.arange(3, dtype=np.float32)}
     s.round_lr = 0.05
-    save_checkpoint(tmp_path, 3, REF, {"strategy": strategy_state(s), "fv": {}},
+    save_checkpoint(tmp_path, 3, REF, {"strategy": s.state_dict(), "fv": {}},
                     RunConfig().to_dict(), {"rounds": [{"round": 1}]})
-    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
     ck = load_checkpoint(tmp_path)
     assert ck["round"] == 3 and ck["metrics"]["rounds"] == [{"round": 1}]
     s2 = build_strategy(RunConfig(strategy="pfm", num_clients=2))
-    load_strategy_state(s2, ck["strategy"]["strategy"])
+    s2.load_state_dict(ck["strategy"]["strategy"])
     np.testing.assert_array_equal(s2.momentum["w"], s.momentum["w"])
     assert s2.round_lr == 0.05
+    with pytest.raises(ValueError, match="FedAvgM does not keep"):  # another strategy's state
+        build_strategy(RunConfig(strategy="fedavgm", num_clients=2)).load_state_dict(s.state_dict())
     check_resumable(RunConfig().to_dict(), RunConfig(rounds=50, out="x").to_dict())
     with pytest.raises(ValueError, match="lr: 0.1 -> 0.2"):
         check_resumable(RunConfig().to_dict(), RunConfig(lr=0.2).to_dict())
@@ -220,6 +311,91 @@ def test_checkpoint_round_trip_and_resume_guard(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"torn")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_of_the_former_format_still_loads(tmp_path):
+    """Format 1 wrapped every attribute of the strategy's vars() walk as {kind, value};
+    it loads into the strategy's state_dict (FedAvgM inside server-side DP)."""
+    t = torch.from_numpy
+    blob = {"format": "fedface-checkpoint/1", "round": 2, "arrays": {k: t(v) for k, v in REF.items()},
+            "strategy": {"fv": {}, "strategy": {
+                "strategy": {"kind": "strategy", "value": {
+                    "current_arrays": {"kind": "arrayrecord", "value": {"w": t(np.ones(2, np.float32))}},
+                    "momentum_vector": {"kind": "list", "value": [t(np.full(2, 3.0))]}}},
+                "current_arrays": {"kind": "arrayrecord", "value": {}},
+                "clipping_norm": {"kind": "float", "value": 0.25}}},
+            "rng": {}, "config": {}, "metrics": {"rounds": []}}
+    torch.save(blob, tmp_path / "checkpoint.pt")
+    ck = load_checkpoint(tmp_path)
+    wrapper = build_strategy(RunConfig(strategy="fedprox", num_clients=3, central_dp="server-fixed"))
+    wrapper.strategy = STRATEGIES["fedavgm"](RunConfig(num_clients=3))
+    wrapper.load_state_dict(ck["strategy"]["strategy"])
+    assert wrapper.clipping_norm == 0.25
+    np.testing.assert_array_equal(wrapper.strategy.current_arrays["w"].numpy(), 1.0)
+    assert wrapper.strategy.momentum_norm() == pytest.approx(3.0 * math.sqrt(2))
+
+
+def _round(strategy, rnd: int, arrays, grid) -> object:
+    """One round as the loop runs it: instructions, configure, aggregate, global model.
+    Replies move the model by a per-node step, one of them beyond the central-DP clip."""
+    ins = strategy.instruct(TrainInstructions(server_round=rnd, lr=0.1))
+    list(strategy.configure_train(rnd, arrays, ins.to_record(), grid))
+    current = record_numpy(arrays)
+    replies = [_reply(node, arrays={k: v + np.float32(step * rnd) for k, v in current.items()},
+                      n=10 * node, metrics={TRAIN_STEPS: 2, UNIT_WEIGHT: 1})
+               for node, step in ((1, 0.01), (2, -0.02), (3, 0.5))]
+    np.random.seed(rnd)  # Flower's server-side DP noise draws from NumPy's global generator
+    agg, _ = strategy.aggregate_train(rnd, replies)
+    return strategy.global_arrays(agg, arrays)
+
+
+class _Grid:
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+SERVER_SIDE_DP = [(n, m) for n in ("fedavg", "fedprox") for m in ("server-fixed", "server-adaptive")]
+
+
+@pytest.mark.parametrize("name,central", [(n, "off") for n in sorted(STRATEGIES)] + SERVER_SIDE_DP)
+def test_strategy_state_survives_a_checkpoint_between_two_aggregations(
+        tmp_path, flower_task, name, central):
+    """A strategy checkpointed after round 1 and restored into a fresh one aggregates
+    round 2 to the same arrays and state (PFM's momentum, sent to the clients), bit for
+    bit, as the strategy that never stopped."""
+    cfg = RunConfig(strategy=name, central_dp=central, central_dp_noise=0.5, num_clients=3,
+                    min_train_nodes=3)
+    start = numpy_record({k: v + 0.1 for k, v in REF.items()})
+    kept = build_strategy(cfg)
+    first = _round(kept, 1, start, _Grid())
+    save_checkpoint(tmp_path, 1, record_numpy(first), {"strategy": kept.state_dict(), "fv": {}},
+                    cfg.to_dict(), {"rounds": []})
+    ck = load_checkpoint(tmp_path)
+    restored = build_strategy(cfg)
+    restored.load_state_dict(ck["strategy"]["strategy"])
+    assert restored.state_dict().keys() == kept.state_dict().keys()
+    resumed = _outcome(restored, _round(restored, 2, numpy_record(ck["arrays"]), _Grid()))
+    uninterrupted = _outcome(kept, _round(kept, 2, first, _Grid()))
+    assert _same(resumed, uninterrupted)
+    if name in ("fedavgm", "fedadam", "pfm") or central == "server-adaptive":
+        # The state matters: a fresh strategy (nothing restored) ends elsewhere.
+        fresh = build_strategy(cfg)
+        assert not _same(_outcome(fresh, _round(fresh, 2, first, _Grid())), uninterrupted)
+
+
+def _outcome(strategy, arrays) -> dict:
+    return {"arrays": record_numpy(arrays), "state": strategy.state_dict()}
+
+
+def _same(a, b) -> bool:
+    """Equal, bit for bit, down nested dicts and lists of arrays."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, (np.ndarray, np.generic)):
+        return np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
+    return a == b
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -257,3 +433,103 @@ def test_config_knows_every_registered_strategy():
 def test_unknown_strategy_refused():
     with pytest.raises(ValueError, match="strategy='fedsgd'"):
         RunConfig(strategy="fedsgd")
+
+
+# ------------------------------------------------------- a real client's reply, end to end
+SIZE = 32
+
+
+@pytest.fixture
+def institution(tmp_path):
+    """One institution's data file (4 people, 40 training and 12 validation images)."""
+    from fedface.data.prepare import ClientData
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 4
+    base = rng.integers(0, 255, (4, SIZE, SIZE, 3))
+    x = np.clip(base[y] + rng.normal(0, 20, (40, SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    path = tmp_path / "site.npz"
+    ClientData(x, y, x[:12], np.arange(12) % 4).save(path)
+    return path
+
+
+def _config(**changes) -> RunConfig:
+    return RunConfig(**{**dict(image_size=SIZE, embedding_size=32, batch_size=10, rounds=1,
+                               local_epochs=1, num_clients=3, min_train_nodes=1), **changes})
+
+
+def _ask_client(cfg, context, kind, content: dict, rnd: int = 1) -> Message:
+    """What the server sends (the strategy's instructions), answered by the real ClientApp;
+    a raised exception becomes the error reply the simulation engine would make."""
+    from client.app import build_client_app
+
+    ins = build_strategy(cfg).instruct(TrainInstructions(server_round=rnd, lr=0.1, local_epochs=1))
+    msg = Message(RecordDict({**content, CONFIG: ins.to_record()}), dst_node_id=7,
+                  message_type=kind)
+    try:
+        return build_client_app()(msg, context)
+    except Exception as err:  # noqa: BLE001 (the runtime replies whatever the client raised)
+        return _raised(msg, err)
+
+
+def _site(cfg, data, state) -> Context:
+    return Context(run_id=1, node_id=7, state=RecordDict(), run_config=cfg.to_run_config(),
+                   node_config={NODE_DATA_PATH: str(data), NODE_STATE_DIR: str(state)})
+
+
+def test_a_real_client_reply_goes_through_the_servers_screening_and_metrics(
+        tmp_path, institution, flower_task):
+    """The keys the ClientApp writes are the keys the server reads: its train reply passes
+    the screening (arrays, dtypes, num-examples, train-steps for the norm per step) and
+    feeds the round's train loss; its evaluate reply gives the round's and FV's scores."""
+    from fedface.models import initial_backbone
+
+    cfg = _config(strategy="pfm")
+    strategy = build_strategy(cfg)
+    start = numpy_record({k: v.numpy() for k, v in initial_backbone(cfg).state_dict().items()})
+    context = _site(cfg, institution, tmp_path / "site")
+    reply = _ask_client(cfg, context, MessageType.TRAIN, {ARRAYS: start})
+    screening = strategy.screen([reply], 1, start)
+    assert screening.good == [reply] and not screening.excluded, screening.excluded
+    assert screening.update_norms[7] > 0
+    loss = weighted_metric(screening.good, TRAIN_LOSS)
+    assert loss is not None and math.isfinite(loss)
+    assert weighted_metric(screening.good, TRAIN_STEPS) >= 1  # PFM's step count
+    # The evaluate exchange: the round's model and an FV candidate, one score each.
+    model = strategy.global_arrays(reply.content[ARRAYS], start)
+    scored = _ask_client(cfg, context, MessageType.EVALUATE,
+                         {ARRAYS: model, f"{FV_PREFIX}1": start})
+    assert not scored.has_error(), scored.error
+    fv_scores = FederatedValidation().scores([scored], 2)
+    assert all(s is not None and 0.0 <= s <= 1.0 for s in fv_scores)
+    assert SingleCandidate().scores([scored], 1) == fv_scores[:1]
+    assert weighted_metric([scored], score_key(1, AUC)) is not None
+
+
+def test_a_private_clients_reply_and_decline_reach_the_privacy_record(
+        tmp_path, institution, flower_task):
+    """DP-SGD: the epsilon the client reports is the one the round records; once its
+    budget is spent it declines, and the server reads the decline from the reply (its
+    code) as a spent budget: the round's record counts it, and the run stops."""
+    from fedface.models import initial_backbone
+    from fedface.privacy import privacy_record
+
+    cfg = _config(dp_epsilon=8.0)
+    strategy = build_strategy(cfg)
+    start = numpy_record({k: v.numpy() for k, v in initial_backbone(cfg).state_dict().items()})
+    context = _site(cfg, institution, tmp_path / "site")
+    reply = _ask_client(cfg, context, MessageType.TRAIN, {ARRAYS: start})
+    screening = strategy.screen([reply], 1, start)
+    assert screening.good == [reply], screening.excluded
+    rec = privacy_record(cfg, strategy, screening.good, screening.excluded, 1, [])
+    spent = float(reply.content[METRICS][DP_EPSILON_SPENT])
+    assert rec["dp"]["epsilon_spent"] == {"7": round(spent, 4)} and rec["dp"]["declined"] == 0
+    assert 0 < spent <= 8.0 + 1e-6
+    # Round 2: the one round it planned for is spent.
+    declined = _ask_client(cfg, context, MessageType.TRAIN, {ARRAYS: start}, rnd=2)
+    assert declined.has_error()
+    screening = strategy.screen([declined], 2, start)
+    (excluded,) = screening.excluded
+    assert excluded["code"] == ERR_DP_BUDGET_SPENT and DP_BUDGET_SPENT in excluded["reason"]
+    assert privacy_record(cfg, strategy, [], screening.excluded, 2, [rec])["dp"]["declined"] == 1
+    assert budgets_spent(screening.excluded)

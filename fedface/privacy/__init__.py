@@ -8,6 +8,8 @@ and the membership-inference audit.
 - :func:`membership_inference_auc`: the loss-threshold attack (true-label loss, and
   label-free ones); :func:`audit_run` (:mod:`fedface.privacy.audit`): the record- and
   person-level audit of a finished run's institutions, and where their heads are kept.
+- :mod:`fedface.privacy.report`: what a run reports (:func:`check_privacy` before round
+  1, :func:`privacy_record` each round).
 """
 
 from fedface.config import CENTRAL_DP_MODES  # valid combinations: RunConfig.validate
@@ -47,6 +49,7 @@ from fedface.privacy.engine import (
     check_dp_compatible,
     make_private,
 )
+from fedface.privacy.report import check_privacy, privacy_record, sampled_clients
 
 __all__ = [
     "ACCOUNTANTS",
@@ -63,6 +66,7 @@ __all__ = [
     "central_delta",
     "central_epsilon",
     "check_dp_compatible",
+    "check_privacy",
     "check_run",
     "client_state_dir",
     "clip_and_noise_update",
@@ -76,7 +80,9 @@ __all__ = [
     "people_split",
     "plan_dp",
     "plan_for_run",
+    "privacy_record",
     "records_split",
     "sample_losses",
+    "sampled_clients",
     "saved_heads",
 ]
