@@ -29,3 +29,13 @@ def lfw_root():
         pytest.skip(f"{root} not found: real-data tests need the shared data folder "
                     "(set FEDFACE_SHARED_DATA to its path)")
     return root
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """Messages are built outside a live run: give them the identity Flower expects."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -8,7 +8,6 @@ import stat
 
 import numpy as np
 import pytest
-from fakes import Reply
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from crypto.context import BadCiphertext, HEContext, HEParams, MissingSecretKey
@@ -41,6 +40,7 @@ from crypto.update import (
     encrypt_update,
     open_update,
 )
+from tests.fakes import Reply
 
 N = 5
 RUN = "run-0123"
@@ -795,7 +795,7 @@ def test_join_binds_each_node_to_the_index_it_proves(server, clients, ceremony):
                reply(106, proof(4, 106)), reply(107, proof(4, 107)),  # both hold institution 4's keys
                reply(108, None)]
     info = strat.join(_Grid(replies), ArrayRecord(), ConfigRecord({"data-dir": "d", "state-dir": "s"}),
-                      timeout=1.0)
+                      timeout=1.0)["encryption"]
     assert strat.bound == {100: 0, 101: 1} and strat.members == {100, 101}
     assert info["joined"] == 2 and info["weight_ref"] == 50  # the proven counts, not 10**6
     assert info["senders"] == {"100": 0, "101": 1}

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from fakes import Reply
 from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
@@ -48,6 +47,7 @@ from server.screening import (
     screen_replies,
 )
 from server.strategies import PFM, STRATEGIES, build_strategy
+from tests.fakes import Reply
 
 REF = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -80,16 +80,6 @@ def test_screen_replies_excludes_each_kind_of_bad_reply_with_a_reason():
     assert "shape" in reasons[12] and "dtype" in reasons[13]
     assert "NaN or Inf" in reasons[14] and "NaN or Inf" in reasons[15]
     assert "num-examples" in reasons[16] and "x the round's median" in reasons[17]
-
-
-@pytest.fixture
-def flower_task(monkeypatch):
-    """Messages are built outside a live run: give them the identity Flower expects."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def _asked(node: int, kind=MessageType.TRAIN) -> Message:

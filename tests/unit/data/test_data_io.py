@@ -43,7 +43,7 @@ def _shared_data() -> Path:
     env = os.environ.get("FEDFACE_SHARED_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

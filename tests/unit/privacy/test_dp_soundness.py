@@ -68,16 +68,6 @@ SIZE, CLASSES, N = 32, 4, 40
 
 
 @pytest.fixture
-def flower_task(monkeypatch):
-    """Messages are built outside a live run: give them the identity Flower expects."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-@pytest.fixture
 def client_file(tmp_path):
     rng = np.random.default_rng(0)
     y = np.arange(N) % CLASSES
@@ -430,7 +420,7 @@ def test_central_dp_is_accounted_at_the_noise_that_was_aggregated():
 
 
 def test_privacy_record_composes_each_rounds_effective_noise():
-    from server.loop import privacy_record
+    from fedface.privacy import privacy_record
 
     cfg = RunConfig(num_clients=8, min_train_nodes=2, central_dp="server-fixed",
                     central_dp_noise=1.0)
@@ -586,35 +576,6 @@ def test_unsound_combinations_are_refused_with_the_reason(changes, needle):
     with pytest.raises(ValueError, match="Invalid run configuration") as err:
         RunConfig(**changes)
     assert needle in str(err.value)
-
-
-@pytest.mark.slow
-def test_a_resumed_dp_run_replays_its_private_randomness_bit_for_bit(tmp_path):
-    """The secrets live in the institutions' state folder (``OUT/clients`` in simulation).
-    The same institutions (the same secrets) stopped after round 2 and resumed end with
-    exactly the model of the run that never stopped; institutions with fresh secrets
-    and the same config end elsewhere."""
-    import shutil
-
-    from fedface.models.io import load_backbone
-    from fedface.runner import resume_config, run
-
-    base = dict(synthetic_identities=60, synthetic_images=6, image_size=48, num_clients=3,
-                rounds=3, batch_size=8, min_train_nodes=3, local_epochs=1, dp_epsilon=8.0)
-    run(RunConfig(**base, out=str(tmp_path / "full")))
-    secrets = sorted((tmp_path / "full" / "clients").glob("*_randomness.key"))
-    assert len(secrets) == 3
-    (tmp_path / "stopped" / "clients").mkdir(parents=True)
-    for f in secrets:  # the same three institutions run again
-        shutil.copy2(f, tmp_path / "stopped" / "clients" / f.name)
-    run(RunConfig(**base, pause_after=2, out=str(tmp_path / "stopped")))
-    resumed = run(resume_config(str(tmp_path / "stopped")), resume=True)
-    assert resumed["resumed_after_round"] == 2
-    run(RunConfig(**base, out=str(tmp_path / "other")))
-    full, back, other = (load_backbone(tmp_path / d / "model.pt")[0].state_dict()
-                         for d in ("full", "stopped", "other"))
-    assert all(torch.equal(full[k], back[k]) for k in full)  # bit-exact after resume
-    assert not all(torch.equal(full[k], other[k]) for k in full)  # fresh secrets: other noise
 
 
 def test_server_adaptive_central_dp_builds_at_the_default_noise():

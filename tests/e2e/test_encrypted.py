@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-from fakes import Reply
 from flwr.app import MetricRecord, RecordDict
 from typer.testing import CliRunner
 
@@ -18,11 +17,10 @@ from fedface.config import RunConfig
 from fedface.protocol import ARRAYS, CLIENT_ID, METRICS, NUM_EXAMPLES, numpy_record
 from fedface.runner import run
 from server.encrypted import EncryptedFedAvg
+from tests.fakes import Reply
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
-SMALL = dict(synthetic_identities=60, synthetic_images=6, image_size=48, num_clients=3,
-             rounds=2, batch_size=32, min_train_nodes=3)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +68,12 @@ def _is_envelope(record) -> bool:
             and all(a.numpy().dtype == np.uint8 and a.numpy().ndim == 1 for a in record.values()))
 
 
-def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(tmp_path, monkeypatch):
+def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(small_cfg, tmp_path, monkeypatch):
     """`fedface keys init` then `fedface train --he-keys`: same losses, same bytes, and the
     server receives no plaintext update or model until the release (every exchange of
     the run is recorded at the server's Grid and inspected)."""
+    from fedface.models import initial_backbone
     from fedface.protocol import CONFIG, HE_JOIN, HE_RELEASE
-    from server.loop import initial_backbone
 
     res = runner.invoke(app, ["keys", "init", "--out", str(tmp_path / "k"), "--clients", "3"])
     assert res.exit_code == 0, res.output
@@ -112,7 +110,7 @@ def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(tmp_path, m
             elif kind == "evaluate":
                 assert recs and all(_is_envelope(rec) for rec in recs.values())
             elif any(c.get(HE_JOIN) for c in asks):  # the join: the public initial model
-                start = initial_backbone(RunConfig(**SMALL))
+                start = initial_backbone(RunConfig(**small_cfg))
                 for k, v in start.state_dict().items():
                     np.testing.assert_array_equal(recs["arrays"][k].numpy(), v.numpy())
         for m in replies:
@@ -131,7 +129,7 @@ def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(tmp_path, m
                 assert all(a.numpy().dtype.kind != "f" for a in rec.values())
     assert kinds == {"query": 3 + 1, "train": 2 * 3, "evaluate": 2 * 3}  # join, release
     (final_model,) = released  # the one plaintext the server receives: the final model
-    model_keys = set(initial_backbone(RunConfig(**SMALL)).state_dict())
+    model_keys = set(initial_backbone(RunConfig(**small_cfg)).state_dict())
     assert set(final_model["arrays"].keys()) == model_keys
 
     # Round 1 starts from the same public model in both runs (checked above: the join
@@ -158,12 +156,12 @@ def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(tmp_path, m
     assert res.exit_code == 2 and "encrypted run" in res.output
 
 
-def test_encrypted_pfm_equals_plaintext_pfm_and_dp_composes(tmp_path, keys):
+def test_encrypted_pfm_equals_plaintext_pfm_and_dp_composes(small_cfg, tmp_path, keys):
     """PFM's momentum, applied by the clients from the decrypted aggregate, trains like
     the server-side PFM; DP-SGD runs beneath encryption, and a run stopped by spent
     budgets still gets its final model released. (FV under encryption is refused:
     test_crypto.py shows the attack.)"""
-    base = dict(SMALL, rounds=3, strategy="pfm")
+    base = dict(small_cfg, rounds=3, strategy="pfm")
     plain = run(RunConfig(**base, out=str(tmp_path / "plain")))
     he = run(RunConfig(**base, out=str(tmp_path / "he"), he_keys=keys))
     for a, b in zip(plain["rounds"], he["rounds"]):
@@ -181,13 +179,13 @@ def test_encrypted_pfm_equals_plaintext_pfm_and_dp_composes(tmp_path, keys):
     assert dp["encryption"]["released_by_node"] and np.isfinite(_final(dp)["accuracy"])
 
 
-def test_central_dp_client_fixed_under_encryption(tmp_path, keys):
+def test_central_dp_client_fixed_under_encryption(small_cfg, tmp_path, keys):
     """Each institution adds its share of the central-DP noise before encrypting: the
     released model differs from the noiseless run's by the mechanism's noise, std
     ``z C / m`` per value (m shares of std ``z C / sqrt(m)``, averaged)."""
     import torch
 
-    base = dict(SMALL, rounds=1, central_dp="client-fixed", central_dp_clip=5.0, he_keys=keys)
+    base = dict(small_cfg, rounds=1, central_dp="client-fixed", central_dp_clip=5.0, he_keys=keys)
     doc = run(RunConfig(**base, out=str(tmp_path / "cdp"), central_dp_noise=0.01))
     assert doc["encryption"]["weight_ref"] == 0  # uniform weights: every scale is 1
     assert all(r["encryption"]["weight_sum"] == 3.0 for r in doc["rounds"])
@@ -205,10 +203,10 @@ def test_central_dp_client_fixed_under_encryption(tmp_path, keys):
     assert abs(diff.mean()) < 5 * expected / np.sqrt(diff.size)
 
 
-def test_a_missing_institution_is_left_out_and_the_sum_is_over_the_others(tmp_path, keys):
+def test_a_missing_institution_is_left_out_and_the_sum_is_over_the_others(small_cfg, tmp_path, keys):
     from fedface.data.prepare import prepare
 
-    cfg = RunConfig(**{**SMALL, "min_train_nodes": 2}, out=str(tmp_path / "drop"),
+    cfg = RunConfig(**{**small_cfg, "min_train_nodes": 2}, out=str(tmp_path / "drop"),
                     cache_dir=str(tmp_path / "cache"), he_keys=keys)
     prepare(cfg).client_files[1].unlink()  # institution 1 cannot join (no data)
     doc = run(cfg)
@@ -220,7 +218,7 @@ def test_a_missing_institution_is_left_out_and_the_sum_is_over_the_others(tmp_pa
     assert np.isfinite(_final(doc)["accuracy"])
 
 
-def test_an_institution_that_missed_an_exchange_says_it_is_out_of_sync(keys):
+def test_an_institution_that_missed_an_exchange_says_it_is_out_of_sync(small_cfg, keys):
     from flwr.app import ConfigRecord, Context
 
     from client import he
@@ -228,7 +226,7 @@ def test_an_institution_that_missed_an_exchange_says_it_is_out_of_sync(keys):
 
     ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(),
                   run_config={})
-    k = he.client_keys(RunConfig(**SMALL, he_keys=keys), ctx)
+    k = he.client_keys(RunConfig(**small_cfg, he_keys=keys), ctx)
     cfg = ConfigRecord({HE_RUN: "r", "he-fingerprint": k.fingerprint, HE_COMMIT_ROUND: 0,
                         HE_COMMIT_INDEX: 0})
     with pytest.raises(he.OutOfSync, match="did not join"):
@@ -243,7 +241,7 @@ def test_an_institution_that_missed_an_exchange_says_it_is_out_of_sync(keys):
         he.check_key(k, cfg)
 
 
-def test_a_server_with_other_keys_is_refused(tmp_path, keys):
+def test_a_server_with_other_keys_is_refused(small_cfg, tmp_path, keys):
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
@@ -251,7 +249,7 @@ def test_a_server_with_other_keys_is_refused(tmp_path, keys):
 
     other = tmp_path / "other"
     init_keys(other, 3)
-    cfg = RunConfig(**SMALL, out=str(tmp_path / "wrong"), he_keys=str(other))
+    cfg = RunConfig(**small_cfg, out=str(tmp_path / "wrong"), he_keys=str(other))
     result: dict = {}
     server = build_server_app(cfg.to_run_config(), result=result)
     client = build_client_app(cfg.replace(he_keys=keys).to_run_config())
@@ -269,7 +267,7 @@ def test_a_server_with_other_keys_is_refused(tmp_path, keys):
     assert str(err).count("key mismatch") == 3
 
 
-def test_refused_combinations_name_the_fix(keys):
+def test_refused_combinations_name_the_fix(small_cfg, keys):
     for bad, fix in ((dict(strategy="fedadam"), "fedavg, pfm or fedprox"),
                      (dict(central_dp="server-fixed"), "client-fixed"),
                      (dict(he_max_clients=2), "raise it"),
@@ -278,7 +276,7 @@ def test_refused_combinations_name_the_fix(keys):
                      (dict(fv=True), "k\\+1 combinations reveal individual updates"),
                      (dict(min_train_nodes=1), "an aggregate of one update is that update")):
         with pytest.raises(ValueError, match=fix):
-            RunConfig(**{**SMALL, **bad}, he_keys=keys)
+            RunConfig(**{**small_cfg, **bad}, he_keys=keys)
 
 
 def test_the_strategy_refuses_plaintext_replies_and_weights_by_integers(keys):
@@ -344,7 +342,7 @@ def test_keys_cli_and_demo_encrypted(tmp_path):
     assert res.exit_code == 2 and "fedface keys init" in res.output
 
 
-def test_an_institution_that_drops_out_of_a_round_catches_up_bit_for_bit(tmp_path, keys):
+def test_an_institution_that_drops_out_of_a_round_catches_up_bit_for_bit(small_cfg, tmp_path, keys):
     """Institution 1 fails round 2's evaluate exchange (it never sees aggregate 2): before
     round 3 the server sends it the committed aggregates it missed, it applies them and
     trains round 3 from exactly the model the others hold."""
@@ -354,7 +352,7 @@ def test_an_institution_that_drops_out_of_a_round_catches_up_bit_for_bit(tmp_pat
     from client.app import build_client_app
     from server.app import build_server_app
 
-    cfg = RunConfig(**{**SMALL, "rounds": 3, "strategy": "pfm", "min_train_nodes": 2},
+    cfg = RunConfig(**{**small_cfg, "rounds": 3, "strategy": "pfm", "min_train_nodes": 2},
                     out=str(tmp_path / "drop"), he_keys=keys)
     inner = build_client_app(cfg.to_run_config())
     flaky = ClientApp()

@@ -84,7 +84,7 @@ def test_pyproject_flower_config_lists_every_run_setting():
 
     from fedface.config import FLOWER_CONFIGS
 
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
     declared = pyproject["tool"]["flwr"]["app"]["config"]
     defaults: dict = {}
     for config in FLOWER_CONFIGS:  # every config Flower carries; no key in two of them

@@ -17,8 +17,6 @@ from fedface.runner import run
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
-SMALL = dict(synthetic_identities=60, synthetic_images=6, image_size=48, num_clients=3,
-             rounds=2, batch_size=32, min_train_nodes=3)
 
 
 def _check_doc(doc, cfg, n_clients):
@@ -74,8 +72,8 @@ def test_federated_training_and_eval_through_the_cli(tmp_path):
     assert 0.0 <= ev["rank1"] <= 1.0 and ev["rank1_probes"] > 0
 
 
-def test_centralized_same_data_same_protocol(tmp_path):
-    cfg = RunConfig(**SMALL, mode="centralized", out=str(tmp_path / "cen"))
+def test_centralized_same_data_same_protocol(small_cfg, tmp_path):
+    cfg = RunConfig(**small_cfg, mode="centralized", out=str(tmp_path / "cen"))
     doc = run(cfg)
     _check_doc(doc, cfg, 3)
     assert all(r["bytes_up"] == 0 for r in doc["rounds"])
@@ -104,8 +102,8 @@ def test_initial_backbone_is_seeded():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_pfm_with_fv_records_candidates_momentum_and_bytes(tmp_path):
-    cfg = RunConfig(**SMALL, strategy="pfm", fv=True, fv_candidates=3, out=str(tmp_path / "pfm"))
+def test_pfm_with_fv_records_candidates_momentum_and_bytes(small_cfg, tmp_path):
+    cfg = RunConfig(**small_cfg, strategy="pfm", fv=True, fv_candidates=3, out=str(tmp_path / "pfm"))
     doc = run(cfg)
     _check_doc(doc, cfg, 3)
     mb = backbone_record(build_backbone("tinyface", input_size=48)).count_bytes()
@@ -125,10 +123,10 @@ def test_pfm_with_fv_records_candidates_momentum_and_bytes(tmp_path):
     assert doc["rounds"][1]["bytes_down"] == 3 * 2 * mb + 3 * 3 * mb
 
 
-def test_resume_after_a_stop_ends_with_the_same_model(tmp_path):
+def test_resume_after_a_stop_ends_with_the_same_model(small_cfg, tmp_path):
     from fedface.runner import resume_config
 
-    base = dict(SMALL, rounds=3, strategy="pfm")
+    base = dict(small_cfg, rounds=3, strategy="pfm")
     full = run(RunConfig(**base, out=str(tmp_path / "full")))
     paused = run(RunConfig(**base, pause_after=2, out=str(tmp_path / "stopped")))
     assert paused["paused_after_round"] == 2 and paused["final"] == {}
@@ -143,11 +141,11 @@ def test_resume_after_a_stop_ends_with_the_same_model(tmp_path):
         assert ka == kb and torch.equal(va, vb), f"{ka} differs after resume"  # bit-exact
 
 
-def test_a_crashing_client_is_excluded_and_the_run_goes_on(tmp_path):
+def test_a_crashing_client_is_excluded_and_the_run_goes_on(small_cfg, tmp_path):
     from fedface.data.prepare import prepare
 
     # Its own cache: the data loss below must not leak into other tests' prepared data.
-    cfg = RunConfig(**{**SMALL, "min_train_nodes": 2}, out=str(tmp_path / "crash"),
+    cfg = RunConfig(**{**small_cfg, "min_train_nodes": 2}, out=str(tmp_path / "crash"),
                     cache_dir=str(tmp_path / "cache"))
     prepare(cfg).client_files[1].unlink()  # institution 1 loses its data: it errors each round
     doc = run(cfg)
