@@ -52,7 +52,7 @@ from server.strategies import build_strategy
 
 # initial_backbone (fedface.models) and check_privacy / privacy_record (fedface.privacy)
 # are still importable from here for the tests that import them from this module.
-__all__ = ["check_privacy", "initial_backbone", "privacy_record", "run_federated"]
+__all__ = ["run_federated"]
 
 
 @dataclass
