@@ -159,7 +159,7 @@ class ClientMods:
         if reply.has_error():
             return reply
         after = record_numpy(reply.content[ARRAYS])
-        seed = private_seeds(context, ins, client_id(context), cfg.to_dict(), before,
+        seed = private_seeds(context, ins, client_id(context), cfg.computation(), before,
                              after).of(SEED_CENTRAL_NOISE)
         reply.content[ARRAYS] = numpy_record(central_dp_share(cfg, ins, before, after, seed))
         return reply
@@ -209,7 +209,7 @@ class ClientMods:
             return reply
         metrics = reply.content[METRICS]
         after = record_numpy(reply.content[ARRAYS])
-        seed = private_seeds(context, ins, client_id(context), cfg.to_dict(), start,
+        seed = private_seeds(context, ins, client_id(context), cfg.computation(), start,
                              after).of(SEED_HE_ROUNDING)
         record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], start, after,
                                    int(metrics[NUM_EXAMPLES]),

@@ -241,7 +241,7 @@ class DPSGDRound:
         self.ledger.check_next_round(self.plan)
         buffers = [optimizer.state[p].get("momentum_buffer") for g in optimizer.param_groups
                    for p in g["params"]]
-        seeds = private_seeds(self.context, self.ins, self.cid, self.cfg.to_dict(),
+        seeds = private_seeds(self.context, self.ins, self.cid, self.cfg.computation(),
                               backbone.state_dict(), head.state_dict(),
                               [b for b in buffers if b is not None], data.x_train, data.y_train)
         people = data.y_train

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedface.config.run import OPERATIONAL_FIELDS
 from fedface.io import atomic_write, load_torch
 
 CHECKPOINT = "checkpoint.pt"
@@ -25,7 +26,7 @@ FORMAT = "fedface-checkpoint/2"
 # as {"kind": ..., "value": ...}; it holds the same values as a format-2 state_dict.
 FORMAT_1 = "fedface-checkpoint/1"
 # Settings that may differ between the stopped run and its resumption.
-RESUMABLE_CHANGES = {"rounds", "out", "round_timeout", "eval_every", "cache_dir", "pause_after"}
+RESUMABLE_CHANGES = {"rounds", *OPERATIONAL_FIELDS}
 
 
 def rng_state() -> dict:

@@ -25,6 +25,8 @@ DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
 # Names of server.strategies.STRATEGIES (a test keeps the two equal; the core does not
 # import the server package).
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
+# Settings that change where and how a run is kept, not what any round computes.
+OPERATIONAL_FIELDS = ("out", "cache_dir", "round_timeout", "eval_every", "pause_after")
 
 
 def default_cache_dir() -> Path:
@@ -282,6 +284,12 @@ class RunConfig(FlatConfig):
     @property
     def pair_files(self) -> list[str]:
         return [p.strip() for p in self.pairs.split(",") if p.strip()]
+
+    def computation(self) -> dict[str, Any]:
+        """The settings that decide what a round computes (:meth:`to_dict` without the
+        :data:`OPERATIONAL_FIELDS`): a resumed run differs from the original only in
+        those."""
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
 
     def data_key(self) -> str:
         """Hash of the settings that define the prepared (aligned, partitioned) data."""
