@@ -167,7 +167,7 @@ def open_update(keys: ServerKeys, record, *, run: str, server_round: int) -> Env
 
 def _join_message(run: str, node: int, sender: int, num_examples: int, fingerprint: str) -> bytes:
     return json.dumps({"purpose": "fedface-join", "run": run, "node": int(node),
-                       "sender": int(sender), "num-examples": int(num_examples),
+                       "sender": int(sender), NUM_EXAMPLES: int(num_examples),
                        "fingerprint": fingerprint}, sort_keys=True).encode()
 
 
