@@ -116,7 +116,8 @@ def momentum_of(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str
 
 
 def norm(momentum: Mapping[str, np.ndarray] | None) -> float:
-    """L2 norm of a momentum (0 when empty)."""
+    """L2 norm of a dict of arrays, e.g. a momentum or an update (float64; 0 when empty):
+    the one such norm fedface computes."""
     if not momentum:
         return 0.0
     return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in momentum.values())))

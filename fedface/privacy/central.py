@@ -25,13 +25,13 @@ import warnings
 
 import numpy as np
 
+from fedface.momentum import norm
 from fedface.privacy.budget import PrivacyConfigError, default_delta
 
 
 def update_norm(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
-    """L2 norm of ``after - before`` over all arrays (float64)."""
-    return math.sqrt(sum(float(np.square(after[k].astype(np.float64) - before[k]).sum())
-                         for k in before))
+    """L2 norm of ``after - before`` over all arrays (float64; :func:`fedface.momentum.norm`)."""
+    return norm({k: after[k].astype(np.float64) - before[k] for k in before})
 
 
 def clip_and_noise_update(before: dict[str, np.ndarray], after: dict[str, np.ndarray], *,
