@@ -65,7 +65,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         cfg = client_config(context, overrides)
         set_threads(cfg)
         ins = TrainInstructions.from_record(msg.content[CONFIG])
-        return cfg, ins, load_client_data(context, ins.data_dir)
+        return cfg, ins, load_client_data(context, ins.data_dir, cfg)
 
     @app.train(mods=[mods.dp_release, mods.encryption, mods.central_dp])
     def train(msg: Message, context: Context) -> Message:

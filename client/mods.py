@@ -183,7 +183,7 @@ class ClientMods:
         config = msg.content[CONFIG]
         ins = TrainInstructions.from_record(config)
         # A client without its data says so first: that is why it is not in step.
-        load_client_data(context, ins.data_dir)
+        load_client_data(context, ins.data_dir, cfg)
         keys = he.client_keys(cfg, context)
         he.check_key(keys, config)
         he.sync(context, config, ins.server_round - 1)
@@ -223,7 +223,7 @@ class ClientMods:
         """Join (key and size check, initial model), catch up, release."""
         config = msg.content[CONFIG]
         if config.get(HE_JOIN):
-            data = load_client_data(context, str(config.get(DATA_DIR, "")))
+            data = load_client_data(context, str(config.get(DATA_DIR, "")), cfg)
             he.join(context, keys, config, msg.content[ARRAYS])
             metrics = {NUM_EXAMPLES: released_count(cfg, data), CLIENT_ID: client_id(context)}
             # The proof binds this node to its ceremony index (and sample count) for the run.
@@ -243,7 +243,7 @@ class ClientMods:
 
             def budget_left() -> bool:
                 ins = TrainInstructions.from_record(config)
-                return can_train_again(cfg, context, ins, load_client_data(context, ins.data_dir))
+                return can_train_again(cfg, context, ins, load_client_data(context, ins.data_dir, cfg))
 
             # Only the run's final model leaves in plaintext (the run config is our own).
             he.check_release(cfg, committed, budget_left)

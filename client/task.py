@@ -33,12 +33,18 @@ def client_config(context: Context, overrides: dict | None) -> RunConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(path: str, mtime: float) -> ClientData:
-    return ClientData.load(path)
+def _load_cached(path: str, mtime: float, anonymize: tuple) -> ClientData:
+    if anonymize[0] == "none":
+        return ClientData.load(path)
+    from fedface.anonymize.chips import anonymized_client_data
+
+    method, preset, options = anonymize
+    return anonymized_client_data(path, RunConfig(anonymize=method, anonymize_preset=preset,
+                                                  anonymize_options=options))
 
 
-def load_client_data(context: Context, data_dir: str) -> ClientData:
-    """This node's data.
+def load_client_data(context: Context, data_dir: str, cfg: RunConfig | None = None) -> ClientData:
+    """This node's data, anonymized once (and cached) when ``cfg.anonymize`` says so.
 
     Deployment: ``--node-config "data-path=..."`` names the institution's own prepared
     file (``client.npz``). Simulation: the server's prepared folder and this node's
@@ -55,7 +61,9 @@ def load_client_data(context: Context, data_dir: str) -> ClientData:
     if not path.exists():
         raise FileNotFoundError(f"Client data {path} is missing: prepare it with `fedface "
                                 "prepare --clients 1` on this node")
-    return _load_cached(str(path), os.path.getmtime(path))
+    cfg = cfg if cfg is not None else client_config(context, None)
+    anonymize = (cfg.anonymize, cfg.anonymize_preset, cfg.anonymize_options)
+    return _load_cached(str(path), os.path.getmtime(path), anonymize)
 
 
 def set_threads(cfg: RunConfig) -> None:

@@ -99,7 +99,7 @@ def run_centralized(cfg: RunConfig, progress: ProgressFn | None = None) -> dict:
     """Pooled training of the same backbone on all institutions' data (the baseline)."""
     t_start = time.time()
     data = prepare(cfg, progress=progress)
-    pooled = data.load_pooled()
+    pooled = data.load_pooled(cfg)
     pairsets = data.load_pairsets()
     backbone = initial_backbone(cfg)
     torch.manual_seed(cfg.seed + 1)

@@ -4,7 +4,8 @@
 - ``prepare``: align, split and check a data folder (:mod:`fedface.cli.data`);
 - ``eval``, ``models``: a saved model on a pair file, the registries (:mod:`fedface.cli.models`);
 - ``bench``: measurements that print JSON (:mod:`fedface.cli.bench`);
-- ``keys``: the encryption key ceremony (:mod:`fedface.cli.keys`);
+- ``keys``: the encryption key ceremony, scramble keys (:mod:`fedface.cli.keys`);
+- ``anonymize``: faces in images and videos (:mod:`fedface.cli.anonymize`);
 - the tables of a run's summary: :mod:`fedface.cli.summary`; what the commands share
   (console, options, ``--set``): :mod:`fedface.cli.common`.
 
@@ -18,7 +19,7 @@ import os
 
 import typer
 
-from fedface.cli import bench, data, keys, models, train
+from fedface.cli import anonymize, bench, data, keys, models, train
 from fedface.cli.common import UserErrorGroup
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app.command()(train.demo)
 app.command()(data.prepare)
 app.command("eval")(models.evaluate)
 app.command()(models.models)
+app.command()(anonymize.anonymize)
 
 
 def main() -> None:

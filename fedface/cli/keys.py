@@ -12,7 +12,7 @@ from fedface.cli.common import console
 from fedface.errors import user_errors
 
 keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys: ceremony, fingerprints, "
-                       "rotation.")
+                       "rotation; scramble keys.")
 
 
 def keys_table(desc: dict, folder: str) -> Table:
@@ -73,3 +73,15 @@ def keys_rotate(folder: Annotated[Path, typer.Argument(help="Key folder of `keys
     console.print(keys_table(desc, str(folder)))
     console.print("envelopes under the old generation are now refused ('another key'): "
                   "redistribute the bundles before the next run")
+
+
+@keys_app.command("scramble")
+def keys_scramble(path: Annotated[Path, typer.Argument(help="The key file to create.")]) -> None:
+    """A new key for `fedface anonymize --method scramble` (owner-only file; never
+    overwrites one). Whoever holds it can restore every face scrambled with it."""
+    from crypto.scramble import key_id, new_key
+
+    with user_errors(ValueError, OSError):
+        key = new_key(path)
+    console.print(f"scramble key {key_id(key)} written to {path} (owner-only). Keep it apart "
+                  "from the scrambled files: anyone with both sees the faces.", soft_wrap=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from fedface.config.anonymize import anonymize_problems
 from fedface.config.base import FlatConfig
 from fedface.config.encryption import encryption_problems
 from fedface.config.privacy import privacy_problems
@@ -141,6 +142,15 @@ class RunConfig(FlatConfig):
     he_fv_bits : int
         With ``fv``: bits of the integer multipliers the server applies to updates to
         form each candidate weighting homomorphically.
+    anonymize : str
+        Every institution anonymizes its own images before training (once, cached):
+        ``none`` (default), ``blur``, ``mosaic``, ``mask``, ``dppix``, ``ksame`` or
+        ``cloak`` (see ``fedface anonymize``).
+    anonymize_preset : str
+        ``low``, ``medium`` or ``high`` strength.
+    anonymize_options : str
+        Method options as ``key=value,...`` (e.g. ``k=10``; cloak needs
+        ``surrogate=/path/model.pt``).
     rounds, local_epochs : int
         Federated rounds and local epochs per round (centralized: rounds x local_epochs
         epochs).
@@ -214,6 +224,9 @@ class RunConfig(FlatConfig):
     he_clip: float = 0.5
     he_max_clients: int = 16
     he_fv_bits: int = 4
+    anonymize: str = "none"
+    anonymize_preset: str = "medium"
+    anonymize_options: str = ""
     rounds: int = 10
     local_epochs: int = 2
     fraction_train: float = 1.0
@@ -271,7 +284,8 @@ class RunConfig(FlatConfig):
             problems.append(
                 f"min_train_nodes={self.min_train_nodes} > num_clients={self.num_clients}"
             )
-        return problems + privacy_problems(self) + encryption_problems(self)
+        return (problems + privacy_problems(self) + encryption_problems(self)
+                + anonymize_problems(self))
 
     @property
     def encrypted(self) -> bool:

@@ -120,17 +120,21 @@ class PreparedData:
     pair_files: list[Path]
     summary: dict = field(default_factory=dict)
 
-    def load_client(self, k: int) -> ClientData:
+    def load_client(self, k: int, cfg: RunConfig | None = None) -> ClientData:
+        """Institution ``k``'s data; anonymized (once, cached) when ``cfg.anonymize`` says so."""
+        if cfg is not None and cfg.anonymize != "none":
+            from fedface.anonymize.chips import anonymized_client_data
+            return anonymized_client_data(self.client_files[k], cfg)
         return ClientData.load(self.client_files[k])
 
     def load_pairsets(self) -> list[PairSet]:
         return [PairSet.load(p) for p in self.pair_files]
 
-    def load_pooled(self) -> ClientData:
+    def load_pooled(self, cfg: RunConfig | None = None) -> ClientData:
         """All clients' data with globally unique labels (centralized training)."""
         xs, ys, xv, yv, offset = [], [], [], [], 0
         for k in range(len(self.client_files)):
-            c = self.load_client(k)
+            c = self.load_client(k, cfg)
             xs.append(c.x_train)
             ys.append(c.y_train + offset)
             xv.append(c.x_val)
