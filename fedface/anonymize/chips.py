@@ -46,7 +46,7 @@ def anonymize_chips(chips: np.ndarray, method: str, preset: str = "medium",
     values = resolve_options(method, preset, options)
     if method == "ksame":
         from fedface.anonymize.ksame import ksame_chips
-        return ksame_chips(chips, int(values["k"]))[0]
+        return ksame_chips(chips, int(values["k"]), padding=padding)[0]
     if method == "cloak":
         from fedface.anonymize.cloak import CloakConfig, cloak_chips
         from fedface.models.io import load_backbone

@@ -339,9 +339,8 @@ def _run_video(anonymizer: Anonymizer, s: Path, d: Path, options: AnonymizeOptio
         import dataclasses
         cfg = dataclasses.replace(cfg, audio=False)
     try:
-        out = anonymize_video(s, d, anonymizer.faces, anonymizer.method.apply, cfg,
-                              on_miss=options.on_miss, progress=progress,
-                              cover_frame=anonymizer.cover_frame)
+        out = anonymize_video(s, d, anonymizer.faces, anonymizer.apply_frame, cfg,
+                              on_miss=options.on_miss, progress=progress)
     except UserError as err:
         status = "refused" if "on-miss" in str(err) or "on_miss" in str(err) else "error"
         report.add(s, d, status, error=str(err))

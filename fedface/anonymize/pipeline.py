@@ -102,6 +102,14 @@ class Anonymizer:
             method = self._fallback
         return method.apply(image, [whole_frame(w, h)])
 
+    def apply_frame(self, image: np.ndarray, boxes: list[Box]) -> np.ndarray:
+        """The method on boxes a tracker gives (video): a box covering the whole frame (the
+        ``frame`` policy) goes through :meth:`cover_frame`."""
+        h, w = image.shape[:2]
+        if any(b.x0 <= 0 and b.y0 <= 0 and b.x1 >= w and b.y1 >= h for b in boxes):
+            return self.cover_frame(image)
+        return self.method.apply(image, boxes)
+
     def anonymize(self, image: np.ndarray, name: str = "<image>") -> tuple[np.ndarray, Frame]:
         """``(output, frame)`` for one image (not for batch methods: see :meth:`run_batch`)."""
         faces = self.faces(image)
@@ -121,8 +129,8 @@ class Anonymizer:
         results: list = [None] * len(images)
         if with_faces:
             if getattr(self.method, "batch", False):
-                outs = self.method.apply_batch([images[i] for i in with_faces],
-                                               [faces[i] for i in with_faces])
+                outs, _ = self.method.apply_batch([images[i] for i in with_faces],
+                                                  [faces[i] for i in with_faces])
             else:
                 outs = [self.method.apply(images[i], faces[i]) for i in with_faces]
             for i, out in zip(with_faces, outs, strict=True):

@@ -177,8 +177,8 @@ def build_method(name: str, preset: str = "medium", options: str | dict | None =
         return DPPix(b=int(values["b"]), epsilon=float(values["epsilon"]), m=int(values["m"]),
                      shape=shape if "shape" in parse_options(options) else "box")
     if name == "ksame":
-        from fedface.anonymize.methods_adapters import ksame_method
-        return ksame_method(int(values["k"]))
+        from fedface.anonymize.ksame import KSame, KSameConfig
+        return KSame(KSameConfig(k=int(values["k"])))
     if name == "cloak":
         from fedface.anonymize.methods_adapters import cloak_method
         return cloak_method(float(values["budget"]), values.get("surrogate"))
@@ -192,7 +192,8 @@ def build_method(name: str, preset: str = "medium", options: str | dict | None =
 
 
 def apply_batch(method: Any, images: Sequence[np.ndarray], faces: Sequence[Sequence[Box]]):
-    """Every image anonymized: ``method.apply_batch`` where the method has one."""
+    """Every image anonymized: ``method.apply_batch`` where the method has one (it returns
+    ``(images, report)``)."""
     if getattr(method, "batch", False):
-        return method.apply_batch(list(images), [list(f) for f in faces])
+        return method.apply_batch(list(images), [list(f) for f in faces])[0]
     return [method.apply(im, f) for im, f in zip(images, faces, strict=True)]
