@@ -345,8 +345,12 @@ def _run_video(anonymizer: Anonymizer, s: Path, d: Path, options: AnonymizeOptio
         status = "refused" if "on-miss" in str(err) or "on_miss" in str(err) else "error"
         report.add(s, d, status, error=str(err))
         return
-    keep = {k: v for k, v in out.items() if k != "boxes"}
-    report.add(s, d, "ok", faces=int(out.get("faces", 0)), **keep)
+    keep = {k: out[k] for k in ("frames", "fps", "width", "height", "rotation", "audio_streams",
+                                "detect_every", "tracks", "fps_achieved",
+                                "seconds") if k in out}
+    report.add(s, d, "ok", faces=int(out.get("faces_detected", 0)),
+               frames_without_face=len(out.get("miss_frames", [])),
+               policy=out.get("on_miss") if out.get("miss_frames") else None, **keep)
 
 
 def restore_path(src: str | Path, dst: str | Path, key: str | Path, overwrite: bool = False,
