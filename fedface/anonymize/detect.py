@@ -146,5 +146,12 @@ class FaceDetector:
             out.append(dataclasses.replace(b, landmarks=pts))
         return out
 
+    def copy(self) -> FaceDetector:
+        """A detector with the same settings and its own dlib objects (for another thread).
+        A test double that replaced ``detect`` is returned as it is."""
+        if "detect" in self.__dict__:
+            return self
+        return FaceDetector(self.config)
+
     def __call__(self, image: np.ndarray) -> list[Box]:
         return self.detect(image)

@@ -13,6 +13,7 @@ through unprotected unless the user asked for it:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -66,10 +67,22 @@ class Anonymizer:
         if not 0.5 <= mask_scale <= 4:
             raise ValueError(f"mask_scale={mask_scale}: use 0.5..4")
         self.method = method
-        self.detector = detect if isinstance(detect, FaceDetector) else FaceDetector(detect)
+        self._detector = detect if isinstance(detect, FaceDetector) else FaceDetector(detect)
+        self._local = threading.local()  # one detector per thread (video detects in threads)
+        self._main = threading.get_ident()
         self.mask_scale = mask_scale
         self.on_miss = on_miss
         self._fallback = None
+
+    @property
+    def detector(self) -> FaceDetector:
+        """This thread's detector (the one given, in the thread that made the anonymizer)."""
+        if threading.get_ident() == self._main:
+            return self._detector
+        det = getattr(self._local, "detector", None)
+        if det is None:
+            det = self._local.detector = self._detector.copy()
+        return det
 
     def faces(self, image: np.ndarray) -> list[Box]:
         """The boxes the method will cover (grown by ``mask_scale``, landmarks if needed)."""

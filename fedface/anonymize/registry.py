@@ -180,8 +180,11 @@ def build_method(name: str, preset: str = "medium", options: str | dict | None =
         from fedface.anonymize.ksame import KSame, KSameConfig
         return KSame(KSameConfig(k=int(values["k"])))
     if name == "cloak":
-        from fedface.anonymize.methods_adapters import cloak_method
-        return cloak_method(float(values["budget"]), values.get("surrogate"))
+        from fedface.anonymize.cloak import Cloak, CloakConfig
+        if not values.get("surrogate"):
+            raise ValueError("cloak needs the model it computes the perturbation against: "
+                             "--opt surrogate=PATH/model.pt (a fedface model, e.g. a run's)")
+        return Cloak.load(str(values["surrogate"]), CloakConfig(budget=float(values["budget"])))
     if name == "scramble":
         from fedface.anonymize.scramble import Scramble
         if key is None:

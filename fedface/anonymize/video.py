@@ -88,6 +88,7 @@ import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -163,6 +164,12 @@ class VideoConfig:
     upright : bool
         Turn frames with 90/180/270 degree rotation metadata upright for ``detect`` and
         ``apply`` (boxes are then in display coordinates); the file keeps its matrix.
+    detect_workers : int
+        Detections run in this many threads, overlapping each other and the decoding,
+        anonymizing and encoding of other frames (dlib releases the GIL while it detects);
+        0 = one per core. ``detect`` must then be safe to call from several threads
+        (:class:`~fedface.anonymize.pipeline.Anonymizer` keeps one detector per thread).
+        Results are consumed in frame order, so the output does not depend on it.
     """
 
     detect_every: int = 3
@@ -175,6 +182,7 @@ class VideoConfig:
     codec: str | None = None
     threads: int = 0
     upright: bool = True
+    detect_workers: int = 0
 
     def __post_init__(self) -> None:
         if int(self.detect_every) < 1:
@@ -979,6 +987,7 @@ def anonymize_video(src: str | Path, dst: str | Path, detect: DetectFn, apply: A
     inp = _open_input(src)
     tmp: Path | None = None
     out: _Output | None = None
+    pool: ThreadPoolExecutor | None = None
     try:
         v = _video_stream(src, inp)
         v.thread_type = "AUTO"
@@ -1029,11 +1038,34 @@ def anonymize_video(src: str | Path, dst: str | Path, detect: DetectFn, apply: A
                 secs["decode"] += time.perf_counter() - t
             return item.rgb
 
-        def run_detect(item: _Pending) -> None:
-            rgb = to_rgb(item)
+        workers = int(cfg.detect_workers) or (os.cpu_count() or 1)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="detect") if workers > 1 else None
+        inflight: deque = deque()  # (item, future) in frame order
+
+        def timed_detect(rgb: np.ndarray) -> tuple[list[Box], float]:
             t = time.perf_counter()
-            found = list(detect(rgb))
-            secs["detect"] += time.perf_counter() - t
+            return list(detect(rgb)), time.perf_counter() - t
+
+        def run_detect(item: _Pending) -> None:
+            """Start a detection (in the pool when there is one)."""
+            rgb = to_rgb(item)
+            if pool is None:
+                observe(item, timed_detect(rgb))
+            else:
+                inflight.append((item, pool.submit(timed_detect, rgb)))
+
+        def drain(limit: int) -> None:
+            """Feed finished detections to the tracker in frame order, waiting while more
+            than ``limit`` are in flight; then write what is ready."""
+            while inflight and (len(inflight) > limit or inflight[0][1].done()):
+                item, fut = inflight.popleft()
+                observe(item, fut.result())
+                flush(item.index - latency)
+
+        def observe(item: _Pending, result: tuple[list[Box], float]) -> None:
+            found, took = result
+            rgb = item.rgb
+            secs["detect"] += took
             t = time.perf_counter()
             h, w = rgb.shape[:2]
             found = [b.clip(w, h) for b in found]
@@ -1130,7 +1162,10 @@ def anonymize_video(src: str | Path, dst: str | Path, detect: DetectFn, apply: A
             pending.append(item)
             if n % every == 0:
                 run_detect(item)
-                flush(n - latency)
+                if pool is None:
+                    flush(n - latency)
+                else:
+                    drain(workers)
             n += 1
         if out is None:
             raise UserError(f"{src} has a video stream but no decodable frame: it may be "
@@ -1139,9 +1174,13 @@ def anonymize_video(src: str | Path, dst: str | Path, detect: DetectFn, apply: A
             raise UserError(f"{src} is truncated: its header lists {total} video frames but only "
                             f"{state['packets']} could be read; re-download or re-copy it, or "
                             "re-encode the part that plays")
+        drain(0)
         if pending and detect_frames[-1] != pending[-1].index:
             run_detect(pending[-1])
+            drain(0)
         flush(n)
+        if pool is not None:
+            pool.shutdown()
         t = time.perf_counter()
         for p in out.video.encode(None):
             out.container.mux(p)
@@ -1153,6 +1192,8 @@ def anonymize_video(src: str | Path, dst: str | Path, detect: DetectFn, apply: A
         os.replace(tmp, dst)
         tmp = None
     except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         if out is not None:
             try:
                 out.container.close()
