@@ -65,6 +65,7 @@ from ..data.images import load_image
 from ..data.pairs import read_pairs
 from ..data.report import DataReport
 from .boxes import Box, iou
+from .geometry import five_points
 
 __all__ = [
     "DLIB_MATCH_THRESHOLD",
@@ -99,9 +100,6 @@ DLIB_MATCH_THRESHOLD = 0.6
 # Where the face of a 250x250 LFW (deep-funneled) image lies when HOG finds none: the median HOG box
 # (upsample 1) on pairsDevTest is (67, 80, 175, 187), as fractions of width/height.
 _LFW_FALLBACK = (0.268, 0.32, 0.70, 0.748)
-# dlib's 5-point order from the 68-point (iBUG) scheme: eye corners (subject's left eye outer/inner,
-# right eye outer/inner) and the bottom of the nose.
-_FIVE_FROM_68 = (45, 42, 36, 39, 33)
 _CACHE_VERSION = 1
 
 
@@ -333,11 +331,10 @@ class DlibMatcher:
             rect = dlib.rectangle(int(round(where.x0)), int(round(where.y0)),
                                   int(round(where.x1)) - 1, int(round(where.y1)) - 1)
             return self.predictor(image, rect)
-        pts = np.asarray(where, dtype=np.float64)
-        if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] not in (5, 68):
-            raise ValueError(f"landmarks must be a (5, 2) or (68, 2) array, got shape {pts.shape}")
-        if pts.shape[0] == 68:
-            pts = pts[list(_FIVE_FROM_68)]
+        pts = five_points(where)
+        if pts is None:
+            raise ValueError(
+                f"landmarks must be a (5, 2) or (68, 2) array, got shape {np.shape(where)}")
         x0, y0 = np.floor(pts.min(axis=0)).astype(int)
         x1, y1 = np.ceil(pts.max(axis=0)).astype(int)
         parts = dlib.points()

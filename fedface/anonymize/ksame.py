@@ -55,6 +55,7 @@ import cv2
 import numpy as np
 
 from fedface.anonymize.boxes import Box
+from fedface.anonymize.geometry import DLIB_TEMPLATE_5, chip_transform, five_points
 from fedface.errors import UserError
 
 __all__ = [
@@ -67,18 +68,6 @@ __all__ = [
     "face_ellipse_mask",
     "ksame_chips",
 ]
-
-#: dlib's 5-point face template on the unit face square (``get_face_chip_details`` in
-#: dlib/image_transforms/interpolation.h), in the 5-point shape predictor's part order.
-DLIB_TEMPLATE_5 = np.array(
-    [
-        [0.8595674595992, 0.2134981538014],
-        [0.6460604764104, 0.2289674387677],
-        [0.1205750620789, 0.2137274526848],
-        [0.3340850613712, 0.2290642403242],
-        [0.4901123135679, 0.6277975316475],
-    ]
-)
 
 #: Distance spaces for the nearest-neighbour search of :func:`ksame_chips`.
 SPACES = ("pixels", "pca")
@@ -295,54 +284,6 @@ def ksame_chips(
 # -- geometry ------------------------------------------------------------------------------------------
 
 
-def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity ``dst ~ s R src + t`` (Umeyama 1991, as dlib's
-    ``find_similarity_transform``), as a 2x3 matrix."""
-    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
-    s, d = src - mu_s, dst - mu_d
-    u, sv, vt = np.linalg.svd(d.T @ s / len(src))
-    e = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        e[1, 1] = -1.0
-    rot = u @ e @ vt
-    var = float((s**2).sum() / len(src))
-    scale = float(np.trace(np.diag(sv) @ e) / var) if var > 0 else 0.0
-    t = mu_d - scale * rot @ mu_s
-    return np.hstack([scale * rot, t[:, None]])
-
-
-def chip_transform(landmarks: np.ndarray, size: int, padding: float) -> np.ndarray:
-    """The 2x3 affine map from chip pixels to image pixels that dlib uses for
-    ``dlib.get_face_chip(image, shape, size, padding)`` with these 5 landmarks.
-
-    ``cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)``
-    reproduces dlib's chip (and :class:`fedface.data.FaceAligner`'s) to within rounding; dlib
-    builds ``chip_details`` (a rectangle ``size * scale - 1`` wide, rotated about its centre)
-    from the similarity that maps its template to the landmarks, and this is that mapping.
-
-    Raises ``ValueError`` for landmarks that are not 5 finite, distinct points.
-    """
-    lm = np.asarray(landmarks, dtype=np.float64)
-    if lm.shape != (5, 2) or not np.isfinite(lm).all():
-        raise ValueError(f"ksame needs 5 finite (x, y) landmarks per face, got shape {lm.shape}")
-    template = (padding + DLIB_TEMPLATE_5) / (1.0 + 2.0 * padding) * size
-    tform = _similarity(template, lm)  # chip (template) -> image
-    p = tform[:, :2] @ np.array([1.0, 0.0])
-    scale = float(math.hypot(p[0], p[1]))
-    if not scale > 1e-6:
-        raise ValueError("ksame got degenerate landmarks (all at one point); cannot align the face")
-    angle = math.atan2(p[1], p[0])
-    centre = tform @ np.array([size / 2.0, size / 2.0, 1.0])
-    # dlib: rect = centered_drect(centre, size*scale, size*scale) (inclusive: width - 1), and
-    # chip pixel (0, 0) -> rotated top-left corner, (size-1, size-1) -> rotated bottom-right.
-    step = (size * scale - 1.0) / (size - 1.0)
-    c, s = math.cos(angle), math.sin(angle)
-    lin = step * np.array([[c, -s], [s, c]])
-    half = (size - 1) / 2.0
-    offset = centre - lin @ np.array([half, half])
-    return np.hstack([lin, offset[:, None]])
-
-
 def _extract(image: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     """The chip of ``image`` under chip->image map ``m``: bilinear, with a Gaussian pyramid first
     when the face is more than twice the chip (as dlib does), edges replicated."""
@@ -434,10 +375,12 @@ class KSame:
         self._predictor: Any = None
 
     def _landmarks(self, image: np.ndarray, box: Box) -> tuple[np.ndarray, bool]:
-        """The face's 5 landmarks: the box's own when it has 5, else dlib's 5-point predictor
-        run on the box (which should be a detector-like box). Returns ``(points, computed)``."""
-        if box.landmarks is not None and np.shape(box.landmarks) == (5, 2):
-            return np.asarray(box.landmarks, dtype=np.float64), False
+        """The face's 5 landmarks: the box's own when it has 5 (or 68, reduced to dlib's 5),
+        else dlib's 5-point predictor run on the box (which should be a detector-like box).
+        Returns ``(points, computed)``."""
+        lm = five_points(box.landmarks)
+        if lm is not None:
+            return lm, False
         import dlib
 
         if self._predictor is None:
