@@ -13,12 +13,22 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 ProgressFn = Callable[[str, int, int], None]
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (frames per second for a video), once rich has measured it."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "", style="progress.data.speed")
 
 
 class RichProgress:
@@ -27,7 +37,8 @@ class RichProgress:
     def __init__(self, console: Console | None = None, transient: bool = False):
         self._bar = Progress(
             TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient,
+            RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            transient=transient,
         )
         self._tasks: dict[str, int] = {}
 

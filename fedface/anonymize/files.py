@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from fedface.anonymize.detect import DetectConfig, FaceDetector
+from fedface.anonymize.detect import DetectConfig
 from fedface.anonymize.pipeline import Anonymizer, Frame, MissedFace
-from fedface.anonymize.registry import METHODS, build_method
+from fedface.anonymize.registry import build_method, resolve_options
 from fedface.data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from fedface.errors import UserError
 from fedface.io import atomic_write, atomic_write_text
@@ -265,16 +265,11 @@ def anonymize_path(src: str | Path, dst: str | Path, options: AnonymizeOptions,
 
 
 def _settings(options: AnonymizeOptions) -> dict:
-    from dataclasses import asdict
+    """The run's settings as the report records them (the method's options resolved)."""
     out = {k: v for k, v in asdict(options).items() if k not in ("video", "key")}
-    out["options"] = dict(METHODS[options.method].presets.get(options.preset, {})) \
-        if options.method in METHODS else {}
-    from fedface.anonymize.registry import resolve_options
-    try:
-        out["options"] = resolve_options(options.method, options.preset, options.options)
-    except ValueError:
-        pass
+    out["options"] = resolve_options(options.method, options.preset, options.options)
     out["key"] = str(options.key) if options.key else None
+    out["video"] = asdict(options.video) if options.video is not None else None
     return out
 
 
@@ -393,6 +388,3 @@ def restore_path(src: str | Path, dst: str | Path, key: str | Path, overwrite: b
         raise UserError(report.failed[0]["error"])
     return report
 
-
-def detector_for(options: AnonymizeOptions) -> FaceDetector:
-    return FaceDetector(options.detect)
