@@ -368,3 +368,20 @@ def test_dlib_hog_on_faces_multi():
     # measured: 43/43 found, no false alarm, mean IoU 0.895 (the labels follow dlib's convention)
     assert r["recall"] >= 0.9 and r["precision"] >= 0.9, r
     assert r["mean_iou_matched"] > 0.8
+
+
+def test_identical_descriptors_are_not_a_reidentification():
+    """A method that makes every face the same (a solid mask) leaves the matcher nothing:
+    float noise between 'identical' descriptors must not rank genuine pairs first."""
+    from fedface.anonymize.evaluate import PairSet, reid_rates
+
+    rng = np.random.default_rng(0)
+    n = 60
+    labels = np.repeat(np.arange(30), 2).astype(str)
+    clean = rng.normal(size=(n, 128))
+    same = np.ones(128) * 0.1
+    # Float noise that happens to be shared by the two photos of a person (same context).
+    noise = rng.normal(scale=1e-8, size=(30, 128))
+    anon = same + np.repeat(noise, 2, axis=0)
+    pairs = PairSet(np.arange(0, n, 2), np.arange(1, n, 2), np.ones(30, bool), labels)
+    assert reid_rates(pairs, clean, anon)["adaptive_rate"] == 0.0
