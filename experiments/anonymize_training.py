@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--setting", choices=("demo", "lfw"), default="demo")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--presets", default=None, help="default: all for demo, medium for lfw")
+    ap.add_argument("--again", action="store_true", help="rerun runs the result file has")
     args = _study.parse(ap)
     if args.setting == "lfw":
         _study.require_lfw(args.lfw)
@@ -70,10 +71,13 @@ def main() -> None:
                "raw_pixels": rep.get("raw_pixels", {}).get("accuracy"),
                "wall_seconds": round(time.time() - t0, 1)}
         runs[name] = row
-        summary["config"] = summary.get("config", {})
-        summary["config"][args.setting] = base
+        # Re-read the file: a study of the other setting may have written it meanwhile.
+        fresh = _study.previous(args.out, TAG) or summary
+        fresh.setdefault("runs", {})[args.setting] = runs
+        fresh.setdefault("config", {})[args.setting] = base
         print(name, json.dumps(row))
-        _study.write_results(args.out, TAG, summary, markdown)
+        _study.write_results(args.out, TAG, fresh, markdown)
+        summary.update(fresh)
         return row
 
     if "none" not in runs:
@@ -82,6 +86,8 @@ def main() -> None:
     for method in args.methods.split(","):
         for preset in (presets if method != "mask" else ["medium"]):
             name = f"{method}-{preset}"
+            if name in runs and not args.again:
+                continue  # already in the result file (--again reruns it)
             options = f"surrogate={surrogate}" if method == "cloak" else ""
             one(name, anonymize=method, anonymize_preset=preset, anonymize_options=options)
     plot(summary, args.out / f"{TAG}.png")
