@@ -154,6 +154,30 @@ def _scramble_checks(paths, clean, matcher, pairs, det, key) -> dict:
             "wrong_key_naive_rate": res["naive_rate"], "wrong_key_adaptive_rate": res["adaptive_rate"]}
 
 
+def bench_speed(lfw: Path, methods: list[str], surrogate: str | None, work: Path, log: Log,
+                n: int = 60) -> list[dict]:
+    """Images per second of ``fedface anonymize``'s pipeline (decoded LFW images in memory:
+    detection, landmarks where needed, the method) at the medium preset."""
+    from fedface.anonymize.pipeline import Anonymizer
+
+    images = _stills(lfw, n)
+    rows = []
+    for name in methods:
+        if name == "cloak" and not surrogate:
+            continue
+        an = Anonymizer(_method(name, "medium", surrogate, _bench_key(work)), DetectConfig())
+        t0 = time.perf_counter()
+        if getattr(an.method, "batch", False):
+            an.run_batch(images, [str(i) for i in range(len(images))])
+        else:
+            for im in images:
+                an.anonymize(im)
+        dt = time.perf_counter() - t0
+        rows.append({"method": name, "images": len(images), "images_per_second": round(len(images) / dt, 1)})
+        log(f"{name}: {rows[-1]['images_per_second']} images/s (detection included)")
+    return rows
+
+
 def bench_detection(faces_multi: Path, log: Log) -> list[dict]:
     from fedface.anonymize.evaluate import detector_pr
 
@@ -177,9 +201,11 @@ def bench_detection(faces_multi: Path, log: Log) -> list[dict]:
 
 
 def _stills(lfw: Path, n: int = 6) -> list[np.ndarray]:
+    """One photo each of ``n`` LFW people spread over the alphabet."""
     from fedface.data.images import load_image
     folder = lfw / "lfw-deepfunneled" if (lfw / "lfw-deepfunneled").is_dir() else lfw
-    people = sorted(p for p in folder.iterdir() if p.is_dir())[::97][:n]
+    people = sorted(p for p in folder.iterdir() if p.is_dir())
+    people = people[:: max(1, len(people) // n)][:n]
     return [load_image(sorted(p.glob("*.jpg"))[0]) for p in people]
 
 
@@ -331,9 +357,14 @@ def grid(lfw: Path, out_png: Path, surrogate: str | None, key: bytes, n: int = 4
 def bench_anonymize(lfw: Path, faces_multi: Path, out_dir: Path, pairs_file: str = "pairsDevTest.txt",
                     methods: list[str] | None = None, presets: list[str] | None = None,
                     surrogate: str | None = None, video_frames: int = 150, deface: bool = True,
-                    limit: int | None = None, parts: tuple[str, ...] = ("reid", "detect", "video", "grid"),
-                    log: Log = print) -> dict:
-    """Every measurement of the module docstring; figures written under ``out_dir``."""
+                    limit: int | None = None,
+                    parts: tuple[str, ...] = ("reid", "speed", "detect", "video", "grid"),
+                    previous: dict | None = None, log: Log = print) -> dict:
+    """Every measurement of the module docstring; figures written under ``out_dir``.
+
+    ``previous`` (an earlier result) is updated instead of replaced: the parts run now
+    replace its parts, and re-identification rows of the methods run now replace its rows
+    of those methods (so one method can be re-measured without redoing the others)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "anonymize_work"
     work.mkdir(exist_ok=True)
@@ -350,10 +381,31 @@ def bench_anonymize(lfw: Path, faces_multi: Path, out_dir: Path, pairs_file: str
     if "video" in parts:
         python = deface_environment(work / "deface-env", log) if deface else None
         result["video"] = bench_video(lfw, work, video_frames, python, log)
+    if "speed" in parts:
+        result["speed"] = bench_speed(lfw, methods, surrogate, work, log)
     if "grid" in parts:
         grid(lfw, out_dir / "anonymize_grid.png", surrogate, _bench_key(work))
         result["grid"] = str(out_dir / "anonymize_grid.png")
-    return result
+    return merge(previous, result) if previous else result
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s parts; row lists (re-identification, speed) merged by method."""
+    out = {**old, **{k: v for k, v in new.items() if k not in ("reid", "speed", "settings")}}
+    out["settings"] = {**old.get("settings", {}), "updated_with": new["settings"]}
+    if "speed" in new:
+        done = {r["method"] for r in new["speed"]}
+        out["speed"] = [r for r in old.get("speed", []) if r["method"] not in done] + new["speed"]
+    if "reid" in new:
+        reid = dict(new["reid"])
+        done = {r["method"] for r in reid["methods"]}
+        if old.get("reid", {}).get("pairs_file") == reid["pairs_file"] and \
+                old["reid"].get("images") == reid["images"]:
+            kept = [r for r in old["reid"]["methods"] if r["method"] not in done]
+            order = {m: i for i, m in enumerate(METHODS)}
+            reid["methods"] = sorted(kept + reid["methods"], key=lambda r: order[r["method"]])
+        out["reid"] = reid
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -390,6 +442,11 @@ def markdown(result: dict) -> str:
             lines.append(f"| {d['detector']} | {d['upsample']} | {d['recall']:.3f} | "
                          f"{d['precision']:.3f} | {d.get('tp')} | {d.get('fp')} | {d.get('fn')} | "
                          f"{d['seconds']} |")
+    if "speed" in result:
+        lines += ["", "Speed of `fedface anonymize` on 250x250 LFW photos (detection included, "
+                  "medium preset, 2 cores):", "", "| method | images/s |", "|---|---|"]
+        for r in result["speed"]:
+            lines.append(f"| {r['method']} | {r['images_per_second']} |")
     if "video" in result:
         lines += ["", "Video (blur, HOG, tracking; 2 cores):", "",
                   "| size | frames | fps end to end | fps detect+blur | decode+encode share | "

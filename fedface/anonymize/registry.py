@@ -80,7 +80,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                {"b": "block side in pixels", "epsilon": "privacy parameter per face",
                 "m": "pixels two neighbouring faces may differ in"}, keeps_face=True),
     MethodInfo("ksame", "K-Same (Newton 2005): each face becomes the average of k faces of the run",
-               {"low": {"k": 3}, "medium": {"k": 5}, "high": {"k": 10}},
+               {"low": {"k": 10}, "medium": {"k": 15}, "high": {"k": 25}},
                {"k": "faces averaged together (re-identification at most 1/k)"},
                keeps_face=True, needs_landmarks=True, batch=True),
     MethodInfo("cloak", "adversarial perturbation towards another identity under a DSSIM budget",

@@ -92,8 +92,11 @@ def bench_anonymize(
     surrogate: Annotated[str | None, typer.Option(
         help="The fedface model (model.pt) the cloak is computed against; cloak is skipped "
         "without one.")] = None,
-    parts: Annotated[str, typer.Option(help="Which parts: reid, detect, video, grid.")] =
-        "reid,detect,video,grid",
+    parts: Annotated[str, typer.Option(help="Which parts: reid, speed, detect, video, grid.")] =
+        "reid,speed,detect,video,grid",
+    update: Annotated[bool, typer.Option(
+        "--update", help="Update the --json file: the parts and methods measured now replace "
+        "theirs, the rest is kept.")] = False,
     video_frames: Annotated[int, typer.Option(help="Frames of each benchmark video.")] = 150,
     deface: Annotated[bool, typer.Option(
         "--deface/--no-deface", help="Run deface 1.5 on the same frames (installs it into a "
@@ -111,10 +114,13 @@ def bench_anonymize(
         if not path.exists():
             raise UserError(f"{what} not found ({path} is missing): pass --lfw / --faces-multi")
 
+    previous = json.loads(json_path.read_text()) if update and json_path.exists() else None
+
     def run() -> dict:
         res = bench.bench_anonymize(
             lfw, faces_multi, json_path.parent, pairs, methods.split(","), presets.split(","),
-            surrogate, video_frames, deface, limit, tuple(parts.split(",")), log=console.print)
+            surrogate, video_frames, deface, limit, tuple(parts.split(",")), previous,
+            log=console.print)
         atomic_write_text(json_path.with_suffix(".md"), bench.markdown(res))
         return res
 
