@@ -379,7 +379,8 @@ def bench_anonymize(lfw: Path, faces_multi: Path, out_dir: Path, pairs_file: str
         result["reid"] = bench_reid(lfw, pairs_file, methods, presets, surrogate,
                                     work, limit, log)
     if "video" in parts:
-        python = deface_environment(work / "deface-env", log) if deface else None
+        from fedface.config import default_cache_dir
+        python = deface_environment(default_cache_dir() / "deface-env", log) if deface else None
         result["video"] = bench_video(lfw, work, video_frames, python, log)
     if "speed" in parts:
         result["speed"] = bench_speed(lfw, methods, surrogate, work, log)
