@@ -24,6 +24,10 @@ def print_summary(doc: dict | RunDocument, title: str = "fedface run") -> None:
             f"{data.get('train_images')} images over {len(clients)} institutions "
             f"(images per institution: {sizes})"
         )
+    if cfg.get("anonymize", "none") != "none":
+        opts = f", {cfg['anonymize_options']}" if cfg.get("anonymize_options") else ""
+        console.print(f"anonymized by every institution before training: {cfg['anonymize']} "
+                      f"({cfg.get('anonymize_preset', 'medium')}{opts}); test pairs clean")
     console.print(rounds_table(run.rounds))
     console.print(verification_table(run.final_reports()))
     print_privacy(run)
