@@ -41,6 +41,7 @@ from client.privacy import (
     released_count,
 )
 from client.task import client_config, client_id, load_client_data
+from fedface.anonymize.ksame import NotEnoughFacesError
 from fedface.config import RunConfig
 from fedface.privacy import PrivacyBudgetExhausted, PrivacyConfigError
 from fedface.protocol import (
@@ -76,7 +77,7 @@ from fedface.protocol import (
 ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
     (PrivacyBudgetExhausted, ERR_DP_BUDGET_SPENT),
     (he.OutOfSync, ERR_OUT_OF_SYNC),
-    (PrivacyConfigError, ERR_PRIVACY_REFUSED),
+    ((PrivacyConfigError, NotEnoughFacesError), ERR_PRIVACY_REFUSED),
     (he.KeyMismatch, ERR_KEY_MISMATCH),
     ((he.ReleaseRefused, he.AggregateRefused), ERR_RELEASE_REFUSED),
 )

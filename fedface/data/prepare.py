@@ -131,10 +131,21 @@ class PreparedData:
         return [PairSet.load(p) for p in self.pair_files]
 
     def load_pooled(self, cfg: RunConfig | None = None) -> ClientData:
-        """All clients' data with globally unique labels (centralized training)."""
+        """All clients' data with globally unique labels (centralized training).
+
+        An institution that cannot anonymize its images as ``cfg`` asks (K-Same with
+        fewer than k of them) contributes nothing, never its raw images; the summary lists
+        it under ``anonymize_excluded``."""
+        from fedface.anonymize.ksame import NotEnoughFacesError
+
         xs, ys, xv, yv, offset = [], [], [], [], 0
         for k in range(len(self.client_files)):
-            c = self.load_client(k, cfg)
+            try:
+                c = self.load_client(k, cfg)
+            except NotEnoughFacesError as err:
+                self.summary.setdefault("anonymize_excluded", []).append(
+                    {"institution": k, "reason": str(err)})
+                continue
             xs.append(c.x_train)
             ys.append(c.y_train + offset)
             xv.append(c.x_val)

@@ -67,3 +67,24 @@ def test_the_client_trains_on_the_anonymized_copy(tmp_path):
     assert np.array_equal(data.x_train, anonymize_chips(chips[:20], "blur", "high"))
     # Without an explicit config the node reads the run config Flower gave it.
     assert np.array_equal(load_client_data(context, str(tmp_path)).x_train, data.x_train)
+
+
+def test_an_institution_with_fewer_than_k_faces_sends_nothing(tmp_path):
+    """Adversary: whoever receives the institution's training images (pooled training) or
+    model (federated). An institution that cannot make its images k-anonymous declines:
+    its raw images are never used instead."""
+    from client.mods import error_code
+    from fedface.anonymize.ksame import NotEnoughFacesError
+    from fedface.data.prepare import PreparedData
+    from fedface.protocol import ERR_PRIVACY_REFUSED
+
+    big, small = tmp_path / "client_000.npz", tmp_path / "client_001.npz"
+    _client(big, n=30)
+    _client(small, n=6)
+    data = PreparedData(tmp_path, [big, small], [])
+    pooled = data.load_pooled(RunConfig(anonymize="ksame", anonymize_options="k=8"))
+    assert len(pooled.x_train) + len(pooled.x_val) == 30  # the small institution is out
+    assert data.summary["anonymize_excluded"][0]["institution"] == 1
+    assert "at least k=8" in data.summary["anonymize_excluded"][0]["reason"]
+    # Federated: the client declines with the code the server records as a refusal.
+    assert error_code(NotEnoughFacesError("ksame needs at least k=8 faces")) == ERR_PRIVACY_REFUSED
