@@ -232,18 +232,22 @@ def bench_video(lfw: Path, work: Path, frames: int, deface_python: str | None, l
         t0 = time.perf_counter()
         rep = anonymize_video(src, dst, an.faces, an.apply_frame, VideoConfig())
         total = time.perf_counter() - t0
-        # Every input frame through the detector (not timed): any face it finds must be covered.
+        # Every input frame through the same detector (not timed): each face it finds (its
+        # box, the part inside the frame) must be at least 90% inside the covered region.
         every = FaceDetector(detect_cfg)
-        found = [[b.expand(MASK_SCALE) for b in every.detect(f)] for f in read_frames(src)]
+        found = [[b.clip(w, h) for b in every.detect(f)] for f in read_frames(src)]
         covered = [[Box(*c) for c in fb] for fb in rep["boxes"]]
         missed = uncovered_frames(found, covered)
         pin, pout = probe_video(src), probe_video(dst)
         t = rep.get("seconds", {})
         n = rep["frames"]
+        codec = t.get("decode", 0) + t.get("encode", 0)
+        # Detections run in threads beside decoding and encoding: the wall time that is not
+        # decoding or encoding is what detection, tracking and blurring cost (deface's figure).
         row = {"size": f"{w}x{h}", "frames": n, "detector_scale": scale,
                "fps_end_to_end": round(n / total, 1),
-               "fps_detect_and_blur": round(n / max(1e-9, t.get("detect", 0) + t.get("apply", 0)), 1),
-               "decode_encode_share": round((t.get("decode", 0) + t.get("encode", 0)) / total, 3),
+               "fps_without_decode_encode": round(n / max(1e-9, total - codec), 1),
+               "decode_encode_share": round(codec / total, 3),
                "seconds": t, "frames_with_input_face": sum(1 for f in found if f),
                "uncovered_frames": len(missed),
                "kept": {k: (pin.get(k), pout.get(k)) for k in
@@ -251,10 +255,12 @@ def bench_video(lfw: Path, work: Path, frames: int, deface_python: str | None, l
         if deface_python:
             row["deface"] = _deface_on_frames(deface_python, src, work)
             if row["deface"].get("fps"):
-                row["speedup_vs_deface"] = round(row["fps_detect_and_blur"] / row["deface"]["fps"], 2)
+                row["speedup_vs_deface"] = round(row["fps_without_decode_encode"] / row["deface"]["fps"], 2)
+                row["speedup_vs_deface_end_to_end"] = round(row["fps_end_to_end"] / row["deface"]["fps"], 2)
         rows.append(row)
         log(f"video {w}x{h}: {row['fps_end_to_end']} fps end to end, "
-            f"{row['fps_detect_and_blur']} fps detect+blur, uncovered {row['uncovered_frames']}"
+            f"{row['fps_without_decode_encode']} fps without decode/encode, uncovered "
+            f"{row['uncovered_frames']}"
             + (f", deface {row['deface'].get('fps')} fps" if deface_python else ""))
     return rows
 
@@ -450,13 +456,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['method']} | {r['images_per_second']} |")
     if "video" in result:
         lines += ["", "Video (blur, HOG, tracking; 2 cores):", "",
-                  "| size | frames | fps end to end | fps detect+blur | decode+encode share | "
-                  "uncovered frames | deface fps (detect+blur) | speed-up |",
+                  "| size | frames | fps end to end | fps without decode/encode | decode+encode share | "
+                  "uncovered frames | deface fps (detect+blur) | speed-up (without codec / end to end) |",
                   "|---|---|---|---|---|---|---|---|"]
         for v in result["video"]:
             d = v.get("deface", {})
             lines.append(f"| {v['size']} | {v['frames']} | {v['fps_end_to_end']} | "
-                         f"{v['fps_detect_and_blur']} | {100 * v['decode_encode_share']:.0f}% | "
+                         f"{v['fps_without_decode_encode']} | {100 * v['decode_encode_share']:.0f}% | "
                          f"{v['uncovered_frames']} / {v['frames_with_input_face']} | "
-                         f"{d.get('fps', d.get('error', '-'))} | {v.get('speedup_vs_deface', '-')} |")
+                         f"{d.get('fps', d.get('error', '-'))} | {v.get('speedup_vs_deface', '-')} / "
+                         f"{v.get('speedup_vs_deface_end_to_end', '-')} |")
     return "\n".join(lines) + "\n"
