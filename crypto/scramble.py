@@ -112,12 +112,15 @@ def new_key(path: str | Path) -> bytes:
     data = _encode(key)
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
+    def fill(fd: int) -> None:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+    try:
+        fill(fd)
         try:
             os.link(tmp, p)
         except FileExistsError:
@@ -130,11 +133,7 @@ def new_key(path: str | Path) -> bytes:
             except FileExistsError:
                 raise ScrambleKeyError(f"scramble key {p} already exists: refusing to overwrite "
                                        "it; choose another path") from None
-            with os.fdopen(out, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            fill(out)
     finally:
         try:
             os.unlink(tmp)
