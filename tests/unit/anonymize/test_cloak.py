@@ -1,5 +1,6 @@
 """Tests for fedface.anonymize.cloak: budgets, region, determinism, alignment, targets."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[3]
 LFW_MODEL = ROOT / "experiments/results/dp/none-eps-inf-s0/model.pt"
-LFW_IMAGE = Path("/work/shared/data/lfw/lfw-deepfunneled/Aaron_Eckhart/Aaron_Eckhart_0001.jpg")
+SHARED = Path(os.environ.get("FEDFACE_SHARED_DATA",
+                             Path(__file__).resolve().parents[4] / "shared" / "data"))
+LFW_IMAGE = SHARED / "lfw" / "lfw-deepfunneled" / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
 SIZE = 32
 # dlib 5-point order: outer/inner corner of the image-right eye, outer/inner of the left, nose.
 LANDMARKS = np.array([[88.0, 62.0], [74.0, 63.0], [40.0, 62.0], [54.0, 63.0], [64.0, 84.0]])

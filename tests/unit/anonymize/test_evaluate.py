@@ -315,7 +315,7 @@ def test_detection_rate():
 
 
 # --------------------------------------------------------------------------- #
-# real data (skips without /work/shared/data)
+# real data (skips without the shared data folder)
 # --------------------------------------------------------------------------- #
 def _need(path: Path) -> Path:
     if not path.exists():
