@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,8 +218,7 @@ def build_anonymizer(options: AnonymizeOptions) -> Anonymizer:
 
 
 def anonymize_path(src: str | Path, dst: str | Path, options: AnonymizeOptions,
-                   progress: ProgressFn | None = None,
-                   log: Callable[[str], None] | None = None) -> RunReport:
+                   progress: ProgressFn | None = None) -> RunReport:
     """Anonymize ``src`` (a file or a folder tree) into ``dst``; see the module docstring.
 
     A single bad file raises :class:`UserError`; in a folder run it is listed in the
