@@ -1,6 +1,5 @@
 """Tests for fedface.anonymize.cloak: budgets, region, determinism, alignment, targets."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,13 @@ from fedface.anonymize.cloak import (
 )
 from fedface.errors import UserError
 from fedface.models import build_backbone
+from tests.conftest import SHARED_DATA
 
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[3]
 LFW_MODEL = ROOT / "experiments/results/dp/none-eps-inf-s0/model.pt"
-SHARED = Path(os.environ.get("FEDFACE_SHARED_DATA",
-                             Path(__file__).resolve().parents[4] / "shared" / "data"))
-LFW_IMAGE = SHARED / "lfw" / "lfw-deepfunneled" / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
+LFW_IMAGE = SHARED_DATA / "lfw" / "lfw-deepfunneled" / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
 SIZE = 32
 # dlib 5-point order: outer/inner corner of the image-right eye, outer/inner of the left, nose.
 LANDMARKS = np.array([[88.0, 62.0], [74.0, 63.0], [40.0, 62.0], [54.0, 63.0], [64.0, 84.0]])

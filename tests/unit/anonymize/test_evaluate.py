@@ -1,7 +1,6 @@
 """The anonymizer evaluation library: thresholds, re-id rates, quality, imglab, detector P/R."""
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,7 @@ from fedface.anonymize.evaluate import (
 )
 from fedface.data.images import load_image
 from fedface.eval.verification import tar_at_far
-
-SHARED = Path(os.environ.get("FEDFACE_SHARED_DATA",
-                             Path(__file__).resolve().parents[4] / "shared" / "data"))
+from tests.conftest import SHARED_DATA
 
 
 # --------------------------------------------------------------------------- #
@@ -325,7 +322,7 @@ def _need(path: Path) -> Path:
 
 
 def test_dlib_matcher_on_lfw_genuine_pairs(tmp_path):
-    lfw = _need(SHARED / "lfw" / "pairsDevTest.txt").parent
+    lfw = _need(SHARED_DATA / "lfw" / "pairsDevTest.txt").parent
     paths, pairs = lfw_pair_images(lfw, "pairsDevTest.txt")
     assert len(pairs) == 1000 and pairs.same.sum() == 500
     assert len(paths) == len(pairs.labels) == len(set(paths))
@@ -356,7 +353,7 @@ def test_dlib_matcher_on_lfw_genuine_pairs(tmp_path):
 def test_dlib_hog_on_faces_multi():
     import dlib
 
-    fm = _need(SHARED / "faces-multi" / "testing.xml").parent
+    fm = _need(SHARED_DATA / "faces-multi" / "testing.xml").parent
     det = dlib.get_frontal_face_detector()
 
     def detect(image):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,10 +15,9 @@ from fedface.anonymize.geometry import (
     five_points,
     similarity,
 )
+from tests.conftest import SHARED_DATA
 
-SHARED = Path(os.environ.get("FEDFACE_SHARED_DATA",
-                             Path(__file__).resolve().parents[4] / "shared" / "data"))
-LFW_IMAGE = SHARED / "lfw" / "lfw-deepfunneled" / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
+LFW_IMAGE = SHARED_DATA / "lfw" / "lfw-deepfunneled" / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
 # dlib's 5-point predictor on that image, inside its HOG box (67, 80)-(175, 187).
 LFW_LANDMARKS = np.array([[154, 109], [138, 110], [99, 109], [114, 110], [126, 146]])
 # A synthetic face in dlib's 5-point order (image-right eye outer/inner, left eye outer/inner,
