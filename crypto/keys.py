@@ -37,13 +37,13 @@ import json
 import os
 import secrets
 import shutil
-import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from crypto.context import HEContext, HEParams
+from crypto.keyfile import KeyFileError, read_private, write_private
 
 KEY_FILE = "key.json"
 INSTITUTIONS_DIR = "institutions"
@@ -59,47 +59,19 @@ def institution_dir(folder: str | Path, sender: int) -> Path:
     return Path(folder) / INSTITUTIONS_DIR / f"client_{int(sender):03d}"
 
 
-class KeyBundleError(ValueError):
+class KeyBundleError(KeyFileError):
     """A key bundle that is missing, unreadable, insecure or from another ceremony."""
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
+    write_private(path, data)
 
 
 def _read_private(path: Path, what: str) -> bytes:
-    """The bytes of a key file that is a regular file (not a symbolic link), owned by the
-    current user and readable by nobody else; anything else is refused, saying why."""
-    try:
-        # O_NONBLOCK: a FIFO in place of a key file is refused below instead of blocking.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise KeyBundleError(f"{what} {path} is missing: run `fedface keys init --out DIR` and "
-                             "point he-keys at DIR (or, on a node, at its own folder "
-                             "DIR/institutions/client_K)") from None
-    except OSError as err:
-        if path.is_symlink():
-            raise KeyBundleError(f"{what} {path} is a symbolic link (to {os.readlink(path)}): key "
-                                 "files must be regular files; copy the file itself") from None
-        raise KeyBundleError(f"{what} {path} cannot be read ({err.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyBundleError(f"{what} {path} is not a regular file: copy the file itself")
-        uid = os.getuid()
-        if st.st_uid != uid:
-            raise KeyBundleError(f"{what} {path} is owned by uid {st.st_uid}, not by the current "
-                                 f"user (uid {uid}): another user could replace it; run "
-                                 f"`chown {uid} {path}` or copy it into a folder of yours")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            raise KeyBundleError(f"{what} {path} is readable by other users (mode {oct(mode)}): "
-                                 f"run `chmod 600 {path}`")
-        return f.read()
+    """The bytes of a key file, checked first (:func:`crypto.keyfile.read_private`)."""
+    return read_private(path, what, KeyBundleError,
+                        missing="run `fedface keys init --out DIR` and point he-keys at DIR (or, on "
+                        "a node, at its own folder DIR/institutions/client_K)")
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -24,7 +24,7 @@ Two text lines, created owner-only (0600) and never overwritten::
     <64 hex digits: 32 bytes from the OS CSPRNG (secrets.token_bytes)>
 
 It is read through one descriptor that is checked first (a regular file, not a link,
-owned by the current user, readable by nobody else; :func:`crypto.keys._read_private`).
+owned by the current user, readable by nobody else; :mod:`crypto.keyfile`).
 Losing it means the scrambled faces can never be restored; anyone who has it can
 restore every image scrambled with it.
 
@@ -40,9 +40,7 @@ itself. Fresh nonces mean two scrambles of the same image share no stream.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,18 +50,16 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from crypto.keys import KeyBundleError, _read_private
+from crypto.keyfile import KEY_BYTES, fingerprint, key_header, load_key_file, new_key_file
 
 __all__ = [
     "KEY_BYTES", "KEY_HEADER", "NONCE_BYTES", "ScrambleKeyError", "key_id", "keystream",
     "load_key", "new_key", "new_nonce", "permutation", "same_tag", "tag",
 ]
 
-KEY_BYTES = 32
 NONCE_BYTES = 16
-KEY_HEADER = "fedface-scramble-key v1"
+KEY_HEADER = key_header("scramble")
 _INFO = b"fedface/scramble/v1|"
-_MAX_KEY_FILE = 4096  # a key file is ~90 bytes; anything far larger is the wrong file
 _ZERO_BLOCK = bytes(16)
 
 
@@ -74,72 +70,18 @@ class ScrambleKeyError(ValueError):
 # -- key files ---------------------------------------------------------------------------
 
 
-def _encode(key: bytes) -> bytes:
-    return f"{KEY_HEADER}\n{key.hex()}\n".encode("ascii")
-
-
 def new_key(path: str | Path) -> bytes:
-    """Draw a new scramble key from the OS CSPRNG and write it to ``path``, owner-only.
-
-    Parameters
-    ----------
-    path : str or Path
-        Where the key file goes. Its folder is created (0700) if missing.
-
-    Returns
-    -------
-    bytes
-        The 32-byte key.
+    """Draw a new scramble key from the OS CSPRNG and write it to ``path``, owner-only
+    (:func:`crypto.keyfile.new_key_file`: never overwritten, written atomically).
 
     Raises
     ------
     ScrambleKeyError
-        When ``path`` already exists (even as a dangling link): a key is never
-        overwritten, since images scrambled with it could then never be restored.
-
-    Notes
-    -----
-    The file is written and synced under a temporary name, then hard-linked to ``path``
-    (which fails if ``path`` exists), so neither a crash nor a concurrent writer leaves
-    a torn or replaced key. Where the file system has no hard links it is created with
-    ``O_EXCL`` instead.
+        When ``path`` already exists (even as a dangling link): images scrambled with
+        the old key could then never be restored.
     """
-    p = Path(path)
-    if p.exists() or p.is_symlink():
-        raise ScrambleKeyError(f"scramble key {p} already exists: refusing to overwrite it (images "
-                               "scrambled with it could never be restored); choose another path")
-    key = secrets.token_bytes(KEY_BYTES)
-    data = _encode(key)
-    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    def fill(fd: int) -> None:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    try:
-        fill(fd)
-        try:
-            os.link(tmp, p)
-        except FileExistsError:
-            raise ScrambleKeyError(f"scramble key {p} already exists: refusing to overwrite "
-                                   "it; choose another path") from None
-        except OSError:  # no hard links here (some network or FUSE file systems)
-            try:
-                out = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                              0o600)
-            except FileExistsError:
-                raise ScrambleKeyError(f"scramble key {p} already exists: refusing to overwrite "
-                                       "it; choose another path") from None
-            fill(out)
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-    return key
+    return new_key_file(path, "scramble", error=ScrambleKeyError,
+                        why="images scrambled with it could never be restored")
 
 
 def load_key(path: str | Path) -> bytes:
@@ -152,34 +94,11 @@ def load_key(path: str | Path) -> bytes:
         not a regular file, is owned by another user or readable by others, or is not a
         scramble key file (wrong header, truncated or edited hex).
     """
-    p = Path(path)
-    what = "scramble key"
-    try:
-        raw = _read_private(p, what)
-    except KeyBundleError as err:
-        if not p.exists() and not p.is_symlink():
-            raise ScrambleKeyError(f"{what} {p} does not exist: pass the key file the images were "
-                                   "scrambled with (a new key cannot restore them)") from None
-        raise ScrambleKeyError(str(err)) from None
-    if len(raw) > _MAX_KEY_FILE:
-        raise ScrambleKeyError(f"{p} is not a fedface scramble key ({len(raw)} bytes, a key file "
-                               "has two short lines): pass the key file fedface wrote")
-    try:
-        lines = raw.decode("ascii").split()
-    except UnicodeDecodeError:
-        lines = []
-    if not lines or " ".join(lines[:2]) != KEY_HEADER:
-        raise ScrambleKeyError(f"{p} is not a fedface scramble key (its first line should be "
-                               f"{KEY_HEADER!r}): pass the key file fedface wrote")
-    try:
-        key = bytes.fromhex(lines[2]) if len(lines) == 3 else b""
-    except ValueError:
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise ScrambleKeyError(f"scramble key {p} does not hold {KEY_BYTES} bytes in hex (truncated "
-                               "or edited): restore it from a backup; a new key cannot restore "
-                               "images scrambled with this one")
-    return key
+    return load_key_file(path, "scramble", error=ScrambleKeyError,
+                         missing="pass the key file the images were scrambled with (a new key "
+                         "cannot restore them)",
+                         lost="restore it from a backup; a new key cannot restore images "
+                         "scrambled with this one")
 
 
 def _check_key(key: bytes) -> bytes:
@@ -195,9 +114,7 @@ def key_id(key: bytes) -> str:
     HKDF-SHA256 of the key under its own label, so it reveals nothing about the key or
     the streams; it tells which files were scrambled with the same key.
     """
-    okm = HKDF(algorithm=hashes.SHA256(), length=8, salt=None,
-               info=_INFO + b"key-id").derive(_check_key(key))
-    return okm.hex()
+    return fingerprint(_check_key(key), (_INFO + b"key-id").decode())
 
 
 # -- per-image, per-face streams ---------------------------------------------------------

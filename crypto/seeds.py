@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,42 +32,20 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from crypto.keyfile import KeyFileError, read_private
+
 SECRET_BYTES = 32
 _INFO = b"fedface/private-randomness/v1|"
 
 
-class SecretFileError(ValueError):
+class SecretFileError(KeyFileError):
     """A secret file that is unreadable, insecure, or of the wrong size."""
 
 
 def _read_private(path: Path) -> bytes:
-    """The secret's bytes, read from one descriptor that was checked first: refuse a
-    symbolic link, anything but a regular file (a FIFO would block the node), a file
-    owned by someone else or readable by others."""
-    what = f"private-randomness secret {path}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as err:
-        if os.path.islink(path):
-            raise SecretFileError(f"{what} is a symbolic link: replace it with the file itself "
-                                  "(a link can point anywhere)") from None
-        raise SecretFileError(f"{what} cannot be opened ({err.strerror})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SecretFileError(f"{what} is not a regular file: replace it with the file")
-        if hasattr(os, "getuid") and info.st_uid != os.getuid():
-            raise SecretFileError(f"{what} is owned by uid {info.st_uid}, not by this process "
-                                  f"(uid {os.getuid()}): run the node as its owner")
-        if stat.S_IMODE(info.st_mode) & 0o077:
-            raise SecretFileError(f"{what} is readable by other users (mode "
-                                  f"{oct(stat.S_IMODE(info.st_mode))}): run `chmod 600 {path}`")
-        chunks = []
-        while chunk := os.read(fd, 4096):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    """The secret's bytes, read from one descriptor that was checked first
+    (:func:`crypto.keyfile.read_private`)."""
+    return read_private(path, "private-randomness secret", SecretFileError)
 
 
 def load_or_create_secret(path: str | Path | None, kept: bytes | None = None) -> bytes:
