@@ -4,8 +4,10 @@
 - ``prepare``: align, split and check a data folder (:mod:`fedface.cli.data`);
 - ``eval``, ``models``: a saved model on a pair file, the registries (:mod:`fedface.cli.models`);
 - ``bench``: measurements that print JSON (:mod:`fedface.cli.bench`);
-- ``keys``: the encryption key ceremony, scramble keys (:mod:`fedface.cli.keys`);
+- ``keys``: the encryption key ceremony, scramble keys, template tokens and matching
+  keys (:mod:`fedface.cli.keys`);
 - ``anonymize``: faces in images and videos (:mod:`fedface.cli.anonymize`);
+- ``templates``: protected face templates in a store (:mod:`fedface.cli.templates`);
 - the tables of a run's summary: :mod:`fedface.cli.summary`; what the commands share
   (console, options, ``--set``): :mod:`fedface.cli.common`.
 
@@ -19,7 +21,7 @@ import os
 
 import typer
 
-from fedface.cli import anonymize, bench, data, keys, models, train
+from fedface.cli import anonymize, bench, data, keys, models, templates, train
 from fedface.cli.common import UserErrorGroup
 
 app = typer.Typer(
@@ -28,6 +30,7 @@ app = typer.Typer(
 )
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(keys.keys_app, name="keys")
+app.add_typer(templates.templates_app, name="templates")
 app.command()(train.train)
 app.command()(train.demo)
 app.command()(data.prepare)

@@ -1,4 +1,5 @@
-"""``fedface keys``: the encryption key ceremony, fingerprints, a new key generation."""
+"""``fedface keys``: the encryption key ceremony, fingerprints, a new key generation; scramble
+keys, template tokens and the keys of encrypted template matching."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fedface.cli.common import console
 from fedface.errors import user_errors
 
 keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys: ceremony, fingerprints, "
-                       "rotation; scramble keys.")
+                       "rotation; scramble keys; template tokens and matching keys.")
 
 
 def keys_table(desc: dict, folder: str) -> Table:
@@ -85,3 +86,16 @@ def keys_scramble(path: Annotated[Path, typer.Argument(help="The key file to cre
         key = new_key(path)
     console.print(f"scramble key {key_id(key)} written to {path} (owner-only). Keep it apart "
                   "from the scrambled files: anyone with both sees the faces.", soft_wrap=True)
+
+
+@keys_app.command("token")
+def keys_token(path: Annotated[Path, typer.Argument(help="The token file to create.")]) -> None:
+    """A new token for cancelable templates (`fedface templates --scheme biohash|projection`):
+    owner-only, never overwrites one. A new token renews every template made with it."""
+    from crypto.tokens import new_token
+
+    with user_errors(ValueError, OSError):
+        token = new_token(path)
+    console.print(f"template token {token.key_id} written to {path} (owner-only). Keep it apart "
+                  "from the template store: whoever holds both can invert the templates.",
+                  soft_wrap=True)

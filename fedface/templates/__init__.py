@@ -1,0 +1,1 @@
+"""Protected face templates: protection schemes, their evaluation and a secure store."""

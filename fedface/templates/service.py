@@ -1,0 +1,130 @@
+"""Enrol, verify, identify, revoke and renew: a template store used through one scheme.
+
+:class:`TemplateService` is what the ``fedface templates`` commands call. It takes raw
+embeddings (from :mod:`fedface.templates.embed`), protects them with the scheme and
+keeps only the protected template in the store (:mod:`fedface.templates.store`), whose
+rows carry the scheme's key id and an integrity tag under the scheme's MAC key.
+
+- A subject enrolled from several images gets one template: the mean of the normalised
+  embeddings.
+- A template stored under another key id than the key given is refused ("wrong key"),
+  never compared; a row whose tag fails is reported and never matched.
+- Renewal (:meth:`TemplateService.renew`) replaces a subject's template by one made under
+  a new key from fresh embeddings (a protected template cannot, by design, be turned into
+  another key's template).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedface.templates.schemes import Scheme, TemplateError, check_embeddings
+from fedface.templates.store import Record, TemplateStore
+
+__all__ = ["DEFAULT_THRESHOLDS", "TemplateService", "Match"]
+
+#: Decision thresholds at FMR 0.1% on LFW View 2 for dlib's embedder, measured by
+#: ``fedface bench templates`` (experiments/results/bench_templates.json): cosine for
+#: projection and he, Hamming similarity for biohash (512 bits).
+DEFAULT_THRESHOLDS = {"dlib": {"projection": 0.9, "he": 0.9, "biohash": 0.85}}
+
+
+@dataclass(frozen=True)
+class Match:
+    """One comparison's outcome."""
+
+    subject: str
+    score: float
+    match: bool
+
+    def to_dict(self) -> dict:
+        return {"subject": self.subject, "score": round(float(self.score), 6), "match": self.match}
+
+
+class TemplateService:
+    """A store used through one scheme (one key).
+
+    Parameters
+    ----------
+    store : TemplateStore
+        Where protected templates live.
+    scheme : Scheme
+        The protection (and its key) used for every operation of this service.
+    threshold : float
+        Decision threshold on the scheme's score (higher is more similar).
+    """
+
+    def __init__(self, store: TemplateStore, scheme: Scheme, threshold: float) -> None:
+        self.store = store
+        self.scheme = scheme
+        self.threshold = float(threshold)
+
+    # -- enrolment ----------------------------------------------------------------------
+    @staticmethod
+    def combine(emb) -> np.ndarray:
+        """One embedding for a subject: the mean of the normalised rows (re-normalised)."""
+        x = check_embeddings(emb).mean(axis=0)
+        return check_embeddings(x)
+
+    def enroll(self, subject: str, emb) -> Record:
+        """Protect ``emb`` (one or several rows of one subject) and store it."""
+        (template,) = self.scheme.protect(self.combine(emb))
+        return self.store.enroll(subject, self.scheme.name, self.scheme.key_id, template,
+                                 self.scheme.mac_key)
+
+    def enroll_many(self, items, progress=None) -> list[Record]:
+        """Enrol ``[(subject, emb), ...]``; ``progress(done, total)`` after each."""
+        items = list(items)
+        out = []
+        for i, (subject, emb) in enumerate(items):
+            out.append(self.enroll(subject, emb))
+            if progress is not None:
+                progress(i + 1, len(items))
+        return out
+
+    def renew(self, subject: str, emb) -> Record:
+        """Replace ``subject``'s template by one under this service's (new) key."""
+        (template,) = self.scheme.protect(self.combine(emb))
+        return self.store.renew(subject, self.scheme.name, self.scheme.key_id, template,
+                                self.scheme.mac_key)
+
+    def revoke(self, subject: str) -> Record:
+        return self.store.revoke(subject, self.scheme.name, self.scheme.mac_key)
+
+    # -- comparison ---------------------------------------------------------------------
+    def _check_key(self, rec: Record) -> None:
+        if rec.key_id != self.scheme.key_id:
+            raise TemplateError(f"subject {rec.subject!r} was enrolled under key {rec.key_id}, "
+                                f"not under the key given ({self.scheme.key_id}): pass the key "
+                                "it was enrolled with, or renew it under this one")
+
+    def verify(self, subject: str, emb) -> Match:
+        """1:1: ``subject``'s stored template against the probe."""
+        rec = self.store.get(subject, self.scheme.name, self.scheme.mac_key)
+        self._check_key(rec)
+        score = float(self.scheme.scores([rec.template], self.combine(emb))[0])
+        return Match(subject, score, score >= self.threshold)
+
+    def identify(self, emb, k: int = 5) -> dict:
+        """1:N: the ``k`` best-scoring active subjects under this key.
+
+        Returns ``{"candidates": [Match, ...], "searched": n, "tampered": [subject, ...],
+        "other_keys": n}``: rows whose tag fails are listed and never scored; rows under
+        another key are counted, not scored.
+        """
+        if k < 1:
+            raise TemplateError(f"--top {k}: ask for at least one candidate")
+        good, bad = self.store.verified(self.scheme.name, self.scheme.mac_key)
+        mine = [r for r in good if r.key_id == self.scheme.key_id]
+        probe = self.combine(emb)
+        if hasattr(self.scheme, "search"):
+            scores = self.scheme.search(self.store, mine, probe)
+        else:
+            scores = self.scheme.scores([r.template for r in mine], probe)
+        order = np.argsort(-np.asarray(scores), kind="stable")[:k]
+        return {"candidates": [Match(mine[i].subject, float(scores[i]),
+                                     float(scores[i]) >= self.threshold) for i in order],
+                "searched": len(mine), "tampered": [r.subject for r in bad],
+                "other_keys": len(good) - len(mine)}
