@@ -91,19 +91,14 @@ class TemplateService:
                                 self.scheme.mac_key)
 
     def revoke(self, subject: str) -> Record:
-        return self.store.revoke(subject, self.scheme.name, self.scheme.mac_key)
+        return self.store.revoke(subject, self.scheme.name, self.scheme.mac_key,
+                                 self.scheme.key_id)
 
     # -- comparison ---------------------------------------------------------------------
-    def _check_key(self, rec: Record) -> None:
-        if rec.key_id != self.scheme.key_id:
-            raise TemplateError(f"subject {rec.subject!r} was enrolled under key {rec.key_id}, "
-                                f"not under the key given ({self.scheme.key_id}): pass the key "
-                                "it was enrolled with, or renew it under this one")
-
     def verify(self, subject: str, emb) -> Match:
-        """1:1: ``subject``'s stored template against the probe."""
-        rec = self.store.get(subject, self.scheme.name, self.scheme.mac_key)
-        self._check_key(rec)
+        """1:1: ``subject``'s stored template against the probe (a template made under
+        another key is refused by the store, :class:`~fedface.templates.store.WrongKey`)."""
+        rec = self.store.get(subject, self.scheme.name, self.scheme.mac_key, self.scheme.key_id)
         score = float(self.scheme.scores([rec.template], self.combine(emb))[0])
         return Match(subject, score, score >= self.threshold)
 
@@ -111,13 +106,14 @@ class TemplateService:
         """1:N: the ``k`` best-scoring active subjects under this key.
 
         Returns ``{"candidates": [Match, ...], "searched": n, "tampered": [subject, ...],
-        "other_keys": n}``: rows whose tag fails are listed and never scored; rows under
-        another key are counted, not scored.
+        "other_keys": n}``: rows whose tag fails are listed and never scored; active rows
+        under another key are counted, not scored.
         """
         if k < 1:
             raise TemplateError(f"--top {k}: ask for at least one candidate")
-        good, bad = self.store.verified(self.scheme.name, self.scheme.mac_key)
-        mine = [r for r in good if r.key_id == self.scheme.key_id]
+        mine, bad = self.store.verified(self.scheme.name, self.scheme.mac_key, self.scheme.key_id)
+        others = len(self.store.records(self.scheme.name)) - len(mine) - \
+            sum(r.status == "active" for r in bad)
         probe = self.combine(emb)
         if hasattr(self.scheme, "search"):
             scores = self.scheme.search(self.store, mine, probe)
@@ -127,4 +123,4 @@ class TemplateService:
         return {"candidates": [Match(mine[i].subject, float(scores[i]),
                                      float(scores[i]) >= self.threshold) for i in order],
                 "searched": len(mine), "tampered": [r.subject for r in bad],
-                "other_keys": len(good) - len(mine)}
+                "other_keys": others}

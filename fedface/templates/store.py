@@ -151,6 +151,10 @@ class TamperedRow(StoreError):
         self.subject = subject
 
 
+class WrongKey(StoreError):
+    """The subject's template was made under another key than the one given."""
+
+
 class SchemaMismatch(StoreError):
     """The database holds tables that are not (this version of) a fedface template store."""
 
@@ -610,11 +614,17 @@ class TemplateStore:
             raise self._failure(err, f"enrol {subject!r}") from err
         return rec
 
-    def get(self, subject: str, scheme: str, mac_key: bytes) -> Record:
+    def get(self, subject: str, scheme: str, mac_key: bytes, key_id: str | None = None) -> Record:
         """The active, verified ``scheme`` template of ``subject``.
+
+        With ``key_id`` (the key ``mac_key`` belongs to), only rows made under that key are
+        checked with ``mac_key``; an active row under another key raises :class:`WrongKey`
+        (its tag is under that key's MAC key, which was not given).
 
         Raises
         ------
+        WrongKey
+            The active template was made under another key than ``key_id``.
         NotEnrolled
             No row for ``subject`` and ``scheme``.
         Revoked
@@ -627,7 +637,7 @@ class TemplateStore:
         mac_key = _check_mac_key(mac_key)
         with self._transaction(f"read {subject!r}", write=False) as conn:
             rows = self._rows(conn, subject, scheme)
-        return self._current(rows, subject, scheme, mac_key)
+        return self._current(rows, subject, scheme, mac_key, key_id)
 
     def records(self, scheme: str | None = None, *, key_id: str | None = None,
                 subject: str | None = None, include_revoked: bool = False) -> list[Record]:
@@ -653,10 +663,12 @@ class TemplateStore:
             rows = conn.execute(query).all()
         return [_decode(row)[0] for row in rows]
 
-    def verified(self, scheme: str | None, mac_key: bytes) -> tuple[list[Record], list[Record]]:
+    def verified(self, scheme: str | None, mac_key: bytes, key_id: str | None = None
+                 ) -> tuple[list[Record], list[Record]]:
         """The gallery for a 1:N search: ``(good, tampered)``.
 
-        Every row of ``scheme`` (all schemes for ``None``) is checked. ``good`` holds the
+        Every row of ``scheme`` (all schemes for ``None``) is checked; with ``key_id``, only
+        the rows made under that key (the others are in neither list). ``good`` holds the
         active rows that pass, ``tampered`` every row that fails (active or not), with its
         template emptied: report those, never match them. Revoked rows that pass are in
         neither list.
@@ -665,6 +677,8 @@ class TemplateStore:
         query = select(_templates).order_by(_templates.c.id)
         if scheme is not None:
             query = query.where(_templates.c.scheme == _check_scheme(scheme))
+        if key_id is not None:
+            query = query.where(_templates.c.key_id == _check_key_id(key_id))
         with self._transaction("read the gallery", write=False) as conn:
             rows = conn.execute(query).all()
         good, tampered = [], []
@@ -676,7 +690,7 @@ class TemplateStore:
                 good.append(rec)
         return good, tampered
 
-    def revoke(self, subject: str, scheme: str, mac_key: bytes, *,
+    def revoke(self, subject: str, scheme: str, mac_key: bytes, key_id: str | None = None, *,
                allow_tampered: bool = False) -> Record:
         """Revoke ``subject``'s active ``scheme`` template; the template bytes are erased.
 
@@ -708,7 +722,7 @@ class TemplateStore:
                 if not targets:
                     self._current(rows, subject, scheme, mac_key)  # raises NotEnrolled/Revoked
             else:
-                targets = [self._current(rows, subject, scheme, mac_key)]
+                targets = [self._current(rows, subject, scheme, mac_key, key_id)]
             done = [self._rewrite(conn, rec, mac_key, template=b"", status=REVOKED, updated=now)
                     for rec in targets]
         self._truncate_wal()
@@ -719,7 +733,9 @@ class TemplateStore:
         """Replace ``subject``'s active ``scheme`` template and key id in one transaction.
 
         The old template is overwritten, not kept. Returns the updated row (version
-        incremented, ``created`` unchanged).
+        incremented, ``created`` unchanged). An active row made under the same ``key_id`` is
+        verified first; one made under another key (a key rotation) cannot be verified with
+        this key's ``mac_key`` and is replaced as it is.
 
         Raises
         ------
@@ -732,7 +748,7 @@ class TemplateStore:
         now = _now()
         with self._transaction(f"renew {subject!r}", write=True) as conn:
             rows = self._rows(conn, subject, scheme, lock=True)
-            current = self._current(rows, subject, scheme, mac_key)
+            current = self._current(rows, subject, scheme, mac_key, key_id, other_key="replace")
             rec = self._rewrite(conn, current, mac_key, key_id=key_id, template=template,
                                 updated=now)
         self._truncate_wal()
@@ -746,26 +762,46 @@ class TemplateStore:
                  .order_by(_templates.c.id))
         return conn.execute(query.with_for_update() if lock else query).all()
 
-    def _current(self, rows: list, subject: str, scheme: str, mac_key: bytes) -> Record:
-        """The verified active row among ``rows`` (all of one subject and scheme)."""
+    def _current(self, rows: list, subject: str, scheme: str, mac_key: bytes,
+                 key_id: str | None = None, other_key: str = "refuse") -> Record:
+        """The verified active row among ``rows`` (all of one subject and scheme).
+
+        With ``key_id``, rows under other keys are not checked with ``mac_key``; an active
+        one raises :class:`WrongKey` (``other_key="refuse"``) or is returned unchecked
+        (``"replace"``: the caller overwrites it whole)."""
+        everything = [_decode(r)[0] for r in rows]
+        if key_id is not None:
+            others = [rec for rec in everything if rec.key_id != key_id and rec.status == ACTIVE]
+            if others and other_key == "refuse":
+                raise WrongKey(
+                    f"subject {subject!r} was enrolled under key {others[0].key_id}, not under "
+                    f"the key given ({key_id}): pass the key it was enrolled with, or renew it "
+                    "under this one")
+            rows = [r for r, rec in zip(rows, everything, strict=True) if rec.key_id == key_id]
         checked = [_authentic(row, mac_key) for row in rows]
         for rec, ok in checked:
             if not ok:
-                raise TamperedRow(
-                    f"row {rec.id} (subject {subject!r}, scheme {scheme!r}) fails its integrity "
-                    "check: it was changed outside fedface, or the MAC key is not the one it was "
-                    "stored with. Its template is not used; check the key, investigate, then "
-                    "revoke(..., allow_tampered=True) and enrol again", rec.id, subject)
+                raise self._tampered(rec, subject, scheme)
+        if key_id is not None and others:
+            return others[0]  # a key rotation: replaced whole by the caller
         active = [rec for rec, _ in checked if rec.status == ACTIVE]
         if active:
             return active[0]
-        if checked:
-            last = max((rec for rec, _ in checked), key=lambda r: r.updated)
+        if everything:
+            last = max(everything, key=lambda r: r.updated)
             raise Revoked(f"the {scheme!r} template of subject {subject!r} was revoked on "
                           f"{_stamp(last.updated)}: enrol again to use this scheme",
                           last.updated)
         raise NotEnrolled(f"subject {subject!r} has no {scheme!r} template in {self.url}: "
                           "enrol it first (or check the subject and scheme)")
+
+    @staticmethod
+    def _tampered(rec: Record, subject: str, scheme: str) -> TamperedRow:
+        return TamperedRow(
+            f"row {rec.id} (subject {subject!r}, scheme {scheme!r}) fails its integrity check: "
+            "it was changed outside fedface, or the MAC key is not the one it was stored with. "
+            "Its template is not used; check the key, investigate, then "
+            "revoke(..., allow_tampered=True) and enrol again", rec.id, subject)
 
     def _rewrite(self, conn: Connection, rec: Record, mac_key: bytes, **changes: Any) -> Record:
         """Write ``rec`` with ``changes`` and version + 1, re-tagged, every column (so a

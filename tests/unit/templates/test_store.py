@@ -209,8 +209,8 @@ def test_every_edited_column_fails_the_integrity_check(store_url, mac_key):
             store.get("p-mallory", SCHEME, mac_key)
         with pytest.raises(NotEnrolled):  # ... reads as a deleted row for the real subject
             store.get("p-subject", SCHEME, mac_key)
-        with pytest.raises(TamperedRow):
-            store.renew("p-template", SCHEME, "k2", _template(7), mac_key)
+        with pytest.raises(TamperedRow):  # under its own key: checked before it is replaced
+            store.renew("p-template", SCHEME, "k1", _template(7), mac_key)
         with pytest.raises(TamperedRow):
             store.revoke("p-template", SCHEME, mac_key)
         assert store.get("p-untouched", SCHEME, mac_key) == rows["untouched"]

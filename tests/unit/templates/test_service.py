@@ -1,0 +1,249 @@
+"""Enrol / verify / identify / revoke / renew through the service and the CLI, on SQLite and a
+real PostgreSQL, with embeddings from .npy files; and the scan for raw embeddings."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from crypto.tokens import Token, new_token
+from fedface.cli.app import app
+from fedface.templates.cancelable import BioHash, Projection
+from fedface.templates.schemes import TemplateError, check_embeddings
+from fedface.templates.service import TemplateService
+from fedface.templates.store import Revoked, TamperedRow, WrongKey, open_store
+from tests.unit.templates.scan import find_embedding_bytes
+
+runner = CliRunner()
+
+
+def _people(n=30, d=128, seed=0):
+    """Two views of ``n`` people (enrolment, probe), as a matcher would give them."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((n, d))
+    return (check_embeddings(c + 0.5 * rng.standard_normal((n, d))),
+            check_embeddings(c + 0.5 * rng.standard_normal((n, d))))
+
+
+SCHEMES = {"projection": (Projection, 0.5), "biohash": (BioHash, 0.65)}
+
+
+@pytest.mark.parametrize("kind", list(SCHEMES))
+def test_enrol_verify_identify_revoke_renew(store_url, kind):
+    cls, thr = SCHEMES[kind]
+    enrol, probe = _people()
+    with open_store(store_url) as store:
+        svc = TemplateService(store, cls(Token.random()), thr)
+        svc.enroll_many([(f"P{i:03d}", enrol[i]) for i in range(len(enrol))])
+        assert svc.verify("P007", probe[7]).match
+        assert not svc.verify("P007", probe[8]).match
+        res = svc.identify(probe[12], k=3)
+        assert res["candidates"][0].subject == "P012" and res["searched"] == 30
+        assert res["candidates"][0].score > res["candidates"][1].score
+        ranks = [svc.identify(probe[i], k=1)["candidates"][0].subject for i in range(30)]
+        assert ranks == [f"P{i:03d}" for i in range(30)]
+        svc.revoke("P012")
+        with pytest.raises(Revoked, match="P012"):
+            svc.verify("P012", probe[12])
+        assert "P012" not in [c.subject for c in svc.identify(probe[12], k=30)["candidates"]]
+        # renewal: a new token; the old one is refused by name, the new one matches
+        new = TemplateService(store, cls(Token.random()), thr)
+        rec = new.renew("P007", enrol[7])
+        assert rec.key_id == new.scheme.key_id and rec.version > 1
+        with pytest.raises(WrongKey, match="enrolled under key.*not under the key given"):
+            svc.verify("P007", probe[7])
+        assert new.verify("P007", probe[7]).match
+        assert new.identify(probe[7], k=1)["other_keys"] == 28
+
+
+def test_a_tampered_row_is_reported_and_never_matched(sqlite_url, tmp_path):
+    """The adversary writes to the database but holds no token."""
+    enrol, probe = _people(10)
+    with open_store(sqlite_url) as store:
+        svc = TemplateService(store, Projection(Token.random()), 0.5)
+        svc.enroll_many([(f"P{i}", enrol[i]) for i in range(10)])
+        victim = store.get("P3", "projection", svc.scheme.mac_key)
+        attacker = store.get("P4", "projection", svc.scheme.mac_key)
+    con = sqlite3.connect(tmp_path / "templates.db")  # swap P4's template into P3's row
+    con.execute(f"UPDATE {_table(con)} SET template = ? WHERE id = ?", (attacker.template, victim.id))
+    con.commit()
+    con.close()
+    with open_store(sqlite_url) as store:
+        svc = TemplateService(store, svc.scheme, 0.5)
+        with pytest.raises(TamperedRow, match="P3"):
+            svc.verify("P3", probe[4])
+        res = svc.identify(probe[4], k=10)
+        assert res["tampered"] == ["P3"]
+        assert "P3" not in [c.subject for c in res["candidates"]]
+        assert res["candidates"][0].subject == "P4"
+
+
+def _table(con) -> str:
+    names = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    return next(n for n in names if "template" in n)
+
+
+def test_probe_of_another_embedder_or_nan_is_refused(sqlite_url):
+    enrol, _ = _people(3)
+    with open_store(sqlite_url) as store:
+        svc = TemplateService(store, BioHash(Token.random()), 0.6)
+        svc.enroll("P0", enrol[0])
+        with pytest.raises(TemplateError, match="dimension 512.*enrolled at dimension 128"):
+            svc.verify("P0", np.ones(512))
+        with pytest.raises(TemplateError, match="NaN"):
+            svc.verify("P0", np.full(128, np.nan))
+        with pytest.raises(TemplateError, match="NaN"):
+            svc.enroll("P1", np.full(128, np.inf))
+        assert [r.subject for r in store.records()] == ["P0"]  # nothing else written
+
+
+@pytest.mark.parametrize("kind", list(SCHEMES))
+def test_no_raw_embedding_is_ever_written(store_url, kind, tmp_path, request):
+    """Enrol through the scheme, then scan the database (file, WAL; or pg_dump) for the raw
+    embeddings' bytes and for runs of values close to them."""
+    cls, _ = SCHEMES[kind]
+    enrol, _ = _people(8)
+    with open_store(store_url) as store:
+        svc = TemplateService(store, cls(Token.random()), 0.5)
+        for i in range(8):
+            svc.enroll(f"P{i}", enrol[i])
+        svc.renew("P1", enrol[1])
+        svc.revoke("P2")
+    if store_url.startswith("sqlite"):
+        blob = b"".join(p.read_bytes() for p in tmp_path.glob("templates.db*"))
+    else:
+        server = request.getfixturevalue("pg_server")
+        blob = server.dump(store_url.rsplit("/", 1)[1]).encode()
+    assert len(blob) > 1000
+    for i in range(8):
+        for dtype in ("<f4", "<f8"):
+            assert find_embedding_bytes(blob, enrol[i].astype(dtype)) == [], (kind, i)
+    # negative control: the scan does find an embedding written raw
+    assert find_embedding_bytes(blob + enrol[5].astype("<f4").tobytes(), enrol[5])
+
+
+# --------------------------------------------------------------------------- CLI
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_enrol_verify_identify_revoke_list_with_npy(tmp_path, pg_url):
+    enrol, probe = _people(5)
+    for i in range(5):
+        np.save(tmp_path / f"e{i}.npy", enrol[i])
+        np.save(tmp_path / f"p{i}.npy", probe[i])
+    key = tmp_path / "app.token"
+    assert _cli("keys", "token", key).exit_code == 0
+    for db in (tmp_path / "t.db", pg_url):
+        common = ["--db", db, "--scheme", "projection", "--key", key]
+        for i in range(5):
+            r = _cli("templates", "enroll", *common, "--subject", f"P{i}", tmp_path / f"e{i}.npy")
+            assert r.exit_code == 0, r.output
+        r = _cli("templates", "verify", *common, "--threshold", "0.5", "--subject", "P2",
+                 tmp_path / "p2.npy", "--json")
+        doc = json.loads(r.output)
+        assert r.exit_code == 0 and set(doc) == {"subject", "score", "match"}
+        assert doc["subject"] == "P2" and doc["match"] is True and doc["score"] > 0.5
+        r = _cli("templates", "verify", *common, "--threshold", "0.5", "--subject", "P2",
+                 tmp_path / "p3.npy", "--json")
+        assert r.exit_code == 1 and json.loads(r.output)["match"] is False
+        r = _cli("templates", "identify", *common, "--threshold", "0.5", "--top", "2",
+                 tmp_path / "p4.npy", "--json")
+        cands = json.loads(r.output)["candidates"]
+        assert r.exit_code == 0 and len(cands) == 2 and cands[0]["subject"] == "P4"
+        assert _cli("templates", "revoke", *common, "--subject", "P4").exit_code == 0
+        r = _cli("templates", "verify", *common, "--threshold", "0.5", "--subject", "P4",
+                 tmp_path / "p4.npy")
+        assert r.exit_code == 2 and "revoked" in r.output
+        r = _cli("templates", "list", "--db", db, "--json", "--all")
+        rows = json.loads(r.output)
+        assert {d["subject"]: d["status"] for d in rows}["P4"] == "revoked" and len(rows) == 5
+        assert all("template" not in d for d in rows)
+
+
+def test_cli_bad_input_is_named_and_loses_nothing(tmp_path):
+    enrol, _ = _people(2)
+    np.save(tmp_path / "e0.npy", enrol[0])
+    np.save(tmp_path / "bad.npy", np.full(128, np.nan))
+    np.save(tmp_path / "short.npy", np.ones(64))
+    key, other = tmp_path / "app.token", tmp_path / "other.token"
+    new_token(key)
+    new_token(other)
+    db = tmp_path / "t.db"
+    common = ["--db", db, "--scheme", "biohash"]
+    check = [*common, "--threshold", "0.6"]
+    assert _cli("templates", "enroll", *common, "--key", key, "--subject", "P0",
+                tmp_path / "e0.npy").exit_code == 0
+    cases = [
+        (["verify", *check, "--key", other, "--subject", "P0", tmp_path / "e0.npy"],
+         "enrolled under key"),
+        (["enroll", *common, "--key", key, "--subject", "P0", tmp_path / "e0.npy"],
+         "already has an active"),
+        (["verify", *check, "--key", key, "--subject", "P0", tmp_path / "bad.npy"], "NaN"),
+        (["verify", *check, "--key", key, "--subject", "P0", tmp_path / "short.npy"],
+         "dimension 64"),
+        (["verify", *check, "--key", key, "--subject", "P9", tmp_path / "e0.npy"], "P9"),
+        (["verify", *check, "--key", tmp_path / "nokey", "--subject", "P0",
+          tmp_path / "e0.npy"], "does not exist"),
+        (["verify", *check, "--key", key, "--subject", "P0", tmp_path / "none.npy"],
+         "does not exist"),
+        (["enroll", "--db", "postgresql+psycopg://u:secret@127.0.0.1:1/x", "--scheme", "biohash",
+          "--key", key, "--subject", "P1", tmp_path / "e0.npy"], "127.0.0.1"),
+        (["enroll", *common, "--subject", "P1", tmp_path / "e0.npy"], "--key is needed"),
+    ]
+    for args, match in cases:
+        r = _cli("templates", *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert match in r.output.replace("\n", " "), (args, r.output)
+        assert "secret" not in r.output  # a password in a URL is never printed
+    with open_store(db) as store:
+        recs = store.records()
+    assert [(r.subject, r.status) for r in recs] == [("P0", "active")]
+    assert _cli("templates", "verify", *common, "--threshold", "0.6", "--key", key, "--subject",
+                "P0", tmp_path / "e0.npy").exit_code == 0
+
+
+def test_cli_batch_enrolment_goes_on_past_a_bad_subject(tmp_path):
+    enrol, _ = _people(4)
+    for i in range(4):
+        (tmp_path / "batch" / f"P{i}").mkdir(parents=True)
+        np.save(tmp_path / "batch" / f"P{i}" / "a.npy", enrol[i] if i != 2 else np.zeros(128))
+    key = tmp_path / "app.token"
+    new_token(key)
+    r = _cli("templates", "enroll", "--db", tmp_path / "t.db", "--scheme", "projection",
+             "--key", key, "--batch", tmp_path / "batch", "--json")
+    assert r.exit_code == 1
+    doc = json.loads(r.output[r.output.index("{"):])
+    assert [d["subject"] for d in doc["enrolled"]] == ["P0", "P1", "P3"]
+    assert doc["failed"][0]["subject"] == "P2" and "zeros" in doc["failed"][0]["error"]
+
+
+def test_cli_images_enrol_with_dlib_and_refuse_no_face_or_several(tmp_path, lfw_root):
+    """Real photos: dlib's matcher, one face per image; several faces need --pick largest."""
+    folder = lfw_root / "lfw-deepfunneled" / "Aaron_Peirsol"
+    multi = Path(lfw_root).parent / "faces-multi" / "2007_007763.jpg"
+    key = tmp_path / "app.token"
+    new_token(key)
+    common = ["--db", tmp_path / "t.db", "--scheme", "biohash", "--key", key]
+    r = _cli("templates", "enroll", *common, "--subject", "P1", folder / "Aaron_Peirsol_0001.jpg",
+             folder / "Aaron_Peirsol_0002.jpg")
+    assert r.exit_code == 0, r.output
+    r = _cli("templates", "verify", *common, "--subject", "P1", folder / "Aaron_Peirsol_0003.jpg",
+             "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["match"] is True
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(blank)
+    r = _cli("templates", "verify", *common, "--subject", "P1", blank)
+    assert r.exit_code == 2 and "no face found" in r.output
+    if multi.exists():
+        r = _cli("templates", "verify", *common, "--subject", "P1", multi)
+        assert r.exit_code == 2 and "faces found" in r.output and "--pick largest" in r.output
+        r = _cli("templates", "verify", *common, "--subject", "P1", multi, "--pick", "largest")
+        assert r.exit_code == 1  # a stranger's face: compared, no match
