@@ -12,7 +12,10 @@ What the store protects against
 -------------------------------
 The adversary reads and writes the database file or server (a stolen backup, a rogue
 administrator, a compromised host) but does not hold the MAC key, which the caller keeps
-elsewhere and passes to every call that trusts a row.
+elsewhere and passes to every call that trusts a row. fedface derives the MAC key from the
+key that protected the row (the template token, or the matching key folder), so each key
+seals its own rows: a call that names its ``key_id`` checks only those, and a subject
+enrolled under another key is refused by name (:class:`WrongKey`), never taken as tampered.
 
 - Reading the database yields protected templates only, never embeddings; how much those
   reveal is the protection scheme's business, not the store's.
