@@ -99,3 +99,20 @@ def keys_token(path: Annotated[Path, typer.Argument(help="The token file to crea
     console.print(f"template token {token.key_id} written to {path} (owner-only). Keep it apart "
                   "from the template store: whoever holds both can invert the templates.",
                   soft_wrap=True)
+
+
+@keys_app.command("match")
+def keys_match(out: Annotated[Path, typer.Option("--out", help="Folder for the key pair.")]) -> None:
+    """Keys of encrypted template matching (`fedface templates --scheme he`): OUT/public for
+    the matching server and enrolment stations (no secret key), OUT/secret for the key
+    holder who decrypts scores. Owner-only files; never overwrites keys."""
+    from crypto.match import init_match_keys
+
+    with user_errors(ValueError, OSError):
+        desc = init_match_keys(out)
+    console.print(f"matching keys {desc['key_id']} (CKKS, ring "
+                  f"{desc['params']['poly_modulus_degree']}) written to {out}:", soft_wrap=True)
+    console.print(f"  {desc['public']}/: the matching server and enrolment stations (no secret "
+                  "key)", soft_wrap=True)
+    console.print(f"  {desc['secret']}/: the key holder, who alone decrypts scores; keep it off "
+                  "the server", soft_wrap=True)

@@ -70,29 +70,50 @@ class TemplateService:
 
     def enroll(self, subject: str, emb) -> Record:
         """Protect ``emb`` (one or several rows of one subject) and store it."""
-        (template,) = self.scheme.protect(self.combine(emb))
-        return self.store.enroll(subject, self.scheme.name, self.scheme.key_id, template,
-                                 self.scheme.mac_key)
+        return self.enroll_many([(subject, emb)])[0]
 
     def enroll_many(self, items, progress=None) -> list[Record]:
-        """Enrol ``[(subject, emb), ...]``; ``progress(done, total)`` after each."""
-        items = list(items)
+        """Enrol ``[(subject, emb), ...]``; ``progress(done, total)`` after each.
+
+        A scheme with a search index (``he``: the encrypted gallery) gets the whole batch
+        in one index update; if that update fails, the rows just enrolled are revoked and
+        the error is raised, so no subject is left searchable 1:1 but missing from 1:N.
+        """
+        items = [(subject, self.combine(emb)) for subject, emb in items]
         out = []
-        for i, (subject, emb) in enumerate(items):
-            out.append(self.enroll(subject, emb))
+        for i, (subject, x) in enumerate(items):
+            (template,) = self.scheme.protect(x)
+            out.append(self.store.enroll(subject, self.scheme.name, self.scheme.key_id,
+                                         template, self.scheme.mac_key))
             if progress is not None:
                 progress(i + 1, len(items))
+        try:
+            self._index(added=[(r.id, r.version, x[0]) for r, (_, x) in zip(out, items, strict=True)])
+        except BaseException:
+            for r in out:
+                self.store.revoke(r.subject, self.scheme.name, self.scheme.mac_key,
+                                  self.scheme.key_id)
+            raise
         return out
+
+    def _index(self, added=(), removed=()) -> None:
+        if hasattr(self.scheme, "update_index"):
+            self.scheme.update_index(self.store, added, removed)
 
     def renew(self, subject: str, emb) -> Record:
         """Replace ``subject``'s template by one under this service's (new) key."""
-        (template,) = self.scheme.protect(self.combine(emb))
-        return self.store.renew(subject, self.scheme.name, self.scheme.key_id, template,
-                                self.scheme.mac_key)
+        x = self.combine(emb)
+        (template,) = self.scheme.protect(x)
+        rec = self.store.renew(subject, self.scheme.name, self.scheme.key_id, template,
+                               self.scheme.mac_key)
+        self._index(added=[(rec.id, rec.version, x[0])], removed=[(rec.id, rec.version - 1)])
+        return rec
 
     def revoke(self, subject: str) -> Record:
-        return self.store.revoke(subject, self.scheme.name, self.scheme.mac_key,
-                                 self.scheme.key_id)
+        rec = self.store.revoke(subject, self.scheme.name, self.scheme.mac_key,
+                                self.scheme.key_id)
+        self._index(removed=[(rec.id, rec.version - 1)])
+        return rec
 
     # -- comparison ---------------------------------------------------------------------
     def verify(self, subject: str, emb) -> Match:

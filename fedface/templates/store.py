@@ -115,6 +115,7 @@ PG_CONNECT_TIMEOUT_S = 10
 
 META_TABLE = "fedface_meta"
 TEMPLATE_TABLE = "fedface_templates"
+INDEX_TABLE = "fedface_indexes"
 _ONE_ACTIVE = "fedface_templates_one_active"
 _TAG_DOMAIN = b"fedface.templates.store/v1"
 _PG_LOCK_KEY = 0x66656466  # pg_advisory_xact_lock key while creating or migrating the schema
@@ -246,6 +247,22 @@ Index(_ONE_ACTIVE, _templates.c.subject, _templates.c.scheme, unique=True,
       sqlite_where=_templates.c.status == ACTIVE, postgresql_where=_templates.c.status == ACTIVE)
 Index("fedface_templates_scheme", _templates.c.scheme)
 
+# Search indexes derived from the templates of one (scheme, key id): the encrypted 1:N
+# gallery's blocks. Each part is sealed like a row (its own tag under the key's MAC key).
+_indexes = Table(
+    INDEX_TABLE, _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("scheme", String(MAX_SCHEME), nullable=False),
+    Column("key_id", String(MAX_KEY_ID), nullable=False),
+    Column("part", Integer, nullable=False),
+    Column("data", _Blob, nullable=False),
+    Column("updated", _UTCTime, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("tag", _Blob, nullable=False),
+    sqlite_autoincrement=True,
+)
+Index("fedface_indexes_part", _indexes.c.scheme, _indexes.c.key_id, _indexes.c.part, unique=True)
+
 _COLUMNS = {c.name for c in _templates.columns}
 
 # version N -> function bringing a version-N database to N+1, inside the write transaction.
@@ -316,6 +333,15 @@ def _tag_message(rec: Record) -> bytes:
 
 def _tag(mac_key: bytes, rec: Record) -> bytes:
     return hmac.new(mac_key, _tag_message(rec), hashlib.sha256).digest()
+
+
+def _index_tag(mac_key: bytes, scheme: str, key_id: str, part: int, version: int,
+               data: bytes) -> bytes:
+    out = bytearray()
+    for value in (_TAG_DOMAIN + b"|index", scheme, key_id, str(part), str(version), data):
+        raw = value if isinstance(value, bytes) else value.encode("utf-8")
+        out += len(raw).to_bytes(8, "big") + raw
+    return hmac.new(mac_key, bytes(out), hashlib.sha256).digest()
 
 
 def _decode(row: Any) -> tuple[Record, bool]:
@@ -756,6 +782,84 @@ class TemplateStore:
                                 updated=now)
         self._truncate_wal()
         return rec
+
+    # -- search indexes
+
+    def index_parts(self, scheme: str, key_id: str, mac_key: bytes) -> dict[int, bytes]:
+        """The verified parts of the search index of ``scheme`` under ``key_id``.
+
+        Raises :class:`TamperedRow` when a part fails its integrity check (the index is
+        then not used: rebuild it by re-enrolling under a new key).
+        """
+        scheme, key_id = _check_scheme(scheme), _check_key_id(key_id)
+        mac_key = _check_mac_key(mac_key)
+        with self._transaction("read the search index", write=False) as conn:
+            rows = self._index_rows(conn, scheme, key_id)
+        return self._verified_parts(rows, scheme, key_id, mac_key)
+
+    @contextmanager
+    def updating_index(self, scheme: str, key_id: str, mac_key: bytes
+                       ) -> Iterator[dict[int, bytes]]:
+        """Read, change and write the search index in one write transaction.
+
+        Yields the verified parts (``{part: bytes}``); parts added or replaced in the dict
+        are written and sealed when the block ends without an error. Other writers of the
+        same store wait meanwhile (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the index rows
+        are locked, and a first part is protected by the unique index), so no concurrent
+        enrolment is lost.
+        """
+        scheme, key_id = _check_scheme(scheme), _check_key_id(key_id)
+        mac_key = _check_mac_key(mac_key)
+        try:
+            with self._transaction("update the search index", write=True) as conn:
+                if not self._sqlite:  # serialise index writers of this key (rows may not exist yet)
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"),
+                                 {"a": _PG_LOCK_KEY, "b": int.from_bytes(
+                                     hashlib.sha256(f"{scheme}|{key_id}".encode()).digest()[:4],
+                                     "big", signed=True)})
+                rows = self._index_rows(conn, scheme, key_id, lock=True)
+                parts = self._verified_parts(rows, scheme, key_id, mac_key)
+                before = dict(parts)
+                versions = {int(r._mapping["part"]): int(r._mapping["version"]) for r in rows}
+                yield parts
+                now = _now()
+                for part, data in parts.items():
+                    if before.get(part) == data:
+                        continue
+                    data = _check_template(data)
+                    version = versions.get(part, 0) + 1
+                    values = {"data": data, "updated": now, "version": version,
+                              "tag": _index_tag(mac_key, scheme, key_id, part, version, data)}
+                    if part in versions:
+                        conn.execute(update(_indexes).where(
+                            _indexes.c.scheme == scheme, _indexes.c.key_id == key_id,
+                            _indexes.c.part == part).values(**values))
+                    else:
+                        conn.execute(insert(_indexes).values(scheme=scheme, key_id=key_id,
+                                                             part=int(part), **values))
+        except IntegrityError as err:
+            raise StoreError(f"the search index of {scheme!r} under key {key_id} was changed by "
+                             "another process at the same moment: try again") from err
+
+    def _index_rows(self, conn: Connection, scheme: str, key_id: str, *, lock: bool = False) -> list:
+        query = (select(_indexes).where(_indexes.c.scheme == scheme, _indexes.c.key_id == key_id)
+                 .order_by(_indexes.c.part))
+        return conn.execute(query.with_for_update() if lock else query).all()
+
+    @staticmethod
+    def _verified_parts(rows: list, scheme: str, key_id: str, mac_key: bytes) -> dict[int, bytes]:
+        parts = {}
+        for row in rows:
+            m = row._mapping
+            data = bytes(m["data"]) if m["data"] is not None else b""
+            want = _index_tag(mac_key, scheme, key_id, int(m["part"]), int(m["version"]), data)
+            if not isinstance(m["tag"], bytes) or not hmac.compare_digest(m["tag"], want):
+                raise TamperedRow(f"part {m['part']} of the {scheme!r} search index under key "
+                                  f"{key_id} fails its integrity check: it was changed outside "
+                                  "fedface. The index is not used; investigate, then re-enrol the "
+                                  "subjects under a new key", int(m["id"]), None)
+            parts[int(m["part"])] = data
+        return parts
 
     # -- internals
 

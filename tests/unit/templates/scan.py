@@ -26,14 +26,16 @@ import numpy as np
 _DTYPES = (("float32", "<f4"), ("float32", ">f4"), ("float64", "<f8"), ("float64", ">f8"))
 _NUMBER = re.compile(rb"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 _HEX = re.compile(rb"[0-9a-fA-F]{16,}")
+_LONG_HEX = re.compile(rb"[0-9a-fA-F]{64,}")  # longer than any number written as text
 _B64 = re.compile(rb"[A-Za-z0-9+/]{16,}={0,2}")
 
 
 def _runs(values: np.ndarray, embedding: np.ndarray, tol: float, run: int) -> list[tuple[int, int]]:
     """``(i, j)`` pairs where ``values[i:i+run]`` is within ``tol`` of ``embedding[j:j+run]``.
 
-    Each window of the embedding is looked up by its largest value (its *anchor*) in the
-    sorted ``values``; the candidates found are then checked value by value.
+    Each window of the embedding is represented by its largest value (its *anchor*); the
+    few anchors are sorted and every value of the blob is looked up among them (so a blob
+    of millions of values is never sorted), then the candidates are checked value by value.
     """
     n, d = len(values), len(embedding)
     if n < run or d < run:
@@ -41,23 +43,24 @@ def _runs(values: np.ndarray, embedding: np.ndarray, tol: float, run: int) -> li
     with np.errstate(all="ignore"):
         finite = values.astype(np.float64)
         finite[~np.isfinite(finite)] = np.inf
-        order = np.argsort(finite, kind="stable")
-        ordered = finite[order]
         windows = np.lib.stride_tricks.sliding_window_view(embedding, run)
         js = np.nonzero(np.any(np.abs(windows) > tol, axis=1))[0]
         if not js.size:
             return []
         anchor = np.argmax(np.abs(windows[js]), axis=1)
         value = windows[js, anchor]
-        lo = np.searchsorted(ordered, value - tol, side="left")
-        hi = np.searchsorted(ordered, value + tol, side="right")
-        counts = hi - lo
-        if not counts.sum():
+        order = np.argsort(value, kind="stable")
+        ordered = value[order]
+        lo = np.searchsorted(ordered, finite - tol, side="left")
+        hi = np.searchsorted(ordered, finite + tol, side="right")
+        counts = np.where(np.isfinite(finite), hi - lo, 0)
+        total = int(counts.sum())
+        if not total:
             return []
         first = np.repeat(np.cumsum(counts) - counts, counts)
-        at = order[np.repeat(lo, counts) + np.arange(counts.sum()) - first]
-        jj = np.repeat(js, counts)
-        ii = at - np.repeat(anchor, counts)
+        pick = order[np.repeat(lo, counts) + np.arange(total) - first]
+        ii = np.repeat(np.arange(n), counts) - anchor[pick]
+        jj = js[pick]
         keep = (ii >= 0) & (ii <= n - run)
         ii, jj = ii[keep], jj[keep]
         ok = np.ones(ii.size, bool)
@@ -126,7 +129,8 @@ def find_embedding_bytes(blob: bytes, embedding: np.ndarray, tol: float = 1e-4,
         except binascii.Error:
             continue
         found += _scan_binary(decoded, emb, tol, run, f"base64 text at char {match.start()}: ")
-    numbers = list(_NUMBER.finditer(blob))
+    # decimal text: long hex runs (bytea, digests) are not numbers written as text
+    numbers = list(_NUMBER.finditer(_LONG_HEX.sub(lambda m: b" " * len(m.group()), blob)))
     if numbers:
         with np.errstate(all="ignore"):
             values = np.array([float(m.group()) for m in numbers])

@@ -30,15 +30,34 @@ def _people(n=30, d=128, seed=0):
             check_embeddings(c + 0.5 * rng.standard_normal((n, d))))
 
 
-SCHEMES = {"projection": (Projection, 0.5), "biohash": (BioHash, 0.65)}
+@pytest.fixture(scope="module")
+def he_keys(tmp_path_factory):
+    """Two matching key ceremonies (CKKS, ring 8192: ~0.5 s each)."""
+    from crypto.match import init_match_keys
+
+    root = tmp_path_factory.mktemp("he")
+    for name in ("k1", "k2"):
+        init_match_keys(root / name)
+    return root
+
+
+def _scheme(kind, he_keys, which="k1"):
+    if kind == "he":
+        from fedface.templates.encrypted import EncryptedScheme
+
+        return EncryptedScheme.load(he_keys / which)
+    return {"projection": Projection, "biohash": BioHash}[kind](Token.random())
+
+
+SCHEMES = {"projection": 0.5, "biohash": 0.65, "he": 0.5}
 
 
 @pytest.mark.parametrize("kind", list(SCHEMES))
-def test_enrol_verify_identify_revoke_renew(store_url, kind):
-    cls, thr = SCHEMES[kind]
+def test_enrol_verify_identify_revoke_renew(store_url, kind, he_keys):
+    thr = SCHEMES[kind]
     enrol, probe = _people()
     with open_store(store_url) as store:
-        svc = TemplateService(store, cls(Token.random()), thr)
+        svc = TemplateService(store, _scheme(kind, he_keys), thr)
         svc.enroll_many([(f"P{i:03d}", enrol[i]) for i in range(len(enrol))])
         assert svc.verify("P007", probe[7]).match
         assert not svc.verify("P007", probe[8]).match
@@ -52,7 +71,7 @@ def test_enrol_verify_identify_revoke_renew(store_url, kind):
             svc.verify("P012", probe[12])
         assert "P012" not in [c.subject for c in svc.identify(probe[12], k=30)["candidates"]]
         # renewal: a new token; the old one is refused by name, the new one matches
-        new = TemplateService(store, cls(Token.random()), thr)
+        new = TemplateService(store, _scheme(kind, he_keys, "k2"), thr)
         rec = new.renew("P007", enrol[7])
         assert rec.key_id == new.scheme.key_id and rec.version > 1
         with pytest.raises(WrongKey, match="enrolled under key.*not under the key given"):
@@ -103,13 +122,12 @@ def test_probe_of_another_embedder_or_nan_is_refused(sqlite_url):
 
 
 @pytest.mark.parametrize("kind", list(SCHEMES))
-def test_no_raw_embedding_is_ever_written(store_url, kind, tmp_path, request):
+def test_no_raw_embedding_is_ever_written(store_url, kind, tmp_path, request, he_keys):
     """Enrol through the scheme, then scan the database (file, WAL; or pg_dump) for the raw
     embeddings' bytes and for runs of values close to them."""
-    cls, _ = SCHEMES[kind]
     enrol, _ = _people(8)
     with open_store(store_url) as store:
-        svc = TemplateService(store, cls(Token.random()), 0.5)
+        svc = TemplateService(store, _scheme(kind, he_keys), 0.5)
         for i in range(8):
             svc.enroll(f"P{i}", enrol[i])
         svc.renew("P1", enrol[1])
@@ -120,9 +138,9 @@ def test_no_raw_embedding_is_ever_written(store_url, kind, tmp_path, request):
         server = request.getfixturevalue("pg_server")
         blob = server.dump(store_url.rsplit("/", 1)[1]).encode()
     assert len(blob) > 1000
-    for i in range(8):
-        for dtype in ("<f4", "<f8"):
-            assert find_embedding_bytes(blob, enrol[i].astype(dtype)) == [], (kind, i)
+    # all eight at once (runs across two embeddings' boundary are only extra candidates);
+    # the scan reads the blob as float32 and float64 in both byte orders itself
+    assert find_embedding_bytes(blob, np.concatenate(enrol)) == [], kind
     # negative control: the scan does find an embedding written raw
     assert find_embedding_bytes(blob + enrol[5].astype("<f4").tobytes(), enrol[5])
 
