@@ -105,7 +105,7 @@ def enroll(
         help="Bulk enrolment: a folder of <subject>/<images or .npy> (one subject per folder).")] = None,
     db: DbOpt = "templates.db", scheme: SchemeOpt = "biohash", key: KeyOpt = None,
     embedder: EmbedderOpt = "dlib", model: ModelOpt = None, pick: PickOpt = "one",
-    bits: Annotated[int, typer.Option(help="biohash: template bits (0 = 4 x dimension).")] = 0,
+    bits: Annotated[int, typer.Option(help="biohash: template bits (0 = 16 x dimension).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Enrol a subject (--subject ID FILE...) or a folder of subjects (--batch DIR)."""
@@ -213,7 +213,7 @@ def renew(
     db: DbOpt = "templates.db", scheme: SchemeOpt = "biohash",
     key: Annotated[Path | None, typer.Option("--key", help="The NEW token or key folder.")] = None,
     embedder: EmbedderOpt = "dlib", model: ModelOpt = None, pick: PickOpt = "one",
-    bits: Annotated[int, typer.Option(help="biohash: template bits (0 = 4 x dimension).")] = 0,
+    bits: Annotated[int, typer.Option(help="biohash: template bits (0 = 16 x dimension).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace a subject's template by one under a new key, from fresh images."""

@@ -99,7 +99,8 @@ def _features(kind: str, token: Token, x: np.ndarray) -> np.ndarray:
 def _per_person(kind: str, x: np.ndarray, labels: np.ndarray, idx: np.ndarray,
                 owners: np.ndarray, tokens: dict) -> np.ndarray:
     """Features of images ``idx``, each under the token of the person in ``owners``."""
-    out = np.zeros((idx.size, x.shape[1] if kind == "projection" else 4 * x.shape[1]))
+    width = x.shape[1] if kind == "projection" else BioHash(Token.random()).n_bits(x.shape[1])
+    out = np.zeros((idx.size, width))
     for owner in np.unique(owners):
         sel = owners == owner
         if owner not in tokens:
@@ -232,5 +233,161 @@ def bench_embedder(x: np.ndarray, labels: np.ndarray, pairs, *, dsys_n: int = 20
     return out
 
 
-def run(*args, **kwargs) -> dict:  # filled in with the CLI (data loading, JSON, markdown)
-    raise NotImplementedError
+def dlib_embeddings(paths: list[Path], cache_dir: Path, log=print) -> np.ndarray:
+    """dlib's 128-d descriptors of every image (cached in ``cache_dir``)."""
+    from fedface.anonymize.evaluate import DlibMatcher
+
+    t0 = time.time()
+    clean = DlibMatcher().describe_clean(
+        paths, cache_dir=cache_dir,
+        progress=lambda i, n: log(f"dlib: {i}/{n} images ({time.time() - t0:.0f} s)"))
+    return clean.descriptors
+
+
+def model_embeddings(model: Path, lfw_root: Path, paths: list[Path], log=print) -> np.ndarray:
+    """A fedface model's embeddings of every image, aligned the way training aligns them
+    (the training pipeline's aligner and cache)."""
+    from fedface.config import RunConfig
+    from fedface.data.prepare import make_aligner
+    from fedface.eval import embed
+    from fedface.models.io import load_backbone
+
+    backbone, meta = load_backbone(model)
+    aligner = make_aligner(RunConfig(image_size=int(meta["image_size"])), Path(lfw_root))
+    chips, keep, _status = aligner.align_files(paths)
+    log(f"model: {int(keep.sum())} of {len(paths)} images aligned at {meta['image_size']} px")
+    out = np.full((len(paths), int(meta["embedding_size"])), np.nan)
+    out[keep] = embed(backbone, chips[keep])
+    return out
+
+
+def run(lfw_root: str | Path, work: str | Path, model: str | Path | None = None,
+        quick: bool = False, log=print) -> dict:
+    """Every figure of the benchmark (see the module docstring) as one JSON document.
+
+    Top-level keys name the figures for dlib's embedder (``eer``, ``eer_stolen_token``,
+    ``dsys_upper``, ``rank1``, ``he_1to1_ms``, ``he_1n_us_per_match``, ...); ``embedders``
+    holds every figure of every embedder. ``quick``: folds 1-2 of the pairs, smaller
+    unlinkability samples, a 1,000-template encrypted gallery only (a few minutes).
+    """
+    from fedface.templates.evaluate import lfw_template_images
+    from fedface.templates.he_bench import benchmark
+
+    lfw_root, work = Path(lfw_root), Path(work)
+    paths, pairs, _extra = lfw_template_images(lfw_root)
+    labels = np.array([p.parent.name for p in paths])
+    if quick:
+        keep = pairs.fold < 2
+        pairs = type(pairs)(a=pairs.a[keep], b=pairs.b[keep], same=pairs.same[keep],
+                            labels=pairs.labels, fold=pairs.fold[keep])
+    opts = dict(dsys_n=4000 if quick else 20000, n_boot=50 if quick else 200,
+                he_pairs=300 if quick else 0, he_probes=50 if quick else 300)
+    embedders = {"dlib": dlib_embeddings(paths, work, log)}
+    if model:
+        embedders["model"] = model_embeddings(Path(model), lfw_root, paths, log)
+    res: dict = {"protocol": "LFW View 2 pairs.txt (10 folds)" + (" folds 1-2" if quick else ""),
+                 "fmr": FMR, "quick": quick, "model": str(model) if model else None,
+                 "embedders": {}}
+    for name, x in embedders.items():
+        log(f"{name}: recognition, unlinkability, irreversibility, identification ...")
+        res["embedders"][name] = bench_embedder(x, labels, pairs, **opts,
+                                                progress=lambda w, n=name: log(f"{n}: {w}"))
+    log("encrypted matching: timings ...")
+    res["he_timing"] = benchmark(n_gallery=(1000,) if quick else (1000, 10000))
+    d = res["embedders"]["dlib"]
+    schemes = ("projection", "biohash", "he")
+    res["eer"] = {"unprotected": d["unprotected"]["eer"],
+                  **{k: d[k]["protected"]["eer"] if k != "he" else d[k]["eer"] for k in schemes}}
+    res["fnmr_at_fmr"] = {"unprotected": d["unprotected"]["fnmr_at_fmr"],
+                          **{k: (d[k]["protected"] if k != "he" else d[k])["fnmr_at_fmr"]
+                             for k in schemes}}
+    res["eer_per_person_token"] = {k: d[k]["per_person_token"]["eer"] for k in schemes[:2]}
+    res["eer_stolen_token"] = {k: d[k]["stolen_token"]["eer"] for k in schemes[:2]}
+    res["dsys"] = {k: d[k]["unlinkability"]["dsys"] for k in schemes[:2]}
+    res["dsys_upper"] = {k: d[k]["unlinkability"]["dsys_upper"] for k in schemes[:2]}
+    res["dsys_same_key"] = {k: d[k]["unlinkability"]["same_key"]["dsys"] for k in schemes[:2]}
+    res["inverted_accepted"] = {k: d[k]["irreversibility"]["inverted_accepted_unprotected"]
+                                for k in schemes[:2]}
+    res["rank1"] = {"unprotected": d["unprotected"]["identification"]["rank1"],
+                    **{k: d[k]["identification"]["rank1"] for k in schemes}}
+    res["rank5"] = {"unprotected": d["unprotected"]["identification"]["rank5"],
+                    **{k: d[k]["identification"]["rank5"] for k in schemes}}
+    res["template_bytes"] = {"unprotected": d["unprotected"]["template_bytes"],
+                             **{k: d[k]["template_bytes"] for k in schemes}}
+    t = res["he_timing"]
+    res["he_1to1_ms"] = t["one_to_one"]["server_ms_per_match"]
+    sizes = sorted(t["one_to_n"], key=int)
+    res["he_1n_us_per_match"] = {n: t["one_to_n"][n]["search_us_per_match"] for n in sizes}
+    res["he_1n_us_per_match_with_key_holder"] = {
+        n: t["one_to_n"][n]["us_per_match_with_key_holder"] for n in sizes}
+    res["plain_1n_us_per_match"] = {n: t["one_to_n"][n]["plaintext_us_per_match"] for n in sizes}
+    res["thresholds"] = {"dlib": {"projection": d["projection"]["threshold"],
+                                  "biohash": d["biohash"]["threshold"],
+                                  "he": d["unprotected"]["threshold"]}}
+    return res
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def markdown(res: dict) -> str:
+    """The benchmark's tables."""
+    lines = [f"# Template protection on {res['protocol']}", "",
+             f"FMR operating point {res['fmr']:g}. Scores: cosine (projection, he), 1 - normalised "
+             "Hamming distance (biohash, 2,048 bits).", ""]
+    for name, e in res["embedders"].items():
+        u = e["unprotected"]
+        lines += [f"## {name} embedder ({e['dim']}-d; {e['described']} of {e['images']} images, "
+                  f"{e['pairs']} pairs)", "",
+                  "| scheme | key setting | EER % | FNMR@FMR0.1% % | rank-1 % | rank-5 % | bytes/template |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| unprotected | - | {_pct(u['eer'])} | {_pct(u['fnmr_at_fmr'])} | "
+                  f"{_pct(u['identification']['rank1'])} | {_pct(u['identification']['rank5'])} | "
+                  f"{u['template_bytes']} |"]
+        for k in ("projection", "biohash"):
+            c = e[k]
+            for setting, label in (("protected", "application key (secret)"),
+                                   ("per_person_token", "one token per person (secret)"),
+                                   ("stolen_token", "stolen token (impostor has the victim's)")):
+                ident = c["identification"] if setting == "protected" else None
+                lines.append(f"| {k} | {label} | {_pct(c[setting]['eer'])} | "
+                             f"{_pct(c[setting]['fnmr_at_fmr'])} | "
+                             f"{_pct(ident['rank1']) if ident else '-'} | "
+                             f"{_pct(ident['rank5']) if ident else '-'} | "
+                             f"{c['template_bytes'] if ident else '-'} |")
+        if "he" in e:
+            h = e["he"]
+            lines.append(f"| he | CKKS (key holder decrypts scores) | {_pct(h['eer'])} | "
+                         f"{_pct(h['fnmr_at_fmr'])} | {_pct(h['identification']['rank1'])} (*) | "
+                         f"{_pct(h['identification']['rank5'])} (*) | {h['template_bytes']} |")
+            lines += ["", f"(*) he identification on {h['identification_probes']} sampled probes "
+                      f"(plaintext on the same probes: rank-1 "
+                      f"{_pct(h['identification_plaintext_same_probes']['rank1'])} %); max "
+                      f"|encrypted - plaintext score| {h['max_abs_score_error']:.1e}."]
+        lines += ["", "| scheme | D_sys two keys [95% CI] | D_sys same key | finite-sample floor | "
+                  "inverted accepted (unprotected) | inverted replayed | genuine accepted | "
+                  "cosine inverted-enrolled |", "|---|---|---|---|---|---|---|---|"]
+        for k in ("projection", "biohash"):
+            un, ir = e[k]["unlinkability"], e[k]["irreversibility"]
+            lines.append(f"| {k} | {un['dsys']:.3f} [{un['dsys_lower']:.3f}, {un['dsys_upper']:.3f}] | "
+                         f"{un['same_key']['dsys']:.3f} | {un['floor']:.3f} | "
+                         f"{_pct(ir['inverted_accepted_unprotected'])} % | "
+                         f"{_pct(ir['inverted_accepted_replayed'])} % | "
+                         f"{_pct(ir['genuine_accepted'])} % | {ir['cosine_to_enrolled']:.3f} |")
+        lines += ["", f"Enrolment into SQLite: projection {e['projection']['enrol_per_s']:.0f}/s, "
+                  f"biohash {e['biohash']['enrol_per_s']:.0f}/s.", ""]
+    t = res["he_timing"]
+    lines += ["## Encrypted matching (CKKS, ring 8192, fold 4)", "",
+              "| gallery | search µs/match | with key holder µs/match | plaintext µs/match | "
+              "bytes/template |", "|---|---|---|---|---|"]
+    for n, v in sorted(t["one_to_n"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {int(n):,} | {v['search_us_per_match']:.1f} | "
+                     f"{v['us_per_match_with_key_holder']:.1f} | {v['plaintext_us_per_match']:.3f} | "
+                     f"{v['bytes_per_template']} |")
+    o = t["one_to_one"]
+    lines += ["", f"1:1: {o['server_ms_per_match']:.1f} ms per match on the server, "
+              f"{o['ms_per_match_with_key_holder']:.1f} ms with the key holder's probe encryption "
+              f"and decryption; template {o['template_bytes']:,} bytes; public key bundle "
+              f"{t['key_bundle_bytes']['public']:,} bytes.", ""]
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ token (renewability).
     with a stolen token).
 ``biohash``
     BioHashing (Teoh et al. 2004): ``b = [W x > 0]`` with ``W`` of ``m`` rows made of
-    stacked orthonormal ``d x d`` blocks (``m = bits``, default ``4 d``), stored as packed
+    stacked orthonormal ``d x d`` blocks (``m = bits``, default ``16 d``), stored as packed
     bits, compared by normalised Hamming similarity ``1 - H(b, b') / m``, which estimates
     ``1 - angle / pi``. Binarisation loses the magnitude of each projection, so even
     the token's holder recovers only an approximation of ``x``: how good an approximation
@@ -115,9 +115,11 @@ class BioHash(_Keyed):
     token : Token
         The secret that draws the projections.
     bits : int, default 0
-        Template length ``m`` in bits (a multiple of 8); 0 means ``4 d`` (512 bits for a
-        128-d embedder: the Hamming estimate of the angle is then close enough that the
-        protected EER stays within half a point of the unprotected one on LFW).
+        Template length ``m`` in bits (a multiple of 8); 0 means ``16 d`` (2,048 bits, 256
+        bytes, for a 128-d embedder). The Hamming similarity estimates ``1 - angle / pi``
+        with a standard error falling as ``1 / sqrt(m)``; on LFW View 2 with dlib's
+        embedder the EER is 2.96% at 512 bits, 1.91% at 1,024, 1.60% at 2,048 and 1.53% at
+        4,096, against 1.23% unprotected: 2,048 is the shortest within half a point.
     """
 
     name = "biohash"
@@ -126,11 +128,11 @@ class BioHash(_Keyed):
     def __init__(self, token: Token, bits: int = 0) -> None:
         super().__init__(token)
         if bits < 0 or bits % 8 or bits > 65536:
-            raise TemplateError(f"bits={bits}: use a multiple of 8 up to 65536 (0 = 4 x dimension)")
+            raise TemplateError(f"bits={bits}: use a multiple of 8 up to 65536 (0 = 16 x dimension)")
         self.bits = int(bits)
 
     def n_bits(self, dim: int) -> int:
-        return self.bits or 4 * dim
+        return self.bits or 16 * dim
 
     def _draw(self, dim: int) -> np.ndarray:
         return orthonormal_rows(self.token.generator("biohash", dim), self.n_bits(dim), dim)
@@ -162,4 +164,4 @@ class BioHash(_Keyed):
         return 1.0 - (stored != p).mean(axis=1)
 
     def describe(self) -> dict:
-        return {**super().describe(), "bits": self.bits or "4 x dimension"}
+        return {**super().describe(), "bits": self.bits or "16 x dimension"}

@@ -88,7 +88,7 @@ def test_biohash_hamming_similarity_tracks_the_angle():
     a, b = _faces(100)
     s = BioHash(Token.random())
     templates = s.protect(a)
-    assert len(templates[0]) == 8 + 512 // 8
+    assert len(templates[0]) == 8 + 2048 // 8
     got = np.array([s.scores([t], b[i])[0] for i, t in enumerate(templates)])
     want = 1 - np.arccos(np.clip(np.sum(a * b, 1), -1, 1)) / np.pi
     assert np.abs(got - want).mean() < 0.03
@@ -128,7 +128,7 @@ def test_template_of_another_scheme_or_damaged_is_named():
         Projection(tok).scores(bio, a[0])
     with pytest.raises(TemplateError, match="damaged"):
         Projection(tok).scores([b"junk"], a[0])
-    with pytest.raises(TemplateError, match="another length than 512 bits"):
+    with pytest.raises(TemplateError, match="another length than 2048 bits"):
         BioHash(tok).scores([bio[0][:-1]], a[0])
 
 

@@ -265,3 +265,39 @@ def test_cli_images_enrol_with_dlib_and_refuse_no_face_or_several(tmp_path, lfw_
         assert r.exit_code == 2 and "faces found" in r.output and "--pick largest" in r.output
         r = _cli("templates", "verify", *common, "--subject", "P1", multi, "--pick", "largest")
         assert r.exit_code == 1  # a stranger's face: compared, no match
+
+
+def _he_worker(url, keys, worker, count, barrier, results):
+    from fedface.templates.encrypted import EncryptedScheme
+
+    enrol, _ = _people(12)
+    with open_store(url) as store:
+        svc = TemplateService(store, EncryptedScheme.load(keys), 0.5)
+        barrier.wait()
+        for i in range(count):
+            k = worker * count + i
+            svc.enroll(f"P{k:02d}", enrol[k])
+    results.put(worker)
+
+
+def test_concurrent_encrypted_enrolments_lose_no_gallery_slot(store_url, he_keys):
+    """3 processes enrol 4 subjects each into one encrypted gallery at the same moment: every
+    subject is found 1:N (the gallery is read, changed and written in one transaction)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3, timeout=60), ctx.Queue()
+    procs = [ctx.Process(target=_he_worker, args=(store_url, he_keys / "k1", w, 4, barrier, results))
+             for w in range(3)]
+    for p in procs:
+        p.start()
+    done = sorted(results.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert done == [0, 1, 2]
+    _, probe = _people(12)
+    with open_store(store_url) as store:
+        svc = TemplateService(store, _scheme("he", he_keys), 0.5)
+        found = [svc.identify(probe[k], k=1) for k in range(12)]
+    assert [f["candidates"][0].subject for f in found] == [f"P{k:02d}" for k in range(12)]
+    assert all(f["searched"] == 12 for f in found)
