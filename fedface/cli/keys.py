@@ -55,10 +55,34 @@ def keys_init(
 
 
 @keys_app.command("show")
-def keys_show(folder: Annotated[Path, typer.Argument(help="Key folder or bundle folder.")]) -> None:
-    """Fingerprint and parameters of a key folder (prints no secret)."""
+def keys_show(folder: Annotated[Path, typer.Argument(
+        help="Key folder or bundle folder; a template token or scramble key file; a matching "
+        "key folder.")]) -> None:
+    """Fingerprint and parameters of a key folder or key file (prints no secret)."""
+    from crypto.keyfile import KeyFileError
     from crypto.keys import KeyBundleError, describe_keys
 
+    if folder.is_file():
+        from crypto.scramble import key_id, load_key
+        from crypto.tokens import load_token
+
+        first = folder.read_bytes()[:40]
+        with user_errors(KeyFileError):
+            if first.startswith(b"fedface-scramble-key"):
+                console.print(f"scramble key {folder}: key id {key_id(load_key(folder))}")
+            else:
+                console.print(f"template token {folder}: key id {load_token(folder).key_id}")
+        return
+    if (folder / "public").is_dir() or folder.name in ("public", "secret"):
+        from crypto.match import load_match_keys
+
+        with user_errors(KeyBundleError):
+            keys = load_match_keys(folder / "public" if (folder / "public").is_dir() else folder)
+        p = keys.params
+        console.print(f"matching keys {folder}: key id {keys.key_id}, CKKS ring "
+                      f"{p.poly_modulus_degree}, fold {p.fold}, "
+                      f"{'key holder (secret key)' if keys.has_secret else 'public (no secret key)'}")
+        return
     with user_errors(KeyBundleError):
         desc = describe_keys(folder)
     console.print(keys_table(desc, str(folder)))

@@ -301,3 +301,38 @@ def test_concurrent_encrypted_enrolments_lose_no_gallery_slot(store_url, he_keys
         found = [svc.identify(probe[k], k=1) for k in range(12)]
     assert [f["candidates"][0].subject for f in found] == [f"P{k:02d}" for k in range(12)]
     assert all(f["searched"] == 12 for f in found)
+
+
+def test_cli_he_scheme_and_key_commands(tmp_path):
+    """`keys match` makes the ceremony; the CLI plays server and key holder in one process;
+    `keys show` prints key ids and never a secret."""
+    enrol, probe = _people(3)
+    for i in range(3):
+        np.save(tmp_path / f"e{i}.npy", enrol[i])
+        np.save(tmp_path / f"p{i}.npy", probe[i])
+    r = _cli("keys", "match", "--out", tmp_path / "mk")
+    assert r.exit_code == 0 and "public" in r.output
+    assert _cli("keys", "match", "--out", tmp_path / "mk").exit_code == 2  # never overwritten
+    common = ["--db", tmp_path / "t.db", "--scheme", "he", "--threshold", "0.5"]
+    for i in range(3):
+        r = _cli("templates", "enroll", *common[:4], "--key", tmp_path / "mk" / "public",
+                 "--subject", f"P{i}", tmp_path / f"e{i}.npy")
+        assert r.exit_code == 0, r.output  # enrolment needs the public folder only
+    r = _cli("templates", "verify", *common, "--key", tmp_path / "mk" / "public", "--subject",
+             "P1", tmp_path / "p1.npy")
+    assert r.exit_code == 2 and "no secret key" in r.output
+    r = _cli("templates", "verify", *common, "--key", tmp_path / "mk", "--subject", "P1",
+             tmp_path / "p1.npy", "--json")
+    doc = json.loads(r.output)
+    assert r.exit_code == 0 and doc["match"] and abs(doc["score"] - enrol[1] @ probe[1]) < 1e-3
+    r = _cli("templates", "identify", *common, "--key", tmp_path / "mk", tmp_path / "p2.npy",
+             "--json")
+    assert json.loads(r.output)["candidates"][0]["subject"] == "P2"
+    shown = _cli("keys", "show", tmp_path / "mk").output
+    token = tmp_path / "app.token"
+    assert _cli("keys", "token", token).exit_code == 0
+    shown += _cli("keys", "show", token).output
+    assert "key id" in shown and "public (no secret key)" in shown
+    secret = token.read_text().split()[-1]
+    assert secret not in shown and (tmp_path / "mk" / "secret" / "store.key").read_bytes().hex() \
+        not in shown
