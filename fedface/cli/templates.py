@@ -123,14 +123,18 @@ def enroll(
             if not folders:
                 raise UserError(f"--batch {batch} holds no subject folders")
             items = [(d.name, sorted(f for f in d.iterdir() if f.is_file())) for d in folders]
-            recs, failed = [], []
-            with RichProgress(console) as progress, _errors():
+            recs, failed, good = [], [], []
+            bar = RichProgress(console, transient=as_json)  # --json: stdout holds JSON only
+            with bar as progress, _errors():
                 for i, (sub, paths) in enumerate(items):
-                    try:
-                        recs.append(s.service.enroll(sub, s.embed(paths)))
-                    except (UserError, ValueError) as err:  # one bad subject does not stop the batch
+                    try:  # one bad subject does not stop the batch
+                        good.append((sub, s.embed(paths)))
+                    except UserError as err:
                         failed.append({"subject": sub, "error": str(err)})
-                    progress("enrol", i + 1, len(items))
+                    progress("embed", i + 1, len(items))
+                errors: list = []
+                recs = s.service.enroll_many(good, lambda d, n: progress("enrol", d, n), errors)
+                failed += [{"subject": sub, "error": msg} for sub, msg in errors]
         else:
             with _errors():
                 recs, failed = [s.service.enroll(subject, s.embed(files))], []

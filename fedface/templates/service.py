@@ -72,29 +72,44 @@ class TemplateService:
         """Protect ``emb`` (one or several rows of one subject) and store it."""
         return self.enroll_many([(subject, emb)])[0]
 
-    def enroll_many(self, items, progress=None) -> list[Record]:
+    def enroll_many(self, items, progress=None, errors: list | None = None) -> list[Record]:
         """Enrol ``[(subject, emb), ...]``; ``progress(done, total)`` after each.
 
-        A scheme with a search index (``he``: the encrypted gallery) gets the whole batch
-        in one index update; if that update fails, the rows just enrolled are revoked and
-        the error is raised, so no subject is left searchable 1:1 but missing from 1:N.
+        A subject that cannot be enrolled (already enrolled, a bad embedding) stops the
+        batch, or, when ``errors`` is a list, is appended to it as ``(subject, message)``
+        and the batch goes on. A scheme with a search index (``he``: the encrypted gallery)
+        gets every enrolled subject in one index update; if that update fails, the rows
+        just enrolled are revoked and the error is raised, so no subject is left
+        searchable 1:1 but missing from 1:N.
         """
-        items = [(subject, self.combine(emb)) for subject, emb in items]
-        out = []
-        for i, (subject, x) in enumerate(items):
-            (template,) = self.scheme.protect(x)
-            out.append(self.store.enroll(subject, self.scheme.name, self.scheme.key_id,
-                                         template, self.scheme.mac_key))
+        from fedface.templates.store import StoreError
+
+        items = list(items)
+        done: list[tuple[Record, np.ndarray]] = []
+        stop = None
+        for i, (subject, emb) in enumerate(items):
+            try:
+                x = self.combine(emb)
+                (template,) = self.scheme.protect(x)
+                done.append((self.store.enroll(subject, self.scheme.name, self.scheme.key_id,
+                                               template, self.scheme.mac_key), x))
+            except (TemplateError, StoreError) as err:
+                if errors is None:
+                    stop = err
+                    break
+                errors.append((subject, str(err)))
             if progress is not None:
                 progress(i + 1, len(items))
         try:
-            self._index(added=[(r.id, r.version, x[0]) for r, (_, x) in zip(out, items, strict=True)])
+            self._index(added=[(r.id, r.version, x[0]) for r, x in done])
         except BaseException:
-            for r in out:
+            for r, _ in done:
                 self.store.revoke(r.subject, self.scheme.name, self.scheme.mac_key,
                                   self.scheme.key_id)
             raise
-        return out
+        if stop is not None:
+            raise stop
+        return [r for r, _ in done]
 
     def _index(self, added=(), removed=()) -> None:
         if hasattr(self.scheme, "update_index"):

@@ -236,7 +236,7 @@ def test_cli_batch_enrolment_goes_on_past_a_bad_subject(tmp_path):
     r = _cli("templates", "enroll", "--db", tmp_path / "t.db", "--scheme", "projection",
              "--key", key, "--batch", tmp_path / "batch", "--json")
     assert r.exit_code == 1
-    doc = json.loads(r.output[r.output.index("{"):])
+    doc = json.loads(r.output)
     assert [d["subject"] for d in doc["enrolled"]] == ["P0", "P1", "P3"]
     assert doc["failed"][0]["subject"] == "P2" and "zeros" in doc["failed"][0]["error"]
 
