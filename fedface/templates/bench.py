@@ -273,6 +273,16 @@ def model_embeddings(model: Path, lfw_root: Path, paths: list[Path], log=print) 
     return out
 
 
+def _shown(path: str | Path) -> str:
+    """``path`` relative to the working folder when it is below it (results hold no
+    machine-specific absolute paths)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return p.name
+
+
 def run(lfw_root: str | Path, work: str | Path, model: str | Path | None = None,
         quick: bool = False, log=print) -> dict:
     """Every figure of the benchmark (see the module docstring) as one JSON document.
@@ -299,7 +309,7 @@ def run(lfw_root: str | Path, work: str | Path, model: str | Path | None = None,
     if model:
         embedders["model"] = model_embeddings(Path(model), lfw_root, paths, log)
     res: dict = {"protocol": "LFW View 2 pairs.txt (10 folds)" + (" folds 1-2" if quick else ""),
-                 "fmr": FMR, "quick": quick, "model": str(model) if model else None,
+                 "fmr": FMR, "quick": quick, "model": _shown(model) if model else None,
                  "embedders": {}}
     for name, x in embedders.items():
         log(f"{name}: recognition, unlinkability, irreversibility, identification ...")

@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_THRESHOLDS", "TemplateService", "Match"]
 #: Decision thresholds at FMR 0.1% on LFW View 2 for dlib's embedder, measured by
 #: ``fedface bench templates`` (experiments/results/bench_templates.json): cosine for
 #: projection and he, Hamming similarity for biohash (2,048 bits).
-DEFAULT_THRESHOLDS = {"dlib": {"projection": 0.916, "he": 0.916, "biohash": 0.874}}
+DEFAULT_THRESHOLDS = {"dlib": {"projection": 0.916, "he": 0.916, "biohash": 0.88}}
 
 
 @dataclass(frozen=True)
