@@ -597,8 +597,9 @@ def init_match_keys(out: str | Path, params: MatchParams | None = None, *, force
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     evaluation = {n: hashlib.sha256(data[n]).hexdigest() for n in (RELIN_KEY_FILE, GALOIS_KEY_FILE)
                   if n in data}
-    out.mkdir(parents=True, exist_ok=True)
-    os.chmod(out, 0o700)
+    if not out.exists():
+        out.mkdir(parents=True, mode=0o700)
+        os.chmod(out, 0o700)
     for role, names, extra in ((PUBLIC_DIR, [PUBLIC_KEY_FILE, STORE_KEY_FILE, *evaluation],
                                 {"evaluation_keys": evaluation}),
                                (SECRET_DIR, [SECRET_KEY_FILE, PUBLIC_KEY_FILE, STORE_KEY_FILE], {})):

@@ -26,6 +26,7 @@ from fedface.cli.common import UserErrorGroup
 
 app = typer.Typer(
     name="fedface", cls=UserErrorGroup, no_args_is_help=True, add_completion=False,
+    pretty_exceptions_show_locals=False,  # a crash must not print embeddings or keys
     help="Privacy-preserving federated learning for face recognition.",
 )
 app.add_typer(bench.bench_app, name="bench")

@@ -66,8 +66,9 @@ def keys_show(folder: Annotated[Path, typer.Argument(
         from crypto.scramble import key_id, load_key
         from crypto.tokens import load_token
 
-        first = folder.read_bytes()[:40]
-        with user_errors(KeyFileError):
+        with user_errors(KeyFileError, OSError):
+            with open(folder, "rb") as fh:
+                first = fh.read(40)
             if first.startswith(b"fedface-scramble-key"):
                 console.print(f"scramble key {folder}: key id {key_id(load_key(folder))}")
             else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedface.cli.common import console
@@ -144,10 +145,11 @@ def enroll(
     for c in ("subject", "template bytes"):
         t.add_column(c)
     for r in recs:
-        t.add_row(r.subject, str(len(r.template)))
+        t.add_row(escape(r.subject), str(len(r.template)))
     _emit(as_json, doc, t)
     for f in failed if not as_json else []:
-        console.print(f"[red]not enrolled[/] {f['subject']}: {f['error']}", soft_wrap=True)
+        console.print(f"[red]not enrolled[/] {escape(f['subject'])}: {escape(f['error'])}",
+                      soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -167,7 +169,7 @@ def verify(
         _emit(True, m.to_dict())
     else:
         verdict = "[green]match[/]" if m.match else "[red]no match[/]"
-        console.print(f"{m.subject}: {verdict} (score {m.score:.4f}, threshold "
+        console.print(f"{escape(m.subject)}: {verdict} (score {m.score:.4f}, threshold "
                       f"{s.service.threshold})")
     if not m.match:
         raise typer.Exit(1)
@@ -189,11 +191,16 @@ def identify(
     for c in ("rank", "subject", "score", "match"):
         t.add_column(c)
     for i, c in enumerate(res["candidates"], 1):
-        t.add_row(str(i), c.subject, f"{c.score:.4f}", "yes" if c.match else "no")
+        t.add_row(str(i), escape(c.subject), f"{c.score:.4f}", "yes" if c.match else "no")
     _emit(as_json, doc, t)
-    if res["tampered"] and not as_json:
-        console.print(f"[red]integrity check failed, not matched:[/] {', '.join(res['tampered'])}",
-                      soft_wrap=True)
+    if not as_json:
+        for what, key in (("[red]integrity check failed, not matched:[/]", "tampered"),
+                          ("[yellow]stored under other keys, not searched (if no one moved "
+                           "them, their key id was edited):[/]", "other_keys"),
+                          ("[yellow]missing from the encrypted gallery, not searched:[/]",
+                           "not_indexed")):
+            if res[key]:
+                console.print(f"{what} {escape(', '.join(res[key]))}", soft_wrap=True)
 
 
 @templates_app.command()
@@ -207,7 +214,7 @@ def revoke(
         r = s.service.revoke(subject)
     _emit(as_json, {"subject": r.subject, "status": r.status})
     if not as_json:
-        console.print(f"{r.subject}: revoked ({scheme})")
+        console.print(f"{escape(r.subject)}: revoked ({scheme})")
 
 
 @templates_app.command()
@@ -216,16 +223,26 @@ def renew(
     subject: Annotated[str, typer.Option(help="The subject to renew.")],
     db: DbOpt = "templates.db", scheme: SchemeOpt = "biohash",
     key: Annotated[Path | None, typer.Option("--key", help="The NEW token or key folder.")] = None,
+    old_key: Annotated[Path | None, typer.Option(
+        help="The token or key folder the subject is stored under now (needed to move it "
+        "to a new key: the row is checked under it first).")] = None,
     embedder: EmbedderOpt = "dlib", model: ModelOpt = None, pick: PickOpt = "one",
     bits: Annotated[int, typer.Option(help="biohash: template bits (0 = 16 x dimension).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Replace a subject's template by one under a new key, from fresh images."""
+    """Replace a subject's template by one made from fresh images, under --key (the same
+    key, or a new one with --old-key)."""
+    from fedface.templates.schemes import load_scheme
+
     with _Session(db, scheme, key, embedder, model, pick, 0.0, bits) as s, _errors():
-        r = s.service.renew(subject, s.embed(files))
+        old = None
+        if old_key is not None:
+            old = load_scheme(scheme, old_key, **({"bits": bits} if scheme == "biohash" and bits
+                                                  else {}))
+        r = s.service.renew(subject, s.embed(files), old)
     _emit(as_json, {"subject": r.subject, "key_id": r.key_id, "version": r.version})
     if not as_json:
-        console.print(f"{r.subject}: renewed under key {r.key_id}")
+        console.print(f"{escape(r.subject)}: renewed under key {r.key_id}")
 
 
 @templates_app.command("list")
@@ -242,15 +259,16 @@ def list_(
         store = open_store(db)
         try:
             rows = store.records(scheme, include_revoked=revoked)
+            shown = store.url  # the password masked
         finally:
             store.close()
     doc = [{"subject": r.subject, "scheme": r.scheme, "key_id": r.key_id, "status": r.status,
             "created": r.created.isoformat(), "updated": r.updated.isoformat(),
             "bytes": len(r.template)} for r in rows]
-    t = Table(title=f"{len(rows)} templates in {db}")
+    t = Table(title=escape(f"{len(rows)} templates in {shown}"))
     for c in ("subject", "scheme", "key id", "status", "updated", "bytes"):
         t.add_column(c)
     for d in doc:
-        t.add_row(d["subject"], d["scheme"], d["key_id"], d["status"], d["updated"][:19],
+        t.add_row(escape(d["subject"]), d["scheme"], d["key_id"], d["status"], d["updated"][:19],
                   str(d["bytes"]))
     _emit(as_json, doc, t)

@@ -28,7 +28,7 @@ __all__ = ["DEFAULT_THRESHOLDS", "TemplateService", "Match"]
 #: Decision thresholds at FMR 0.1% on LFW View 2 for dlib's embedder, measured by
 #: ``fedface bench templates`` (experiments/results/bench_templates.json): cosine for
 #: projection and he, Hamming similarity for biohash (2,048 bits).
-DEFAULT_THRESHOLDS = {"dlib": {"projection": 0.916, "he": 0.916, "biohash": 0.88}}
+DEFAULT_THRESHOLDS = {"dlib": {"projection": 0.916, "he": 0.916, "biohash": 0.882}}
 
 
 @dataclass(frozen=True)
@@ -87,20 +87,21 @@ class TemplateService:
         items = list(items)
         done: list[tuple[Record, np.ndarray]] = []
         stop = None
-        for i, (subject, emb) in enumerate(items):
-            try:
-                x = self.combine(emb)
-                (template,) = self.scheme.protect(x)
-                done.append((self.store.enroll(subject, self.scheme.name, self.scheme.key_id,
-                                               template, self.scheme.mac_key), x))
-            except (TemplateError, StoreError) as err:
-                if errors is None:
-                    stop = err
-                    break
-                errors.append((subject, str(err)))
-            if progress is not None:
-                progress(i + 1, len(items))
-        try:
+        try:  # rows and index together: an interruption anywhere revokes the rows enrolled
+            for i, (subject, emb) in enumerate(items):
+                try:
+                    x = self.combine(emb)
+                    (template,) = self.scheme.protect(x)
+                    done.append((self.store.enroll(subject, self.scheme.name,
+                                                   self.scheme.key_id, template,
+                                                   self.scheme.mac_key), x))
+                except (TemplateError, StoreError) as err:
+                    if errors is None:
+                        stop = err
+                        break
+                    errors.append((subject, str(err)))
+                if progress is not None:
+                    progress(i + 1, len(items))
             self._index(added=[(r.id, r.version, x[0]) for r, x in done])
         except BaseException:
             for r, _ in done:
@@ -115,13 +116,22 @@ class TemplateService:
         if hasattr(self.scheme, "update_index"):
             self.scheme.update_index(self.store, added, removed)
 
-    def renew(self, subject: str, emb) -> Record:
-        """Replace ``subject``'s template by one under this service's (new) key."""
+    def renew(self, subject: str, emb, old: Scheme | None = None) -> Record:
+        """Replace ``subject``'s template by one under this service's key, from fresh
+        embeddings. A subject stored under another key is moved (a key rotation) only with
+        ``old``, the scheme of that key: the store checks the row under it first, and the
+        old key's search index (``he``) loses the subject's slot."""
         x = self.combine(emb)
         (template,) = self.scheme.protect(x)
+        extra = {} if old is None else {"old_key_id": old.key_id, "old_mac_key": old.mac_key}
+        before = self.store.records(self.scheme.name, subject=subject)
         rec = self.store.renew(subject, self.scheme.name, self.scheme.key_id, template,
-                               self.scheme.mac_key)
-        self._index(added=[(rec.id, rec.version, x[0])], removed=[(rec.id, rec.version - 1)])
+                               self.scheme.mac_key, **extra)
+        moved = bool(before) and before[0].key_id != rec.key_id
+        self._index(added=[(rec.id, rec.version, x[0])],
+                    removed=[] if moved else [(rec.id, rec.version - 1)])
+        if moved and hasattr(old, "update_index"):
+            old.update_index(self.store, removed=[(rec.id, rec.version - 1)])
         return rec
 
     def revoke(self, subject: str) -> Record:
@@ -142,21 +152,27 @@ class TemplateService:
         """1:N: the ``k`` best-scoring active subjects under this key.
 
         Returns ``{"candidates": [Match, ...], "searched": n, "tampered": [subject, ...],
-        "other_keys": n}``: rows whose tag fails are listed and never scored; active rows
-        under another key are counted, not scored.
+        "other_keys": [subject, ...], "not_indexed": [subject, ...]}``: rows whose tag fails
+        are listed and never scored; active rows under another key are listed, not scored
+        (a row whose key id was edited shows up there: a subject listed there that no one
+        moved to another key is a tampered row); rows missing from an encrypted gallery
+        are listed, never ranked.
         """
         if k < 1:
             raise TemplateError(f"--top {k}: ask for at least one candidate")
         mine, bad = self.store.verified(self.scheme.name, self.scheme.mac_key, self.scheme.key_id)
-        others = len(self.store.records(self.scheme.name)) - len(mine) - \
-            sum(r.status == "active" for r in bad)
+        others = sorted(r.subject for r in self.store.records(self.scheme.name)
+                        if r.key_id != self.scheme.key_id)
         probe = self.combine(emb)
         if hasattr(self.scheme, "search"):
             scores = self.scheme.search(self.store, mine, probe)
         else:
             scores = self.scheme.scores([r.template for r in mine], probe)
-        order = np.argsort(-np.asarray(scores), kind="stable")[:k]
+        order = [i for i in np.argsort(-np.asarray(scores), kind="stable")
+                 if np.isfinite(scores[i])][:k]
         return {"candidates": [Match(mine[i].subject, float(scores[i]),
                                      float(scores[i]) >= self.threshold) for i in order],
                 "searched": len(mine), "tampered": [r.subject for r in bad],
-                "other_keys": others}
+                "other_keys": others,
+                "not_indexed": [mine[i].subject for i in range(len(mine))
+                                if not np.isfinite(scores[i])]}

@@ -746,7 +746,8 @@ class TemplateStore:
         with self._transaction(f"revoke {subject!r}", write=True) as conn:
             rows = self._rows(conn, subject, scheme, lock=True)
             if allow_tampered:
-                targets = [rec for rec, ok in (_authentic(r, mac_key) for r in rows)
+                mine = [r for r in rows if key_id is None or _decode(r)[0].key_id == key_id]
+                targets = [rec for rec, ok in (_authentic(r, mac_key) for r in mine)
                            if not ok or rec.status == ACTIVE]
                 if not targets:
                     self._current(rows, subject, scheme, mac_key)  # raises NotEnrolled/Revoked
@@ -758,17 +759,20 @@ class TemplateStore:
         return next((r for r, old in zip(done, targets) if old.status == ACTIVE), done[-1])
 
     def renew(self, subject: str, scheme: str, key_id: str, template: bytes,
-              mac_key: bytes) -> Record:
+              mac_key: bytes, *, old_key_id: str | None = None,
+              old_mac_key: bytes | None = None) -> Record:
         """Replace ``subject``'s active ``scheme`` template and key id in one transaction.
 
         The old template is overwritten, not kept. Returns the updated row (version
-        incremented, ``created`` unchanged). An active row made under the same ``key_id`` is
-        verified first; one made under another key (a key rotation) cannot be verified with
-        this key's ``mac_key`` and is replaced as it is.
+        incremented, ``created`` unchanged). The active row is verified first: under
+        ``key_id`` with ``mac_key``, or, for a key rotation (the row was made under another
+        key), under ``old_key_id`` with ``old_mac_key``, which must be that row's key: a
+        rotation without the old key is refused (:class:`WrongKey`), so holding some key
+        is not enough to take a subject over.
 
         Raises
         ------
-        NotEnrolled, Revoked, TamperedRow
+        NotEnrolled, Revoked, TamperedRow, WrongKey
             As :meth:`get` (a revoked subject is enrolled again with :meth:`enroll`).
         """
         subject, scheme = _check_subject(subject), _check_scheme(scheme)
@@ -777,7 +781,12 @@ class TemplateStore:
         now = _now()
         with self._transaction(f"renew {subject!r}", write=True) as conn:
             rows = self._rows(conn, subject, scheme, lock=True)
-            current = self._current(rows, subject, scheme, mac_key, key_id, other_key="replace")
+            active = [rec for rec in (_decode(r)[0] for r in rows) if rec.status == ACTIVE]
+            if active and active[0].key_id != key_id and old_key_id is not None:
+                current = self._current(rows, subject, scheme, _check_mac_key(old_mac_key),
+                                        _check_key_id(old_key_id))
+            else:
+                current = self._current(rows, subject, scheme, mac_key, key_id)
             rec = self._rewrite(conn, current, mac_key, key_id=key_id, template=template,
                                 updated=now)
         self._truncate_wal()
@@ -870,27 +879,25 @@ class TemplateStore:
         return conn.execute(query.with_for_update() if lock else query).all()
 
     def _current(self, rows: list, subject: str, scheme: str, mac_key: bytes,
-                 key_id: str | None = None, other_key: str = "refuse") -> Record:
+                 key_id: str | None = None) -> Record:
         """The verified active row among ``rows`` (all of one subject and scheme).
 
         With ``key_id``, rows under other keys are not checked with ``mac_key``; an active
-        one raises :class:`WrongKey` (``other_key="refuse"``) or is returned unchecked
-        (``"replace"``: the caller overwrites it whole)."""
+        one raises :class:`WrongKey`."""
         everything = [_decode(r)[0] for r in rows]
         if key_id is not None:
             others = [rec for rec in everything if rec.key_id != key_id and rec.status == ACTIVE]
-            if others and other_key == "refuse":
+            if others:
                 raise WrongKey(
-                    f"subject {subject!r} was enrolled under key {others[0].key_id}, not under "
-                    f"the key given ({key_id}): pass the key it was enrolled with, or renew it "
-                    "under this one")
+                    f"subject {subject!r} is stored under key {others[0].key_id}, not under the "
+                    f"key given ({key_id}): pass the key it was enrolled with (to move it to a "
+                    "new key: renew with --old-key). If no one enrolled or renewed it under "
+                    f"{others[0].key_id}, its key id was edited: treat the row as tampered")
             rows = [r for r, rec in zip(rows, everything, strict=True) if rec.key_id == key_id]
         checked = [_authentic(row, mac_key) for row in rows]
         for rec, ok in checked:
             if not ok:
                 raise self._tampered(rec, subject, scheme)
-        if key_id is not None and others:
-            return others[0]  # a key rotation: replaced whole by the caller
         active = [rec for rec, _ in checked if rec.status == ACTIVE]
         if active:
             return active[0]

@@ -72,12 +72,24 @@ def test_enrol_verify_identify_revoke_renew(store_url, kind, he_keys):
         assert "P012" not in [c.subject for c in svc.identify(probe[12], k=30)["candidates"]]
         # renewal: a new token; the old one is refused by name, the new one matches
         new = TemplateService(store, _scheme(kind, he_keys, "k2"), thr)
-        rec = new.renew("P007", enrol[7])
+        before = store.records(subject="P007")
+        with pytest.raises(WrongKey, match="--old-key"):  # a key alone cannot take it over
+            new.renew("P007", enrol[3])
+        assert store.records(subject="P007") == before
+        rec = new.renew("P007", enrol[7], old=svc.scheme)
         assert rec.key_id == new.scheme.key_id and rec.version > 1
-        with pytest.raises(WrongKey, match="enrolled under key.*not under the key given"):
+        with pytest.raises(WrongKey, match="stored under key.*not under the key given"):
             svc.verify("P007", probe[7])
         assert new.verify("P007", probe[7]).match
-        assert new.identify(probe[7], k=1)["other_keys"] == 28
+        assert len(new.identify(probe[7], k=1)["other_keys"]) == 28
+        if kind == "he":  # the old key's gallery killed the slot (its score is never decrypted)
+            from crypto.match import Gallery
+            from fedface.templates.encrypted import slot_id
+
+            parts = store.index_parts("he", svc.scheme.key_id, svc.scheme.mac_key)
+            old_gallery = Gallery.from_bytes(svc.scheme.server, [parts[k] for k in sorted(parts)])
+            assert slot_id(rec.id, rec.version - 1) not in old_gallery.ids
+            assert slot_id(rec.id - 1, 1) in old_gallery.ids  # P006 is still there
 
 
 def test_a_tampered_row_is_reported_and_never_matched(sqlite_url, tmp_path):
@@ -100,6 +112,17 @@ def test_a_tampered_row_is_reported_and_never_matched(sqlite_url, tmp_path):
         assert res["tampered"] == ["P3"]
         assert "P3" not in [c.subject for c in res["candidates"]]
         assert res["candidates"][0].subject == "P4"
+    # an edited key id cannot hide a row: it is named, never silently dropped
+    con = sqlite3.connect(tmp_path / "templates.db")
+    con.execute(f"UPDATE {_table(con)} SET key_id = 'deadbeefdeadbeef' WHERE subject = 'P5'")
+    con.commit()
+    con.close()
+    with open_store(sqlite_url) as store:
+        svc = TemplateService(store, svc.scheme, 0.5)
+        with pytest.raises(WrongKey, match="key id was edited: treat the row as tampered"):
+            svc.verify("P5", probe[5])
+        res = svc.identify(probe[5], k=10)
+        assert res["other_keys"] == ["P5"] and "P5" not in [c.subject for c in res["candidates"]]
 
 
 def _table(con) -> str:
@@ -199,7 +222,7 @@ def test_cli_bad_input_is_named_and_loses_nothing(tmp_path):
                 tmp_path / "e0.npy").exit_code == 0
     cases = [
         (["verify", *check, "--key", other, "--subject", "P0", tmp_path / "e0.npy"],
-         "enrolled under key"),
+         "stored under key"),
         (["enroll", *common, "--key", key, "--subject", "P0", tmp_path / "e0.npy"],
          "already has an active"),
         (["verify", *check, "--key", key, "--subject", "P0", tmp_path / "bad.npy"], "NaN"),
@@ -224,6 +247,19 @@ def test_cli_bad_input_is_named_and_loses_nothing(tmp_path):
     assert [(r.subject, r.status) for r in recs] == [("P0", "active")]
     assert _cli("templates", "verify", *common, "--threshold", "0.6", "--key", key, "--subject",
                 "P0", tmp_path / "e0.npy").exit_code == 0
+
+
+def test_cli_prints_subjects_and_urls_safely(tmp_path):
+    """A subject that looks like markup is printed as text; a password never is."""
+    enrol, _ = _people(1)
+    np.save(tmp_path / "e0.npy", enrol[0])
+    key = tmp_path / "app.token"
+    new_token(key)
+    r = _cli("templates", "enroll", "--db", tmp_path / "t.db", "--scheme", "projection", "--key",
+             key, "--subject", "[/x]bold", tmp_path / "e0.npy")
+    assert r.exit_code == 0 and "[/x]bold" in r.output
+    r = _cli("templates", "list", "--db", tmp_path / "t.db")
+    assert r.exit_code == 0 and "[/x]bold" in r.output
 
 
 def test_cli_batch_enrolment_goes_on_past_a_bad_subject(tmp_path):

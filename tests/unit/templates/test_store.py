@@ -23,6 +23,7 @@ from fedface.templates.store import (
     StoreUnavailable,
     TamperedRow,
     TemplateStore,
+    WrongKey,
     open_store,
 )
 from tests.pg import free_port
@@ -131,7 +132,11 @@ def test_revoke_erases_the_template_and_get_says_when(store_url, mac_key):
 def test_renew_replaces_template_and_key_and_bumps_the_version(store_url, mac_key):
     with TemplateStore(store_url) as store:
         old = store.enroll("p-0001", SCHEME, "k1", _template(1), mac_key)
-        new = store.renew("p-0001", SCHEME, "k2", _template(2), mac_key)
+        with pytest.raises(WrongKey, match="--old-key"):  # a rotation needs the old key
+            store.renew("p-0001", SCHEME, "k2", _template(2), mac_key)
+        assert store.get("p-0001", SCHEME, mac_key) == old
+        new = store.renew("p-0001", SCHEME, "k2", _template(2), mac_key, old_key_id="k1",
+                          old_mac_key=mac_key)
         assert (new.id, new.key_id, new.template, new.version) == (old.id, "k2", _template(2), 2)
         assert new.created == old.created and new.updated >= old.updated
         assert store.get("p-0001", SCHEME, mac_key) == new
@@ -148,7 +153,7 @@ def test_removed_templates_do_not_linger_in_the_sqlite_files(tmp_path, mac_key):
     with TemplateStore(path) as store:
         store.enroll("p-0001", SCHEME, "k1", _template(1), mac_key)
         store.enroll("p-0002", SCHEME, "k1", _template(2), mac_key)
-        store.renew("p-0001", SCHEME, "k2", _template(3), mac_key)
+        store.renew("p-0001", SCHEME, "k1", _template(3), mac_key)
         store.revoke("p-0002", SCHEME, mac_key)
         files = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert _template(3) in files
@@ -375,7 +380,7 @@ def test_a_read_only_sqlite_store_reads_refuses_writes_and_keeps_its_data(tmp_pa
     with TemplateStore(_ro_url(path)) as store:
         assert store.get("p-1", SCHEME, mac_key) == before[1]
         for write in (lambda: store.enroll("p-9", SCHEME, "k1", _template(9), mac_key),
-                      lambda: store.renew("p-1", SCHEME, "k2", _template(9), mac_key),
+                      lambda: store.renew("p-1", SCHEME, "k1", _template(9), mac_key),
                       lambda: store.revoke("p-1", SCHEME, mac_key)):
             with pytest.raises(StoreReadOnly, match=f"{path} is read-only .* Nothing was changed; "
                                                     "open it with write access"):
