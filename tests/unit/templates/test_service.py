@@ -372,3 +372,33 @@ def test_cli_he_scheme_and_key_commands(tmp_path):
     secret = token.read_text().split()[-1]
     assert secret not in shown and (tmp_path / "mk" / "secret" / "store.key").read_bytes().hex() \
         not in shown
+
+
+def test_cli_with_a_fedface_model_as_embedder(tmp_path, lfw_root):
+    """--model: the face aligned as training aligns it, embedded by the saved backbone; its
+    dimension is bound to the templates (a dlib probe is refused by name)."""
+    import torch
+
+    from fedface.models import build_backbone
+    from fedface.models.io import save_backbone
+
+    torch.manual_seed(0)
+    model = save_backbone(tmp_path / "model.pt", build_backbone("tinyface", embedding_size=64,
+                                                                input_size=64),
+                          "tinyface", 64, 64)
+    folder = lfw_root / "lfw-deepfunneled" / "Aaron_Peirsol"
+    key = tmp_path / "app.token"
+    new_token(key)
+    common = ["--db", tmp_path / "t.db", "--scheme", "projection", "--key", key]
+    r = _cli("templates", "enroll", *common, "--model", model, "--subject", "P1",
+             folder / "Aaron_Peirsol_0001.jpg")
+    assert r.exit_code == 0, r.output
+    r = _cli("templates", "verify", *common, "--model", model, "--subject", "P1",
+             folder / "Aaron_Peirsol_0001.jpg", "--json")
+    assert r.exit_code == 2 and "--threshold" in r.output  # no calibrated default for a model
+    r = _cli("templates", "verify", *common, "--model", model, "--threshold", "0.5",
+             "--subject", "P1", folder / "Aaron_Peirsol_0001.jpg", "--json")
+    doc = json.loads(r.output)
+    assert r.exit_code == 0 and doc["score"] > 0.999  # the same image, the same chip
+    r = _cli("templates", "verify", *common, "--subject", "P1", folder / "Aaron_Peirsol_0002.jpg")
+    assert r.exit_code == 2 and "dimension 128" in r.output and "enrolled at dimension 64" in r.output
