@@ -79,22 +79,16 @@ def mated_nonmated(labels: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarra
 # --------------------------------------------------------------------------- #
 # scores of each scheme on index pairs
 # --------------------------------------------------------------------------- #
-def _proj_features(scheme: Projection, x: np.ndarray) -> np.ndarray:
-    return scheme.transform(x)
-
-
-def _bio_features(scheme: BioHash, x: np.ndarray) -> np.ndarray:
-    return np.where(scheme.signs(x), 1.0, -1.0)
-
-
 def _pair_scores(fa: np.ndarray, fb: np.ndarray, kind: str) -> np.ndarray:
     dot = np.einsum("ij,ij->i", fa, fb)
     return dot if kind == "projection" else 0.5 + 0.5 * dot / fa.shape[1]  # 1 - Hamming/m
 
 
 def _features(kind: str, token: Token, x: np.ndarray) -> np.ndarray:
-    return _proj_features(Projection(token), x) if kind == "projection" else \
-        _bio_features(BioHash(token), x)
+    """Protected features: the projection, or BioHash bits as +-1 (dot = m - 2 Hamming)."""
+    if kind == "projection":
+        return Projection(token).transform(x)
+    return np.where(BioHash(token).signs(x), 1.0, -1.0)
 
 
 def _per_person(kind: str, x: np.ndarray, labels: np.ndarray, idx: np.ndarray,

@@ -131,10 +131,10 @@ class EncryptedScheme(Scheme):
         if not added and not removed:
             return
         with store.updating_index(self.name, self.key_id, self.mac_key) as parts:
-            dims = {int(np.asarray(e).shape[-1]) for _, _, e in added}
-            gallery = self._gallery(parts, dims.pop() if dims else 1) if parts or added else None
-            if gallery is None:
-                return
+            if not parts and not added:
+                return  # nothing indexed under this key: nothing to kill
+            dim = int(np.asarray(added[0][2]).shape[-1]) if added else 1
+            gallery = self._gallery(parts, dim)
             for rid, ver in removed:
                 if slot_id(rid, ver) in gallery.ids:
                     gallery.revoke(slot_id(rid, ver))
