@@ -17,6 +17,9 @@ from fedface.io import atomic_write, load_torch
 from fedface.models import build_backbone, build_head
 from fedface.privacy.audit import head_file, head_prefix, saved_heads
 from fedface.protocol import (
+    NODE_ANONYMIZE,
+    NODE_ANONYMIZE_PRESET,
+    NODE_CONFIG_KEYS,
     NODE_DATA_PATH,
     NODE_PARTITION_ID,
     NODE_STATE_DIR,
@@ -28,8 +31,25 @@ HEAD_MOMENTUM = "head-momentum"
 
 
 def client_config(context: Context, overrides: dict | None) -> RunConfig:
-    """The run's settings: Flower's run_config, then the simulation's overrides."""
-    return RunConfig.from_run_config(dict(context.run_config), **(overrides or {}))
+    """The run's settings: Flower's run_config, then the simulation's overrides, then the
+    site's own anonymizer (node config ``anonymize``, ``anonymize-preset``), which applies
+    whatever the run says.
+
+    A node config key fedface does not know is refused: a typo (``dp-epsilom=8``) would
+    otherwise drop the site's privacy cap without a word.
+    """
+    node = context.node_config
+    unknown = sorted(set(node) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"node config key(s) {', '.join(unknown)} are not ones fedface knows "
+                         f"(known: {', '.join(NODE_CONFIG_KEYS)}): fix the SuperNode's "
+                         "--node-config")
+    cfg = RunConfig.from_run_config(dict(context.run_config), **(overrides or {}))
+    if NODE_ANONYMIZE in node:
+        cfg = cfg.replace(anonymize=str(node[NODE_ANONYMIZE]),
+                          anonymize_preset=str(node.get(NODE_ANONYMIZE_PRESET,
+                                                        cfg.anonymize_preset)))
+    return cfg
 
 
 @functools.lru_cache(maxsize=4)

@@ -113,6 +113,11 @@ NODE_DP_UNIT = "dp-unit"  # "person": it allows only person-level DP-SGD
 NODE_FEDERATION_SIZE = "federation-size"  # institutions in the federation, as it knows it
 NODE_HE_KEYS = "he-keys"  # the institution's key folder (encrypted runs)
 NODE_HE_SENDER = "he-sender"  # its index in the key ceremony
+NODE_ANONYMIZE = "anonymize"  # the site's own anonymizer: applied whatever the run says
+NODE_ANONYMIZE_PRESET = "anonymize-preset"  # and its strength
+NODE_CONFIG_KEYS = (NODE_PARTITION_ID, NODE_NUM_PARTITIONS, NODE_DATA_PATH, NODE_STATE_DIR,
+                    NODE_DP_EPSILON, NODE_DP_DELTA, NODE_DP_UNIT, NODE_FEDERATION_SIZE,
+                    NODE_HE_KEYS, NODE_HE_SENDER, NODE_ANONYMIZE, NODE_ANONYMIZE_PRESET)
 
 
 @dataclass

@@ -29,7 +29,8 @@ def build_server_app(overrides: dict | None = None, progress: ProgressFn | None 
         Filled with the run's metrics document when the run ends, or with ``error``
         (the exception) when it fails.
     resume : bool
-        Continue from the checkpoint in the run's output folder.
+        Continue from the checkpoint in the run's output folder (so does the run config's
+        ``resume``, which ``flwr run -c resume=true`` sets).
     """
     app = ServerApp()
 
@@ -37,7 +38,7 @@ def build_server_app(overrides: dict | None = None, progress: ProgressFn | None 
     def main(grid: Grid, context: Context) -> None:
         cfg = RunConfig.from_run_config(dict(context.run_config), **(overrides or {}))
         try:
-            doc = run_federated(grid, cfg, progress=progress, resume=resume)
+            doc = run_federated(grid, cfg, progress=progress, resume=resume or cfg.resume)
         except Exception as err:
             if result is not None:  # hand the cause to the caller (the engine only logs it)
                 result["error"] = err

@@ -92,7 +92,7 @@ from fedface.protocol import (
     record_numpy,
 )
 from server.lifecycle import Lifecycle, RoundHost
-from server.screening import Screening, reply_error
+from server.screening import Screening, exchange, reply_error
 
 
 class EncryptedFedAvg(Lifecycle, FedAvg):
@@ -168,7 +168,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
                ) -> list[Message]:
         msgs = [grid.create_message(content=content, message_type=MessageType.QUERY,
                                     dst_node_id=n, group_id="he") for n in nodes]
-        return list(grid.send_and_receive(msgs, timeout=timeout))
+        return list(exchange(grid, msgs, timeout))
 
     def join(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> dict:
         """Send the public initial model; check every node's key and ceremony index (the

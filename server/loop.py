@@ -47,7 +47,7 @@ from fedface.protocol import (
 from fedface.training import cosine_lr, round_test_metrics
 from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint, set_rng_state
 from server.fv import FederatedValidation, SingleCandidate
-from server.screening import Screening, budgets_spent, missed, timeouts
+from server.screening import Screening, budgets_spent, exchange, missed, timeouts
 from server.strategies import build_strategy
 
 # initial_backbone (fedface.models) and check_privacy / privacy_record (fedface.privacy)
@@ -117,7 +117,7 @@ class FederatedRun:
                                 local_epochs=cfg.local_epochs, sampled_clients=sampled_clients(cfg))
         msgs = list(self.strategy.configure_train(rnd, arrays, ins.to_record(), grid))
         down = sum(payload_bytes(m.content) for m in msgs)
-        replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+        replies = list(exchange(grid, msgs, cfg.round_timeout))
         up = sum(payload_bytes(m.content) for m in replies if not m.has_error())
         screening = self.strategy.screen(replies, rnd, arrays)
         # A fixed order (by client id) makes aggregation reproducible run to run.
@@ -141,6 +141,15 @@ class FederatedRun:
                            f"min-train-nodes={needed} needed. Excluded: {reasons}")
 
 
+def _later_rounds(strategy, cfg: RunConfig) -> None:
+    """A plaintext run starts once every institution (num-clients) is connected; later
+    rounds (and a resumed run) go on with those still connected, when at least
+    min-train-nodes: a deployed site that crashed is not waited for, and takes part again
+    when it is back. (Encrypted runs fix their members at the join.)"""
+    if hasattr(strategy, "min_available_nodes"):
+        strategy.min_available_nodes = min(cfg.min_train_nodes, cfg.num_clients)
+
+
 def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None,
                   resume: bool = False) -> dict:
     """Run ``cfg.rounds`` federated rounds on ``grid``; returns the metrics document.
@@ -156,6 +165,8 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
     recorder.data.update(run.strategy.join(grid, arrays, run.instructions(0).to_record(),
                                            cfg.round_timeout))
     arrays, first = run.resume() if resume else (arrays, 1)
+    if first > 1:  # a resumed run does not wait for a site that is still down
+        _later_rounds(run.strategy, cfg)
     for rnd in range(first, cfg.rounds + 1):
         t0 = time.time()
         t = run.train(grid, rnd, arrays)
@@ -171,7 +182,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
             for m in emsgs:
                 m.content[f"{FV_PREFIX}{i}"] = cand["arrays"]
         down = t.bytes_down + sum(payload_bytes(m.content) for m in emsgs)
-        ereplies = list(grid.send_and_receive(emsgs, timeout=cfg.round_timeout))
+        ereplies = list(exchange(grid, emsgs, cfg.round_timeout))
         eok = [m for m in ereplies if not m.has_error()]
         scores = fv.scores(eok, len(candidates))
         best = fv.choose(scores)
@@ -191,6 +202,7 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
         }
         # Nodes that missed the evaluate exchange or were out of sync catch up next round.
         strategy.commit(rnd, best, arrays, missed(emsgs, ereplies, t.excluded))
+        _later_rounds(strategy, cfg)
         record.update(strategy.round_record(run, rnd, arrays, t.good))
         record["seconds"] = round(time.time() - t0, 3)
         recorder.add_round(record)

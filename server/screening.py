@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
 
 from fedface.momentum import norm
 from fedface.protocol import (
@@ -69,6 +70,26 @@ class Screening:
                 self.excluded.append(client_error(msg))
             else:
                 yield msg
+
+
+def exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
+    """``grid.send_and_receive``, with each reply addressed from the node it answers for.
+
+    When a node is lost mid-round (a deployed SuperNode killed, its heartbeat missed),
+    Flower's SuperLink answers in its place with ``NODE_UNAVAILABLE`` and its own id as
+    the sender; such a reply is re-made as a reply of the node the message went to, so
+    that the round's record names that node (once) and the node catches up later.
+    """
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    sent = {m.metadata.message_id: m for m in msgs if m.metadata.message_id}
+    nodes = {int(m.metadata.dst_node_id) for m in msgs}
+    out = []
+    for r in replies:
+        orig = sent.get(r.metadata.reply_to_message_id)
+        if r.has_error() and int(r.metadata.src_node_id) not in nodes and orig is not None:
+            r = Message(r.error, reply_to=orig)
+        out.append(r)
+    return out
 
 
 def timeouts(sent: list[Message], replies: list[Message]) -> list[dict]:

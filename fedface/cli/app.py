@@ -8,6 +8,7 @@
   keys (:mod:`fedface.cli.keys`);
 - ``anonymize``: faces in images and videos (:mod:`fedface.cli.anonymize`);
 - ``templates``: protected face templates in a store (:mod:`fedface.cli.templates`);
+- ``deploy``: provision and run a deployment across hospitals (:mod:`fedface.cli.deploy`);
 - the tables of a run's summary: :mod:`fedface.cli.summary`; what the commands share
   (console, options, ``--set``): :mod:`fedface.cli.common`.
 
@@ -21,7 +22,7 @@ import os
 
 import typer
 
-from fedface.cli import anonymize, bench, data, keys, models, templates, train
+from fedface.cli import anonymize, bench, data, deploy, keys, models, templates, train
 from fedface.cli.common import UserErrorGroup
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(templates.templates_app, name="templates")
+app.add_typer(deploy.deploy_app, name="deploy")
 app.command()(train.train)
 app.command()(train.demo)
 app.command()(data.prepare)

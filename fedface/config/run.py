@@ -27,7 +27,7 @@ DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
 # import the server package).
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
 # Settings that change where and how a run is kept, not what any round computes.
-OPERATIONAL_FIELDS = ("out", "cache_dir", "round_timeout", "eval_every", "pause_after")
+OPERATIONAL_FIELDS = ("out", "cache_dir", "round_timeout", "eval_every", "pause_after", "resume")
 
 
 def default_cache_dir() -> Path:
@@ -175,6 +175,9 @@ class RunConfig(FlatConfig):
     pause_after : int
         Stop after this round, leaving the checkpoint for ``--resume`` (0: run to the
         end). For time-boxed machines, and to test that resuming changes nothing.
+    resume : bool
+        Continue the run checkpointed in ``out`` (``fedface train --resume``; under
+        ``flwr run``, ``-c resume=true`` after a coordinator restart).
     out : str
         Output directory (``metrics.json``, ``model.pt``).
     cache_dir : str
@@ -244,6 +247,7 @@ class RunConfig(FlatConfig):
     num_cpus_per_client: float = 1.0
     round_timeout: float = 3600.0
     pause_after: int = 0
+    resume: bool = False
     out: str = "runs/latest"
     cache_dir: str = ""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)

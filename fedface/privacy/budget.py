@@ -17,9 +17,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from fedface.config import ACCOUNTANTS, DP_UNITS
 from fedface.io import atomic_write_text
 from fedface.protocol import DP_BUDGET_SPENT
@@ -104,6 +101,8 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
     merged: dict[tuple[float, float], int] = {}  # same (sigma, q): one composition
     for sigma, q, steps in history:
         merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
+    from opacus.accountants import create_accountant  # (opacus loads in ~1 s: when used)
+
     acc = create_accountant(mechanism=accountant)
     acc.history = [(s, q, n) for (s, q), n in merged.items()]
     with warnings.catch_warnings():
@@ -123,6 +122,8 @@ def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: i
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from opacus.accountants.utils import get_noise_multiplier
+
         sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
                                            sample_rate=sample_rate, steps=steps,
                                            accountant="rdp", epsilon_tolerance=0.005))

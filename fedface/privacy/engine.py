@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedface.config import GRAD_SAMPLE_MODES
@@ -41,6 +39,8 @@ class _Joint(nn.Module):
 
 def check_dp_compatible(module: nn.Module, name: str = "model") -> None:
     """Refuse a module Opacus cannot train privately, naming the layers and the fix."""
+    from opacus.validators import ModuleValidator  # (opacus loads in ~1 s: when used)
+
     bad = []
     for layer_name, layer in module.named_modules():
         validate = ModuleValidator.VALIDATORS.get(type(layer))
@@ -233,6 +233,8 @@ def make_private(backbone: nn.Module, head: nn.Module, optimizer: torch.optim.Op
     loader = torch.utils.data.DataLoader(index, batch_size=plan.batch_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure-RNG and optimizer-state notices
+        from opacus import PrivacyEngine
+
         engine = PrivacyEngine(accountant=plan.accountant)
         module, dp_opt, _ = engine.make_private(
             module=joint, optimizer=optimizer, data_loader=loader,
