@@ -79,6 +79,19 @@ def _colon(hexd: str) -> str:
     return ":".join(hexd[i:i + 2] for i in range(0, len(hexd), 2))
 
 
+def _key_usage(**allowed: bool) -> x509.KeyUsage:
+    """A KeyUsage extension allowing only ``allowed`` (the rest False)."""
+    names = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+             "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    return x509.KeyUsage(**{n: bool(allowed.get(n, False)) for n in names})
+
+
+def _save(cert: x509.Certificate, key, cert_path: Path, key_path: Path) -> x509.Certificate:
+    write_private(key_path, _pem_key(key))
+    Path(cert_path).write_bytes(_cert_pem(cert))
+    return cert
+
+
 def make_ca(cert_path: Path, key_path: Path, name: str, days: int) -> x509.Certificate:
     """A new self-signed CA: its certificate to ``cert_path``, its key (0600) to ``key_path``."""
     key = ec.generate_private_key(CURVE())
@@ -91,16 +104,11 @@ def make_ca(cert_path: Path, key_path: Path, name: str, days: int) -> x509.Certi
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .sign(key, hashes.SHA384()))
-    write_private(key_path, _pem_key(key))
-    Path(cert_path).write_bytes(_cert_pem(cert))
-    return cert
+    return _save(cert, key, cert_path, key_path)
 
 
 def _alt_name(host: str) -> x509.GeneralName:
@@ -129,18 +137,13 @@ def issue_server_cert(ca_cert_path: Path, ca_key_path: Path, cert_path: Path, ke
             .add_extension(x509.SubjectAlternativeName([_alt_name(h) for h in hosts]),
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(_key_usage(digital_signature=True, key_agreement=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                            critical=False)
             .sign(ca_key, hashes.SHA384()))
-    write_private(key_path, _pem_key(key))
-    Path(cert_path).write_bytes(_cert_pem(cert))
-    return cert
+    return _save(cert, key, cert_path, key_path)
 
 
 def make_node_key(private_path: Path, public_path: Path) -> str:

@@ -81,8 +81,11 @@ def exchange(grid: Grid, msgs: list[Message], timeout: float) -> list[Message]:
     that the round's record names that node (once) and the node catches up later.
     """
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
-    sent = {m.metadata.message_id: m for m in msgs if m.metadata.message_id}
-    nodes = {int(m.metadata.dst_node_id) for m in msgs}
+    sent = {m.metadata.message_id: m for m in msgs
+            if isinstance(m, Message) and m.metadata.message_id}
+    if not sent:
+        return replies
+    nodes = {int(m.metadata.dst_node_id) for m in sent.values()}
     out = []
     for r in replies:
         orig = sent.get(r.metadata.reply_to_message_id)

@@ -120,6 +120,14 @@ def check_node_key(key: str) -> None:
                           f"are {', '.join(NODE_CONFIG_KEYS)}")
 
 
+def _check_ceremony(folder: Path, fingerprint: str, manifest: dict) -> None:
+    """Refuse an HE bundle of another key ceremony than the deployment's."""
+    if fingerprint != manifest["he"]["fingerprint"]:
+        raise DeployError(f"HE bundle {folder / HE_DIR} is of another key ceremony (fingerprint "
+                          f"{fingerprint}, this deployment's is {manifest['he']['fingerprint']}):"
+                          " copy he/ from the same `fedface deploy init`")
+
+
 def _number(value, key: str) -> float | None:
     if value is None or isinstance(value, (int, float)):
         return value
@@ -144,11 +152,7 @@ def check_coordinator(folder: str | Path, now: dt.datetime | None = None) -> Coo
         server = load_server_keys(folder / HE_DIR)
     except KeyFileError as err:
         raise _pki(err) from None
-    if server.fingerprint != manifest["he"]["fingerprint"]:
-        raise DeployError(f"HE bundle {folder / HE_DIR} is of another key ceremony (fingerprint "
-                          f"{server.fingerprint}, this deployment's is "
-                          f"{manifest['he']['fingerprint']}): copy he/ from the same "
-                          "`fedface deploy init`")
+    _check_ceremony(folder, server.fingerprint, manifest)
     keys: dict[int, Path] = {}
     for pub in sorted((folder / NODES_DIR).glob("site-*.pub")):
         try:
@@ -262,11 +266,7 @@ def check_site(folder: str | Path, data: str | Path | None, *, epsilon: float | 
             keys = load_client_keys(folder / HE_DIR, k)
         except KeyFileError as err:
             raise _pki(err) from None
-        if keys.fingerprint != manifest["he"]["fingerprint"]:
-            raise DeployError(f"HE bundle {folder / HE_DIR} is of another key ceremony "
-                              f"(fingerprint {keys.fingerprint}, this deployment's is "
-                              f"{manifest['he']['fingerprint']}): copy he/ from the same "
-                              "`fedface deploy init`")
+        _check_ceremony(folder, keys.fingerprint, manifest)
         config[NODE_HE_KEYS] = str((folder / HE_DIR).resolve())
         config[NODE_HE_SENDER] = str(k)
     if data is None:

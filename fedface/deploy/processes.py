@@ -106,20 +106,16 @@ class Proc:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL for whatever of the tree is left after ``timeout``."""
+        stop_all([self], timeout)
+
+    def _terminate(self) -> list[psutil.Process]:
         tree = self._tree()
         if self.alive():  # the process passes it on (``fedface deploy`` to Flower's)
             try:
                 os.kill(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        _, left = psutil.wait_procs(tree, timeout=timeout)
-        for p in left:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=5)
-        self._reap()
+        return tree
 
     def _reap(self) -> None:
         try:
@@ -134,6 +130,21 @@ class Proc:
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"{self.name} still runs after {timeout:.0f} s; its log ends:\n"
                                f"{self.tail()}") from None
+
+
+def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
+    """Stop ``procs`` together: SIGTERM to each, then SIGKILL for whatever of their trees
+    is left after ``timeout``."""
+    trees = [p for proc in procs for p in proc._terminate()]
+    _, left = psutil.wait_procs(trees, timeout=timeout)
+    for p in left:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    for proc in procs:
+        proc._reap()
 
 
 class LocalDeployment:
@@ -231,9 +242,12 @@ class LocalDeployment:
 
     # -------------------------------------------------------------- tear down
     def close(self) -> None:
-        """Stop every process this deployment started (by PID, with descendants)."""
-        for proc in reversed(self.procs):
-            proc.stop()
+        """Stop every process this deployment started (by PID, with descendants): the
+        nodes and jobs together, then the SuperLink (which the nodes tell they leave);
+        whatever is left after 15 s is killed."""
+        links = [p for p in self.procs if p.name == "superlink"]
+        stop_all([p for p in self.procs if p.name != "superlink"])
+        stop_all(links)
 
     def __enter__(self) -> LocalDeployment:
         return self

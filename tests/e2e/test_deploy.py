@@ -18,6 +18,8 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,28 +45,56 @@ def job_config(out: Path, cache: Path, **changes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    """Provisioned, the SuperLink running; the sites' data prepared (one folder each)."""
-    root = tmp_path_factory.mktemp("deploy")
+def data(tmp_path_factory) -> tuple[Path, dict[int, Path]]:
+    """The sites' data: prepared once, each site's file in a folder of its own."""
+    root = tmp_path_factory.mktemp("data")
     cache = root / "cache"
     prepared = prepare(RunConfig(**DATA, cache_dir=str(cache)))
-    data = {}
+    files = {}
     for k, f in enumerate(sorted(Path(prepared.root).glob("client_*.npz"))):
-        d = root / f"data-site-{k}"  # each site has its own data folder
+        d = root / f"site-{k}"
         d.mkdir()
-        data[k] = Path(shutil.copy(f, d / "client_000.npz"))
+        files[k] = Path(shutil.copy(f, d / "client_000.npz"))
+    return cache, files
+
+
+@contextmanager
+def running(root: Path, data) -> Iterator[LocalDeployment]:
+    """A provisioned deployment with its SuperLink running; every process it started,
+    and every process those started (Flower's SuperExec, ServerApp and ClientApp
+    processes), is gone when it ends."""
     dep = LocalDeployment(root, SITES, ROOT)
-    dep.cache, dep.data = cache, data
+    dep.cache, dep.data = data
     try:
         dep.provision()
         dep.start_superlink()
         yield dep
     finally:
         dep.close()
-        # Every process it started, and every process those started (Flower's SuperExec,
-        # ServerApp and ClientApp processes), is gone.
         assert all(not p.alive() for p in dep.procs)
         assert [p.leftovers() for p in dep.procs if p.leftovers()] == []
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, data):
+    """The deployment of the plaintext job, the faults and the refusals."""
+    with running(tmp_path_factory.mktemp("deploy"), data) as dep:
+        yield dep
+
+
+@pytest.fixture(scope="module")
+def encrypted_job(tmp_path_factory, data):
+    """A second deployment (its own CA, keys and SuperLink) whose sites send encrypted
+    updates only and cap epsilon at 8, and the 2-round encrypted DP-SGD job submitted to
+    it. It runs while the plaintext job waits out a lost site's heartbeat (2 cores)."""
+    with running(tmp_path_factory.mktemp("deploy-he"), data) as dep:
+        start_sites(dep, "--epsilon", "8")
+        out = dep.root / "he-dp"
+        cfg = job_config(out, dep.cache, **{
+            "he-keys": str(dep.coordinator / "he"), "dp-epsilon": 8.0, "dp-rounds": 2,
+            "dp-accountant": "rdp", "batch-size": 16, "min-train-nodes": SITES,
+            "round-timeout": 300.0})
+        yield dep, dep.submit(cfg, "he-dp"), out
 
 
 def start_sites(dep: LocalDeployment, *extra: str) -> None:
@@ -82,7 +112,7 @@ def metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_provisioned_folders_hold_only_what_each_recipient_needs(deployment):
+def test_provisioned_folders_hold_only_what_each_recipient_needs(deployment, encrypted_job):
     coord, site = deployment.coordinator, deployment.site(1)
     assert (coord / "tls/server.key").stat().st_mode & 0o077 == 0
     assert not (coord / "he/secret.key").exists()  # the server can add, never decrypt
@@ -106,9 +136,8 @@ def test_a_plaintext_job_survives_a_crashed_site_and_a_crashed_coordinator(deplo
     assert sorted(nodes) == ["0", "1", "2"]
     out = dep.root / "plain"
     # Flower answers for a lost node once its heartbeat lapses (about a minute); the
-    # round timeout ends the wait sooner, with room for a slow round on 2 cores (a
-    # normal exchange takes about 12 s here).
-    cfg = job_config(out, dep.cache, rounds=3, **{"round-timeout": 40.0})
+    # round timeout only bounds a hung round (the encrypted job runs beside this one).
+    cfg = job_config(out, dep.cache, rounds=3)
     job = dep.submit(cfg, "plain")
     wait_until(lambda: rounds_done(out) >= 1, 300, "round 1", job)
     dep.nodes[2].kill()  # a crash: the SuperNode and its ClientApp, no goodbye
@@ -135,15 +164,9 @@ def test_a_plaintext_job_survives_a_crashed_site_and_a_crashed_coordinator(deplo
     assert (out / "model.pt").exists()
 
 
-def test_an_encrypted_job_with_dp_sgd(deployment):
-    dep = deployment
-    start_sites(dep, "--epsilon", "8")  # encrypted only, and a privacy cap of its own
-    out = dep.root / "he-dp"
-    cfg = job_config(out, dep.cache, **{"he-keys": str(dep.coordinator / "he"),
-                                        "dp-epsilon": 8.0, "dp-rounds": 2, "batch-size": 16,
-                                        "min-train-nodes": SITES})
-    job = dep.submit(cfg, "he-dp")
-    assert job.wait(500) == 0, job.tail()
+def test_an_encrypted_job_with_dp_sgd(encrypted_job):
+    dep, job, out = encrypted_job
+    assert job.wait(600) == 0, job.tail()
     doc = metrics(out)
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert all(r["clients_ok"] == SITES for r in doc["rounds"])

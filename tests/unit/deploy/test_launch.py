@@ -22,6 +22,17 @@ def prov(tmp_path_factory):
     return init_deployment(tmp_path_factory.mktemp("dep") / "d", 2, ["127.0.0.1", "localhost"])
 
 
+@pytest.fixture
+def data(tmp_path):
+    """A prepared data file as `fedface prepare` writes it (tiny)."""
+    import numpy as np
+
+    path = tmp_path / "client_000.npz"
+    z = np.zeros((1, 3, 4, 4), np.uint8)
+    np.savez(path, x_train=z, y_train=z[:, 0, 0, 0], x_val=z, y_val=z[:, 0, 0, 0])
+    return path
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,12 +80,7 @@ def test_the_superlinks_certificate_must_be_of_the_sites_ca(prov, tmp_path):
         preflight(f"127.0.0.1:{port}", prov.site(0) / "tls/ca.crt", max_retries=5)
 
 
-def test_the_command_lines_have_tls_and_node_auth_unless_insecure(prov, tmp_path):
-    import numpy as np
-
-    data = tmp_path / "client_000.npz"
-    z = np.zeros((1, 3, 4, 4), np.uint8)
-    np.savez(data, x_train=z, y_train=z[:, 0, 0, 0], x_val=z, y_val=z[:, 0, 0, 0])
+def test_the_command_lines_have_tls_and_node_auth_unless_insecure(prov, data):
     coord = check_coordinator(prov.coordinator)
     cmd = superlink_command(coord, "0.0.0.0", 9092)
     assert {"--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile",
@@ -131,12 +137,7 @@ def test_a_certificate_for_another_name_is_named_as_such(tmp_path):
         preflight(f"localhost:{port}", only_ip.site(0) / "tls/ca.crt", max_retries=1)
 
 
-def test_node_config_given_as_text_gets_the_checks_of_the_options(prov, tmp_path):
-    import numpy as np
-
-    data = tmp_path / "client_000.npz"
-    z = np.zeros((1, 3, 4, 4), np.uint8)
-    np.savez(data, x_train=z, y_train=z[:, 0, 0, 0], x_val=z, y_val=z[:, 0, 0, 0])
+def test_node_config_given_as_text_gets_the_checks_of_the_options(prov, data):
     site = prov.site(0)
     for extra, message in [({"dp-epsilon": "abc"}, "not a number"),
                            ({"dp-epsilon": "-1"}, "must be positive"),
@@ -153,14 +154,9 @@ def test_node_config_given_as_text_gets_the_checks_of_the_options(prov, tmp_path
     assert ok.node_config["dp-epsilon"] == "4" and ok.node_config["dp-unit"] == "person"
 
 
-def test_a_refused_activation_is_told_from_a_network_failure(prov, tmp_path):
-    import numpy as np
-
+def test_a_refused_activation_is_told_from_a_network_failure(prov, data):
     from fedface.deploy.launch import explain_exit
 
-    data = tmp_path / "client_000.npz"
-    z = np.zeros((1, 3, 4, 4), np.uint8)
-    np.savez(data, x_train=z, y_train=z[:, 0, 0, 0], x_val=z, y_val=z[:, 0, 0, 0])
     site = check_site(prov.site(1), data)
     refused = explain_exit(1, site, "[code: 2004] Failed to activate SuperNode.", 70)
     assert "refused to activate site 1's node key" in refused and "revoke" in refused
