@@ -47,8 +47,7 @@ def client_config(context: Context, overrides: dict | None) -> RunConfig:
     cfg = RunConfig.from_run_config(dict(context.run_config), **(overrides or {}))
     if NODE_ANONYMIZE in node:
         cfg = cfg.replace(anonymize=str(node[NODE_ANONYMIZE]),
-                          anonymize_preset=str(node.get(NODE_ANONYMIZE_PRESET,
-                                                        cfg.anonymize_preset)))
+                          anonymize_preset=str(node.get(NODE_ANONYMIZE_PRESET, "medium")))
     return cfg
 
 

@@ -117,9 +117,9 @@ def superlink(
         launch.register_command(coord.folder / "nodes" / "site-K.pub"), env))
     if dry_run:
         return
-    _say(f"Flower's Control API (register nodes, submit runs) shares port {port} and has no "
-         "account authentication in the open-source SuperLink: "
-         "let only the sites and the machine that submits runs reach it (firewall)")
+    _say(f"Flower's Control API (register nodes, submit runs) and Runtime API (the ServerApp's "
+         f"side) share port {port} and have no account authentication in the open-source "
+         "SuperLink: let only the sites and the machine that submits runs reach it (firewall)")
     (coord.folder / "state").mkdir(exist_ok=True, mode=0o700)
     write_flwr_config(coord.folder, connect, None if insecure else coord.path(TLS_CA))
 
@@ -140,10 +140,14 @@ def superlink(
                 launch.register_nodes(coord, env, say=_say)
         _say(f"SuperLink ready at {connect}. Submit a run from the project folder with: "
              f"FLWR_HOME={env['FLWR_HOME']} flwr run . fedface --stream -c \"out='/abs/path' "
-             f"num-clients={coord.manifest['sites']}\"")
+             f"num-clients={len(coord.node_keys)}\"")
 
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if _port_open(probe, port):
+        raise UserError(f"port {port} is already in use on this machine (another SuperLink?): "
+                        "stop it, or pass --port")
     code, tail = launch.run_foreground(cmd, env, started=ready)
-    if code not in (0, -15, 130):
+    if code not in (0, -15, 130, 143):
         raise UserError(f"flower-superlink exited with code {code}; its last lines:\n{tail}")
 
 
@@ -205,8 +209,7 @@ def supernode(
             raise DeployError("--max-retries and --max-wait must be positive")
         if insecure:
             console.print(INSECURE_WARNING, soft_wrap=True)
-        cmd = launch.supernode_command(site, target, insecure=insecure, local_port=local_port,
-                                       max_retries=max_retries, max_wait=max_wait)
+        cmd = launch.supernode_command(site, target, insecure=insecure, local_port=local_port)
         env = launch.flwr_env(launch.flwr_home(site.folder))
     _say("running: " + launch.shell_line(cmd, env))
     if dry_run:
@@ -214,12 +217,12 @@ def supernode(
     import time
 
     (site.folder / "state").mkdir(exist_ok=True, mode=0o700)
-    start = time.monotonic()
     with user_errors(DeployError):
         launch.preflight(target, None if insecure else site.path(TLS_CA), max_retries, max_wait)
+    start = time.monotonic()
     while True:
         code, tail = launch.run_foreground(cmd, env)
-        if code in (0, -15, 130):
+        if code in (0, -15, 130, 143):
             return
         waited = time.monotonic() - start
         # A node restarted within about a minute is refused until its previous session's
@@ -232,6 +235,7 @@ def supernode(
         raise UserError(launch.explain_exit(code, site, tail, waited))
 
 
+REVOKE_UNCONFIRMED = 3  # exit code: revoked here, not (yet) on the SuperLink
 ACTIVATION_RETRY = 10  # seconds between two starts of a node the SuperLink did not activate
 
 
@@ -274,14 +278,14 @@ def revoke(
                  "has no record of its node id on the SuperLink (state/nodes.json), so if the "
                  "SuperLink's database already admits it, unregister it there with `flwr "
                  "supernode list` / `flwr supernode unregister NODE_ID fedface`")
-            return
+            raise typer.Exit(REVOKE_UNCONFIRMED) from None
         node_id = nodes[str(site)]
         try:
             launch.unregister(env, node_id)
         except DeployError as err:
             _say(f"site {site}'s key is revoked here, but the SuperLink did not confirm ({err}): "
                  "it is unregistered when `fedface deploy superlink` next starts")
-            return
+            raise typer.Exit(REVOKE_UNCONFIRMED) from None
         nodes.pop(str(site))
         launch.write_nodes(coord, nodes)
     _say(f"site {site}'s node key is revoked: node {node_id} unregistered; the SuperLink "

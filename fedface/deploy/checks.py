@@ -289,8 +289,7 @@ def check_site(folder: str | Path, data: str | Path | None, *, epsilon: float | 
             RunConfig(anonymize=anonymize, anonymize_preset=anonymize_preset or "medium")
         except ValueError as err:
             raise DeployError(f"--anonymize {anonymize}: {err}") from None
-        config[NODE_ANONYMIZE] = anonymize
-        if anonymize_preset:
-            config[NODE_ANONYMIZE_PRESET] = anonymize_preset
+        config[NODE_ANONYMIZE] = anonymize  # the site's strength, never the run's
+        config[NODE_ANONYMIZE_PRESET] = anonymize_preset or "medium"
     config.update(extra)
     return Site(folder, manifest, k, config)

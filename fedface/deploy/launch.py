@@ -102,8 +102,7 @@ def register_command(pub: Path) -> list[str]:
 
 
 def supernode_command(site: Site, superlink: str, insecure: bool = False,
-                      local_port: int | None = None, max_retries: int = 10,
-                      max_wait: float = 120.0) -> list[str]:
+                      local_port: int | None = None) -> list[str]:
     """``flower-supernode`` with the site's CA, node key and node config."""
     cmd = [tool("flower-supernode"), "--superlink", superlink]
     if insecure:
@@ -113,8 +112,10 @@ def supernode_command(site: Site, superlink: str, insecure: bool = False,
                 "--auth-supernode-private-key", str(site.path(NODE_KEY))]
     node_config = " ".join(f"{k}={json.dumps(str(v))}" for k, v in site.node_config.items())
     port = CLIENTAPPIO_BASE + site.index if local_port is None else local_port
-    cmd += ["--node-config", node_config, "--port", str(port), "--isolation", "subprocess",
-            "--max-retries", str(max_retries), "--max-wait-time", f"{max_wait:g}"]
+    cmd += ["--node-config", node_config, "--port", str(port), "--isolation", "subprocess"]
+    # Flower's --max-retries/--max-wait-time bound reconnecting for the node's whole life:
+    # left unset (no limit), a site outlives a coordinator outage of any length. fedface's
+    # own budget bounds the first connection (preflight) and the activation.
     return cmd
 
 
@@ -234,18 +235,21 @@ def run_foreground(cmd: list[str], env: dict[str, str],
     import psutil
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+                            text=True, errors="replace", bufsize=1)
     lines: deque[str] = deque(maxlen=keep)
     seen: dict[int, psutil.Process] = {}
 
     def copy() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout:  # drained to the end, whatever happens to our output
             lines.append(line.rstrip("\n"))
-            print(line, end="", flush=True)
+            try:
+                print(line, end="", flush=True)
+            except (OSError, ValueError):
+                pass
 
     def leftovers() -> None:
-        alive = [p for p in seen.values() if p.is_running()]
+        alive = [p for p in list(seen.values()) if p.is_running()]
         for p in alive:
             try:
                 p.terminate()
@@ -266,7 +270,7 @@ def run_foreground(cmd: list[str], env: dict[str, str],
             except subprocess.TimeoutExpired:
                 proc.kill()
         leftovers()
-        raise SystemExit(130)
+        raise SystemExit(143)  # 128 + SIGTERM
 
     def watch() -> None:  # every descendant, while the child runs
         while proc.poll() is None:
@@ -348,6 +352,7 @@ def register_nodes(coord: Coordinator, env: dict[str, str],
                     f"registering site {k}")
         if doc.get("success"):
             nodes[str(k)] = int(doc["node-id"])
+            write_nodes(coord, nodes)  # at once: a later failure must not lose this id
             say(f"registered site {k}: node {doc['node-id']}")
         elif "already in use" in str(doc.get("error-message", "")):
             say(f"site {k}: already registered" + (f" (node {nodes[str(k)]})"

@@ -63,13 +63,12 @@ class Proc:
         self.popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._out,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.popen.pid
+        self.root = psutil.Process(self.pid)
         self.seen: dict[int, psutil.Process] = {}
 
     def alive(self) -> bool:
-        if self.popen.poll() is None:
-            self._tree()  # remember its descendants while it runs
-            return True
-        return False
+        self._tree()  # remember its descendants while it runs
+        return self.popen.poll() is None
 
     def text(self) -> str:
         try:
@@ -81,9 +80,10 @@ class Proc:
         return "\n".join(self.text().splitlines()[-lines:])
 
     def _tree(self) -> list[psutil.Process]:
+        if self.popen.poll() is not None:  # reaped: its pid may belong to another process
+            return []
         try:
-            root = psutil.Process(self.pid)
-            tree = [root, *root.children(recursive=True)]
+            tree = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
         self.seen.update({p.pid: p for p in tree})
@@ -92,8 +92,14 @@ class Proc:
     def leftovers(self) -> list[psutil.Process]:
         """Processes of its tree (as last seen) still running."""
         self._tree()
-        return [p for p in self.seen.values() if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+        out = []
+        for p in list(self.seen.values()):
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return out
 
     def kill(self) -> None:
         """SIGKILL the process and every descendant at once: a crash, nothing cleans up."""
@@ -136,6 +142,7 @@ def stop_all(procs: list[Proc], timeout: float = 15.0) -> None:
     """Stop ``procs`` together: SIGTERM to each, then SIGKILL for whatever of their trees
     is left after ``timeout``."""
     trees = [p for proc in procs for p in proc._terminate()]
+    trees += [p for proc in procs for p in proc.leftovers() if p not in trees]
     _, left = psutil.wait_procs(trees, timeout=timeout)
     for p in left:
         try:

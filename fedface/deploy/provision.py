@@ -326,6 +326,7 @@ def init_deployment(out: str | Path, sites: int, hosts: list[str] | str | None =
     server = pki.issue_server_cert(ca_dir / "ca.crt", ca_dir / "ca.key", coord / TLS_CERT,
                                    coord / TLS_KEY, hosts, days)
     _mkdir(coord / NODES_DIR, private=False)
+    _mkdir(coord / STATE_DIR)  # the SuperLink's database: the printed lines run by hand
     # The HE key ceremony, then each bundle moved to its recipient's folder.
     ceremony = out / ".ceremony"
     shutil.rmtree(ceremony, ignore_errors=True)
@@ -336,6 +337,7 @@ def init_deployment(out: str | Path, sites: int, hosts: list[str] | str | None =
         for k in range(sites):
             site = _mkdir(site_dir(out, k))
             _mkdir(site / "tls", private=False)
+            _mkdir(site / STATE_DIR)  # the privacy ledger, saved heads
             shutil.copyfile(ca_dir / "ca.crt", site / TLS_CA)
             fp = pki.make_node_key(site / NODE_KEY, site / NODE_PUB)
             shutil.copyfile(site / NODE_PUB, coord / NODES_DIR / f"site-{k}.pub")

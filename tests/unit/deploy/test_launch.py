@@ -89,12 +89,13 @@ def test_the_command_lines_have_tls_and_node_auth_unless_insecure(prov, data):
     insecure = superlink_command(coord, "0.0.0.0", 9092, insecure=True)
     assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
     site = check_site(prov.site(1), data)
-    cmd = supernode_command(site, "127.0.0.1:9092", max_retries=3, max_wait=30)
+    cmd = supernode_command(site, "127.0.0.1:9092")
     assert cmd[cmd.index("--root-certificates") + 1].endswith("site-1/tls/ca.crt")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1].endswith("site-1/node/auth.key")
     node_config = cmd[cmd.index("--node-config") + 1]
     assert 'he-sender="1"' in node_config and "data-path=" in node_config
     assert cmd[cmd.index("--port") + 1] == "9095"  # 9094 + site index: two sites, one host
+    assert "--max-retries" not in cmd  # Flower reconnects for as long as the node lives
 
 
 def context(node_config: dict) -> Context:
@@ -107,6 +108,11 @@ def test_the_clientapp_refuses_a_node_config_key_it_does_not_know():
         client_config(context({"dp-epsilom": 8.0}), None)
     cfg = client_config(context({"anonymize": "blur", "anonymize-preset": "high"}), None)
     assert (cfg.anonymize, cfg.anonymize_preset) == ("blur", "high")  # the site's policy
+    # The run cannot weaken it: neither its method nor its preset applies.
+    run = Context(run_id=1, node_id=7, node_config={"anonymize": "blur"}, state=RecordDict(),
+                  run_config={"anonymize": "none", "anonymize-preset": "low"})
+    cfg = client_config(run, None)
+    assert (cfg.anonymize, cfg.anonymize_preset) == ("blur", "medium")
     assert client_config(context({"partition-id": 0, "num-partitions": 3}), None).anonymize == "none"
 
 
