@@ -23,6 +23,19 @@ def run_bench(json_path: Path, bench: Callable[[], dict]) -> None:
     print(json.dumps(record_bench(bench, json_path), indent=2))
 
 
+def run_bench_with_table(json_path: Path, bench: Callable[[], dict],
+                         markdown: Callable[[dict], str]) -> None:
+    """:func:`run_bench`, with the result's markdown table written beside the JSON."""
+    from fedface.io import atomic_write_text
+
+    def run() -> dict:
+        res = bench()
+        atomic_write_text(json_path.with_suffix(".md"), markdown(res))
+        return res
+
+    run_bench(json_path, run)
+
+
 @bench_app.command("he")
 def bench_he(
     json_path: JsonOpt,
@@ -108,7 +121,6 @@ def bench_anonymize(
     deface; an image grid and a markdown table beside the JSON."""
     from fedface.anonymize import bench
     from fedface.errors import UserError
-    from fedface.io import atomic_write_text
 
     for path, what in ((lfw / "pairsDevTest.txt", "LFW"), (faces_multi / "training.xml", "faces-multi")):
         if not path.exists():
@@ -116,15 +128,10 @@ def bench_anonymize(
 
     previous = json.loads(json_path.read_text()) if update and json_path.exists() else None
 
-    def run() -> dict:
-        res = bench.bench_anonymize(
-            lfw, faces_multi, json_path.parent, pairs, methods.split(","), presets.split(","),
-            surrogate, video_frames, deface, limit, tuple(parts.split(",")), previous,
-            log=console.print)
-        atomic_write_text(json_path.with_suffix(".md"), bench.markdown(res))
-        return res
-
-    run_bench(json_path, run)
+    run_bench_with_table(json_path, lambda: bench.bench_anonymize(
+        lfw, faces_multi, json_path.parent, pairs, methods.split(","), presets.split(","),
+        surrogate, video_frames, deface, limit, tuple(parts.split(",")), previous,
+        log=console.print), bench.markdown)
 
 
 @bench_app.command("templates")
@@ -141,7 +148,6 @@ def bench_templates(
     the inversion attack, rank-1/5, bytes, enrolment rate, encrypted 1:1 and 1:N timings;
     a markdown table beside the JSON."""
     from fedface.errors import UserError
-    from fedface.io import atomic_write_text
     from fedface.templates import bench
 
     if not (lfw / "pairs.txt").exists():
@@ -149,12 +155,9 @@ def bench_templates(
     if model is not None and not model.exists():
         raise UserError(f"--model {model} does not exist: train one with `fedface train --out DIR`")
 
-    def run() -> dict:
-        res = bench.run(lfw, json_path.parent / "templates_work", model, quick, log=console.print)
-        atomic_write_text(json_path.with_suffix(".md"), bench.markdown(res))
-        return res
-
-    run_bench(json_path, run)
+    run_bench_with_table(json_path, lambda: bench.run(
+        lfw, json_path.parent / "templates_work", model, quick, log=console.print),
+        bench.markdown)
 
 
 @bench_app.command("deploy")
@@ -169,7 +172,6 @@ def bench_deploy(
     node authentication) and in simulation, in one run: seconds and bytes per round; a
     markdown table beside the JSON."""
     from fedface.deploy import bench
-    from fedface.io import atomic_write_text
 
     app_dir = Path(__file__).resolve().parents[2]
     if not (app_dir / "pyproject.toml").exists():
@@ -178,10 +180,6 @@ def bench_deploy(
         raise UserError("fedface bench deploy submits this project with `flwr run .`: run it "
                         "from a source checkout (pyproject.toml beside fedface/)")
 
-    def run() -> dict:
-        res = bench.run(json_path.parent / "deploy_work", app_dir, quick=quick,
-                        encrypted=encrypted, log=console.print)
-        atomic_write_text(json_path.with_suffix(".md"), bench.markdown(res))
-        return res
-
-    run_bench(json_path, run)
+    run_bench_with_table(json_path, lambda: bench.run(
+        json_path.parent / "deploy_work", app_dir, quick=quick, encrypted=encrypted,
+        log=console.print), bench.markdown)

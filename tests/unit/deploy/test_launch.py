@@ -170,3 +170,29 @@ def test_a_refused_activation_is_told_from_a_network_failure(prov, data):
     lost = explain_exit(1, site, "Failed to initialize the connection to the SuperLink.\n"
                                  "[Errno 111] Connection refused")
     assert "could not connect" in lost and "refused to activate" not in lost
+
+
+def test_bench_deploy_writes_its_json_and_table(monkeypatch, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedface.cli import app
+    from fedface.deploy import bench
+
+    row = {"mode": "simulation", "encrypted": False, "rounds": 2, "seconds_per_round": 2.0,
+           "payload_bytes_per_round": 10, "loopback_bytes_per_round": 5,
+           "loopback_over_payload": 0.5, "job_wall_seconds": 9.0, "clients_ok": [3, 3]}
+    fake = {"bench": "deploy", "sites": 3, "machine": "2 cores", "rows": [row],
+            "setting": {"synthetic_identities": 60, "synthetic_images": 6, "image_size": 32,
+                        "rounds": 2, "local_epochs": 1},
+            "deployed_over_simulation": {"plaintext": {"seconds_per_round": 6.0,
+                                                       "payload_bytes_per_round": 1.0,
+                                                       "extra_seconds_per_round": 10.0}}}
+    monkeypatch.setattr(bench, "run", lambda *a, **kw: dict(fake))
+    out = tmp_path / "bench_deploy.json"
+    res = CliRunner().invoke(app, ["bench", "deploy", "--json", str(out), "--quick"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["rows"] == [row]
+    table = out.with_suffix(".md").read_text()
+    assert "| simulation | no | 2.0 |" in table and "6.0x seconds per round (+10.0 s)" in table
