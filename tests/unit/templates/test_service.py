@@ -100,10 +100,8 @@ def test_a_tampered_row_is_reported_and_never_matched(sqlite_url, tmp_path):
         svc.enroll_many([(f"P{i}", enrol[i]) for i in range(10)])
         victim = store.get("P3", "projection", svc.scheme.mac_key)
         attacker = store.get("P4", "projection", svc.scheme.mac_key)
-    con = sqlite3.connect(tmp_path / "templates.db")  # swap P4's template into P3's row
-    con.execute(f"UPDATE {_table(con)} SET template = ? WHERE id = ?", (attacker.template, victim.id))
-    con.commit()
-    con.close()
+    # swap P4's template into P3's row
+    _edit(tmp_path, "SET template = ? WHERE id = ?", (attacker.template, victim.id))
     with open_store(sqlite_url) as store:
         svc = TemplateService(store, svc.scheme, 0.5)
         with pytest.raises(TamperedRow, match="P3"):
@@ -113,16 +111,21 @@ def test_a_tampered_row_is_reported_and_never_matched(sqlite_url, tmp_path):
         assert "P3" not in [c.subject for c in res["candidates"]]
         assert res["candidates"][0].subject == "P4"
     # an edited key id cannot hide a row: it is named, never silently dropped
-    con = sqlite3.connect(tmp_path / "templates.db")
-    con.execute(f"UPDATE {_table(con)} SET key_id = 'deadbeefdeadbeef' WHERE subject = 'P5'")
-    con.commit()
-    con.close()
+    _edit(tmp_path, "SET key_id = 'deadbeefdeadbeef' WHERE subject = 'P5'")
     with open_store(sqlite_url) as store:
         svc = TemplateService(store, svc.scheme, 0.5)
         with pytest.raises(WrongKey, match="key id was edited: treat the row as tampered"):
             svc.verify("P5", probe[5])
         res = svc.identify(probe[5], k=10)
         assert res["other_keys"] == ["P5"] and "P5" not in [c.subject for c in res["candidates"]]
+
+
+def _edit(tmp_path, sql: str, params: tuple = ()) -> None:
+    """An attacker with write access edits the store's table directly: ``UPDATE <table> sql``."""
+    con = sqlite3.connect(tmp_path / "templates.db")
+    con.execute(f"UPDATE {_table(con)} {sql}", params)
+    con.commit()
+    con.close()
 
 
 def _table(con) -> str:
