@@ -104,12 +104,12 @@ def parse_node_config(items: list[str] | None) -> dict[str, str]:
             if not sep or not key or not value:
                 raise DeployError(f"--node-config {pair!r}: expected key=value (for example "
                                   f"{NODE_DP_EPSILON}=8)")
-            check_node_key(key)
+            check_config_key(key)
             out[key] = value.strip("'\"")
     return out
 
 
-def check_node_key(key: str) -> None:
+def check_config_key(key: str) -> None:
     """Refuse a node config key that fedface does not know, naming the ones it does."""
     if key not in NODE_CONFIG_KEYS:
         import difflib
@@ -228,7 +228,7 @@ def check_site(folder: str | Path, data: str | Path | None, *, epsilon: float | 
              NODE_DP_UNIT: "person" if person_level else None, NODE_ANONYMIZE: anonymize,
              NODE_ANONYMIZE_PRESET: anonymize_preset}
     for key in extra:
-        check_node_key(key)
+        check_config_key(key)
         if key in DERIVED_KEYS:
             raise DeployError(f"node config {key} is set from the site folder ({folder}); "
                               "remove it from --node-config")
