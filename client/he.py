@@ -16,7 +16,9 @@ updates (:data:`MIN_SENDERS`), and releases the plaintext model only at the run'
 from __future__ import annotations
 
 import functools
+import json
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from crypto.update import (
     prove_join,
 )
 from fedface.config import RunConfig
+from fedface.io import atomic_write
 from fedface.momentum import momentum_update
 from fedface.protocol import (
     HE_CLIPPED,
@@ -45,9 +48,12 @@ from fedface.protocol import (
     HE_RUN,
     HE_SCALE,
     HE_WEIGHT_REF,
+    NODE_DATA_PATH,
     NODE_HE_KEYS,
     NODE_HE_SENDER,
     NODE_PARTITION_ID,
+    NODE_STATE_DIR,
+    STATE_DIR,
     numpy_record,
     record_numpy,
 )
@@ -60,6 +66,8 @@ PENDING_MOMENTUM = "he-pending-momentum-"
 # Fields of the STATE record.
 RUN, ROUND, PENDING_ROUND, PENDING_COUNT = "run", "round", "pending-round", "pending-count"
 OPENED_ROUND, OPENED_TAG = "opened-round", "opened-tag"
+FILE, FINGERPRINT = "file", "fingerprint"  # where the state is saved; the ceremony's key
+SAVED_FORMAT = "fedface-he-institution/1"
 MIN_SENDERS = 2  # an aggregate of one update is that update: never decrypted
 
 
@@ -122,10 +130,106 @@ def check_key(keys: ClientKeys, config: ConfigRecord) -> None:
 def join(context: Context, keys: ClientKeys, config: ConfigRecord, initial: ArrayRecord) -> None:
     """Start a run: keep the public initial model as round 0's global model."""
     check_key(keys, config)
+    for name in _saved_records(context):  # another run's models
+        context.state.pop(name, None)
     context.state[GLOBAL] = initial
-    context.state.pop(MOMENTUM, None)
+    path = state_path(context, str(config.get(STATE_DIR, "")), keys.sender)
     context.state[STATE] = ConfigRecord({RUN: str(config[HE_RUN]), ROUND: 0,
-                                         PENDING_ROUND: -1, PENDING_COUNT: 0})
+                                         PENDING_ROUND: -1, PENDING_COUNT: 0,
+                                         FINGERPRINT: keys.fingerprint,
+                                         FILE: str(path) if path is not None else ""})
+    save_state(context)
+
+
+def state_path(context: Context, state_dir: str, sender: int) -> Path | None:
+    """Where this institution saves its state of an encrypted run (its global model,
+    momentum, round, pending candidate; nothing of it goes to the server), so that a
+    resumed run finds it after a restart: node config ``state-dir`` -> ``DIR/he_state.npz``,
+    else next to its data, ``<data-path>.he-state.npz``; in simulation the run's state
+    folder, ``<state-dir>/he-institution-K/state.npz``; None: kept in memory only."""
+    node = context.node_config
+    if NODE_STATE_DIR in node:
+        return Path(str(node[NODE_STATE_DIR])) / "he_state.npz"
+    if NODE_DATA_PATH in node:
+        return Path(str(node[NODE_DATA_PATH]) + ".he-state.npz")
+    if state_dir and NODE_PARTITION_ID in node:
+        # Simulation only (like the DP ledger): a deployed node never saves where the
+        # server's instructions say.
+        return Path(state_dir) / f"he-institution-{int(sender)}" / "state.npz"
+    return None
+
+
+def _saved_records(context: Context) -> list[str]:
+    return [n for n in context.state.array_records
+            if n in (GLOBAL, MOMENTUM) or n.startswith(PENDING)]
+
+
+def save_state(context: Context) -> None:
+    """Write this institution's state of the run to its file (atomically: a restart finds
+    the previous state or the new one), after every change of its models."""
+    state = _state(context)
+    path = str(state.get(FILE, ""))
+    if not path:
+        return
+    arrays, order = {}, {}
+    for name in _saved_records(context):
+        rec = record_numpy(context.state[name])
+        order[name] = list(rec)
+        arrays.update({f"{name}/{k}": np.asarray(v) for k, v in rec.items()})
+    meta = {"format": SAVED_FORMAT, "records": order,
+            **{k: v for k, v in state.items() if k != FILE}}
+    arrays["state"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def _read_saved(path: Path) -> tuple[dict, dict[str, ArrayRecord]]:
+    """The saved state record and models of :func:`save_state`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["state"]).decode())
+            if meta.pop("format", None) != SAVED_FORMAT:
+                raise ValueError(f"not a {SAVED_FORMAT} file")
+            records = {name: numpy_record({k: z[f"{name}/{k}"] for k in keys})
+                       for name, keys in meta.pop("records").items()}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise OutOfSync(f"out of sync: this institution's saved state {path} is unreadable "
+                        f"({err}); it is left out of this run and can join the next") from None
+    return meta, records
+
+
+def rejoin(context: Context, keys: ClientKeys, config: ConfigRecord) -> int:
+    """Rejoin a resumed run: restore this institution's own saved state (never anything
+    the server sends), commit the candidate the server names if it is pending, and return
+    the round now held. One behind the checkpoint's committed round is caught up by the
+    server before the next round (:func:`catch_up`); a state of another run or key
+    ceremony is refused."""
+    check_key(keys, config)
+    run = str(config[HE_RUN])
+    path = state_path(context, str(config.get(STATE_DIR, "")), keys.sender)
+    if path is None or not path.exists():
+        where = path or "no state-dir or data-path in its node config"
+        raise OutOfSync(f"out of sync: the server resumes encrypted run {run}, but this "
+                        f"institution has no saved state of it ({where}): it did not join "
+                        "the run or lost its state; it can join the next run")
+    saved, records = _read_saved(path)
+    if str(saved.get(RUN, "")) != run:
+        raise OutOfSync(f"out of sync: this institution's saved state ({path}) belongs to "
+                        f"encrypted run {saved.get(RUN)!r}, and the server resumes run {run!r} "
+                        "(a checkpoint of another run): refused; it can join the next run")
+    if str(saved.get(FINGERPRINT, "")) != keys.fingerprint:
+        raise KeyMismatch(f"key mismatch: this institution's saved state of run {run} was "
+                          f"made under key fingerprint {saved.get(FINGERPRINT)}, its keys now "
+                          f"have {keys.fingerprint} (generation {keys.generation}): a run "
+                          "resumes only under the key ceremony it started with")
+    for name in [STATE, *_saved_records(context)]:
+        context.state.pop(name, None)
+    context.state.update(records)
+    context.state[STATE] = ConfigRecord({**saved, FILE: str(path)})
+    try:
+        sync(context, config, int(config[HE_COMMIT_ROUND]))
+    except OutOfSync:
+        pass  # behind the federation: the server sends the kept aggregates (catch-up)
+    return int(_state(context)[ROUND])
 
 
 def join_proof(keys: ClientKeys, config: ConfigRecord, node_id: int, num_examples: int
@@ -168,6 +272,7 @@ def _commit(context: Context, state: ConfigRecord, rnd: int, idx: int) -> None:
         context.state.pop(f"{PENDING}{i}", None)
         context.state.pop(f"{PENDING_MOMENTUM}{i}", None)
     state[ROUND], state[PENDING_ROUND], state[PENDING_COUNT] = rnd, -1, 0
+    save_state(context)
 
 
 def sync(context: Context, config: ConfigRecord, needed_round: int) -> None:
@@ -228,12 +333,13 @@ def weight_scale(config: ConfigRecord, num_examples: int) -> float:
 
 def encrypt(cfg: RunConfig, keys: ClientKeys, config: ConfigRecord, before: dict,
             after: dict, num_examples: int, server_round: int, seed: int, *,
-            train_steps: int) -> tuple[ArrayRecord, dict]:
+            train_steps: int, masker=None) -> tuple[ArrayRecord, dict]:
     """The update envelope of ``after - before`` and the plaintext metrics it allows.
 
     The weight scale, ``num_examples`` and ``train_steps`` travel in the envelope's
     authenticated header, where the server reads them; ``he-scale`` and ``he-clipped``
-    in the returned metrics are reports only.
+    in the returned metrics are reports only. ``masker``: the masks added before
+    encryption (:func:`client.masking.mask_update`, via :func:`crypto.update.encrypt_update`).
     """
     fk = float_keys(before)
     delta = {k: np.asarray(after[k], np.float32) - np.asarray(before[k], np.float32) for k in fk}
@@ -241,7 +347,7 @@ def encrypt(cfg: RunConfig, keys: ClientKeys, config: ConfigRecord, before: dict
     env, info = encrypt_update(keys, delta, fk, Quantization.from_config(cfg), scale=scale,
                                num_examples=int(num_examples), train_steps=int(train_steps),
                                run=str(config[HE_RUN]), server_round=server_round,
-                               rng=np.random.default_rng(seed))
+                               rng=np.random.default_rng(seed), masker=masker)
     return to_record(env), {HE_SCALE: scale, HE_CLIPPED: info["clipped"]}
 
 
@@ -288,6 +394,7 @@ def open_candidates(context: Context, keys: ClientKeys, config: ConfigRecord,
                             max(float(env.meta["steps"]), 1.0), beta)
         context.state[f"{PENDING_MOMENTUM}0"] = numpy_record(m)
     state[PENDING_ROUND], state[PENDING_COUNT] = server_round, 1
+    save_state(context)
     return [model]
 
 
@@ -296,7 +403,7 @@ def _too_few_senders(keys: ClientKeys, aggregate: Envelope, run: str, server_rou
     institutions (a release refused), not a tampered or misaddressed envelope."""
     try:
         env = open_envelope(aggregate, kind=AGGREGATE, fingerprint=keys.fingerprint,
-                            mac_keys={SERVER: keys.server_mac_key}, run=run,
+                            verify_keys={SERVER: keys.server_verify_key}, run=run,
                             server_round=server_round)
         return len(set(env.meta["senders"])) < MIN_SENDERS
     except (EnvelopeError, KeyError, TypeError):

@@ -27,7 +27,7 @@ from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordD
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
-from client import he
+from client import he, masking
 from client.privacy import (
     CLIENT_FIXED,
     SEED_CENTRAL_NOISE,
@@ -41,6 +41,7 @@ from client.privacy import (
     released_count,
 )
 from client.task import client_config, client_id, load_client_data
+from crypto.masks import MaskError
 from fedface.anonymize.ksame import NotEnoughFacesError
 from fedface.config import RunConfig
 from fedface.privacy import PrivacyBudgetExhausted, PrivacyConfigError
@@ -53,6 +54,7 @@ from fedface.protocol import (
     ERR_CLIENT,
     ERR_DP_BUDGET_SPENT,
     ERR_KEY_MISMATCH,
+    ERR_MASK_REFUSED,
     ERR_OUT_OF_SYNC,
     ERR_PRIVACY_REFUSED,
     ERR_RELEASE_REFUSED,
@@ -60,9 +62,16 @@ from fedface.protocol import (
     HE_CATCH_UP,
     HE_COMMIT_ROUND,
     HE_JOIN,
+    HE_MASK,
+    HE_MASK_ADVERT,
+    HE_MASK_EPOCH,
+    HE_MASK_SETUP,
+    HE_REJOIN,
     HE_RELEASE,
     HE_ROUND,
     HE_ROUND_PREFIX,
+    HE_RUN,
+    HE_UNMASK,
     METRICS,
     MOMENTUM,
     NODE_HE_KEYS,
@@ -80,6 +89,7 @@ ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
     ((PrivacyConfigError, NotEnoughFacesError), ERR_PRIVACY_REFUSED),
     (he.KeyMismatch, ERR_KEY_MISMATCH),
     ((he.ReleaseRefused, he.AggregateRefused), ERR_RELEASE_REFUSED),
+    (MaskError, ERR_MASK_REFUSED),
 )
 
 
@@ -212,31 +222,64 @@ class ClientMods:
         after = record_numpy(reply.content[ARRAYS])
         seed = private_seeds(context, ins, client_id(context), cfg.computation(), start,
                              after).of(SEED_HE_ROUNDING)
+        masker, shares = None, {}
+        if cfg.he_masks:  # masks that cancel only in the round's sum (client/masking.py)
+            doc = masking.unpack_doc(msg.content.config_records.get(HE_MASK),
+                                     "mask instructions (this institution masks its updates, "
+                                     "he-masks=true; the server sent none)")
+
+            def masker(shape, t):
+                mask, meta, shares[HE_MASK] = masking.mask_update(
+                    context, keys, str(msg.content[CONFIG][HE_RUN]), doc, shape, t)
+                return mask, meta
         record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], start, after,
                                    int(metrics[NUM_EXAMPLES]),
-                                   ins.server_round, seed, train_steps=int(metrics[TRAIN_STEPS]))
-        reply.content[ARRAYS] = record  # the update leaves encrypted
+                                   ins.server_round, seed, train_steps=int(metrics[TRAIN_STEPS]),
+                                   masker=masker)
+        reply.content[ARRAYS] = record  # the update leaves encrypted (and masked)
+        for name, rec in shares.items():
+            reply.content[name] = rec
         reply.content[METRICS] = MetricRecord({**metrics, **extra})
         return reply
 
     @staticmethod
     def _query(cfg: RunConfig, keys, msg: Message, context: Context) -> Message:
-        """Join (key and size check, initial model), catch up, release."""
+        """Join (key and size check, initial model) or rejoin a resumed run (own saved
+        state, the round held), catch up, release."""
         config = msg.content[CONFIG]
         if config.get(HE_JOIN):
             data = load_client_data(context, str(config.get(DATA_DIR, "")), cfg)
-            he.join(context, keys, config, msg.content[ARRAYS])
             metrics = {NUM_EXAMPLES: released_count(cfg, data), CLIENT_ID: client_id(context)}
+            if config.get(HE_REJOIN):
+                metrics[HE_ROUND] = he.rejoin(context, keys, config)
+            else:
+                he.join(context, keys, config, msg.content[ARRAYS])
             # The proof binds this node to its ceremony index (and sample count) for the run.
             proof = he.join_proof(keys, config, context.node_id, len(data.y_train))
+            if cfg.he_masks:  # the run key that seals this institution's shares
+                proof[HE_MASK] = masking.run_advert(context, keys, str(config[HE_RUN]))
             return Message(RecordDict({METRICS: MetricRecord(metrics), **proof}), reply_to=msg)
+        if config.get(HE_MASK_SETUP) or config.get(HE_UNMASK):
+            he.check_key(keys, config)
+            run = str(config[HE_RUN])
+            doc = masking.unpack_doc(msg.content.config_records.get(HE_MASK), "mask message")
+            if config.get(HE_MASK_SETUP):
+                return Message(RecordDict({HE_MASK_ADVERT: masking.setup(context, keys, run, doc)}),
+                               reply_to=msg)
+            shares = masking.unmask(context, keys, run, doc)
+            advert = masking.advertise(context, keys, run, int(config[HE_MASK_EPOCH]))
+            return Message(RecordDict({HE_MASK: shares, HE_MASK_ADVERT: advert}), reply_to=msg)
         if config.get(HE_CATCH_UP):
             he.check_key(keys, config)
             aggregates = {int(k[len(HE_ROUND_PREFIX):]): rec
                           for k, rec in msg.content.array_records.items()
                           if k.startswith(HE_ROUND_PREFIX)}
             held = he.catch_up(context, keys, config, aggregates)
-            return Message(RecordDict({METRICS: MetricRecord({HE_ROUND: held})}), reply_to=msg)
+            out = RecordDict({METRICS: MetricRecord({HE_ROUND: held})})
+            if HE_MASK_EPOCH in config:  # a key for the coming exchange, which it missed
+                out[HE_MASK_ADVERT] = masking.advertise(context, keys, str(config[HE_RUN]),
+                                                        int(config[HE_MASK_EPOCH]))
+            return Message(out, reply_to=msg)
         if config.get(HE_RELEASE):
             he.check_key(keys, config)
             committed = int(config[HE_COMMIT_ROUND])

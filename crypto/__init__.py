@@ -2,6 +2,7 @@
 
 - :mod:`crypto.context`: :class:`HEParams`, :class:`HEContext` (SEAL via TenSEAL).
 - :mod:`crypto.keys`: the ceremony (``init_keys``, ``rotate_keys``) and the bundles.
+- :mod:`crypto.signing`: Ed25519 signatures, one private key per institution and server.
 - :mod:`crypto.packing`: clip, stochastic quantization, several values per slot.
 - :mod:`crypto.envelope`: the versioned, authenticated envelope on the wire.
 - :mod:`crypto.update`: encrypt a model update / decrypt an aggregate (the one path

@@ -206,6 +206,23 @@ class HEContext:
             out.append(self.dump(acc))
         return out
 
+    def subtract_plain(self, blobs: list[bytes], slots: np.ndarray) -> list[bytes]:
+        """``ct_i - slots[i]`` for each ciphertext (no key needed: the server removes the
+        masks that do not cancel, :mod:`crypto.masks`, without seeing the sum)."""
+        slots = np.asarray(slots, dtype=np.uint64)
+        if slots.shape != (len(blobs), self.params.slots):
+            raise ValueError(f"slots of shape {slots.shape}: expected ({len(blobs)}, "
+                             f"{self.params.slots})")
+        if slots.size and int(slots.max()) >= self.plain_modulus:
+            raise ValueError("slot values must be below the plaintext modulus")
+        out = []
+        for blob, row in zip(blobs, slots):
+            ct, pt = self.load(blob), seal.Plaintext()
+            self.encoder.encode(row.tolist(), pt)
+            self.evaluator.sub_plain_inplace(ct, pt)
+            out.append(self.dump(ct))
+        return out
+
     def decrypt(self, blobs: list[bytes]) -> np.ndarray:
         """Slots of each ciphertext, shape (k, n) uint64."""
         self._need_secret("decrypt")

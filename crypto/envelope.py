@@ -1,32 +1,37 @@
 """The versioned, authenticated envelope every ciphertext travels in.
 
 An envelope is one Flower ``ArrayRecord`` (so Flower chunks it on the wire like any
-model): ``header`` (UTF-8 JSON as uint8), ``tag`` (HMAC-SHA256, 32 bytes) and the
-ciphertexts ``ct-00000``, ``ct-00001``, ... (uint8). The header names the scheme and
-parameters, the packing :class:`~crypto.packing.Layout`, the model spec, the run and
-round, the sender, the key fingerprint and generation, plaintext aggregation metadata
-(``meta``) and the length and SHA-256 of every ciphertext; the tag covers the header,
-so it covers the ciphertexts too.
+model): ``header`` (UTF-8 JSON as uint8), ``tag`` (the sender's Ed25519 signature, 64
+bytes, :mod:`crypto.signing`) and the ciphertexts ``ct-00000``, ``ct-00001``, ...
+(uint8). The header names the scheme and parameters, the packing
+:class:`~crypto.packing.Layout`, the model spec, the run and round, the sender, the key
+fingerprint and generation, plaintext aggregation metadata (``meta``) and the length
+and SHA-256 of every ciphertext; the signature covers the canonical header, so it
+covers the ciphertexts too. Only the holder of the sender's private key can make it,
+and anyone holding the sender's public key can check it.
 
 :func:`open_envelope` checks, in this order, and raises :class:`EnvelopeError` naming
 the first failure: structure and the type of every header field (a wrong-typed field is
-named before anything uses it), version, key fingerprint (wrong key), the tag
-(tampered, or signed with another key), chunk lengths and hashes (truncated), kind, run
-and round (replayed). Which senders and ``meta`` fields an envelope must carry is the
-caller's to check (:mod:`crypto.update`).
+named before anything uses it), version (version 1, HMAC-tagged, is an older fedface),
+key fingerprint (wrong key), the signature (a sender without a public key, a tampered
+envelope, or one signed with another key), chunk lengths and hashes (truncated), kind,
+run and round (replayed). Which senders and ``meta`` fields an envelope must carry is
+the caller's to check (:mod:`crypto.update`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord
 
-VERSION = 1
+from crypto.signing import SignatureError, sign, verify
+
+VERSION = 2  # 1: HMAC-SHA256 tags under shared MAC keys (refused)
 HEADER = "header"
 TAG = "tag"
 CHUNK = "ct-"
@@ -55,19 +60,16 @@ def _canonical(header: dict) -> bytes:
     return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _tag(key: bytes, header: dict) -> bytes:
-    return hmac.new(key, _canonical(header), hashlib.sha256).digest()
-
-
-def seal_envelope(kind: str, chunks: list[bytes], *, mac_key: bytes, fingerprint: str,
-                  generation: int, params: dict, run: str, server_round: int, sender: int | str,
-                  layout: dict, spec: str, meta: dict | None = None) -> Envelope:
-    """Wrap ciphertexts with their header and authentication tag."""
+def seal_envelope(kind: str, chunks: list[bytes], *, sign_key: Ed25519PrivateKey,
+                  fingerprint: str, generation: int, params: dict, run: str, server_round: int,
+                  sender: int | str, layout: dict, spec: str, meta: dict | None = None) -> Envelope:
+    """Wrap ciphertexts with their header and the sender's signature (under ``sign_key``,
+    the sender's own private key)."""
     header = {"version": VERSION, "kind": kind, "params": params, "fingerprint": fingerprint,
               "generation": int(generation), "run": run, "round": int(server_round),
               "sender": sender, "layout": layout, "spec": spec, "meta": meta or {},
               "chunks": [[len(c), hashlib.sha256(c).hexdigest()] for c in chunks]}
-    return Envelope(header=header, chunks=list(chunks), tag=_tag(mac_key, header))
+    return Envelope(header=header, chunks=list(chunks), tag=sign(sign_key, _canonical(header)))
 
 
 def to_record(env: Envelope) -> ArrayRecord:
@@ -146,29 +148,35 @@ def check_header(header: dict) -> None:
 
 
 def open_envelope(record: ArrayRecord | Envelope, *, kind: str, fingerprint: str,
-                  mac_keys: dict, run: str, server_round: int) -> Envelope:
-    """Verify an envelope; ``mac_keys`` maps sender -> MAC key."""
+                  verify_keys: dict, run: str, server_round: int) -> Envelope:
+    """Verify an envelope; ``verify_keys`` maps sender (an institution's index, or
+    ``"server"`` for aggregates) -> its Ed25519 public key."""
     env = record if isinstance(record, Envelope) else from_record(record)
     h = env.header
     if not isinstance(h, dict):
         raise EnvelopeError("envelope header is not an object")
     check_header(h)
     if h.get("version") != VERSION:
-        raise EnvelopeError(f"envelope version {h.get('version')!r}, this node reads version "
-                            f"{VERSION}: upgrade fedface on both sides")
+        v = h.get("version")
+        who = ("the peer runs an older fedface (HMAC-tagged envelopes); upgrade it"
+               if isinstance(v, int) and v < VERSION else "upgrade fedface on both sides")
+        raise EnvelopeError(f"envelope version {v!r}, this node reads version {VERSION}: {who}")
     if h.get("fingerprint") != fingerprint:
         raise EnvelopeError(
             f"encrypted under another key: fingerprint {h.get('fingerprint')} (generation "
             f"{h.get('generation')}), this node holds {fingerprint}. Distribute the current "
             "ceremony's bundles (`fedface keys show`) to every node")
     sender = h.get("sender")
-    key = mac_keys.get(sender)
+    key = verify_keys.get(sender)
     if key is None:
-        raise EnvelopeError(f"unknown sender {sender!r}: no MAC key for it in this bundle "
-                            "(a node outside the ceremony, or a wrong he-sender)")
-    if not hmac.compare_digest(_tag(key, h), env.tag):
-        raise EnvelopeError(f"authentication tag of sender {sender!r} does not verify: the "
-                            "envelope was tampered with, or signed with another MAC key")
+        raise EnvelopeError(f"unknown sender {sender!r}: no public signing key for it in this "
+                            "bundle, a signature by an unknown key (a node outside the ceremony, "
+                            "or a wrong he-sender)")
+    try:
+        verify(key, env.tag, _canonical(h), f"sender {sender!r}")
+    except SignatureError:
+        raise EnvelopeError(f"signature of sender {sender!r} does not verify: the envelope was "
+                            "tampered with, or signed with another key than the sender's") from None
     listed = h.get("chunks", [])
     if len(listed) != len(env.chunks):
         raise EnvelopeError(f"envelope holds {len(env.chunks)} ciphertexts, its header lists "

@@ -3,31 +3,38 @@
 ``fedface keys init --out DIR --clients N`` writes::
 
     DIR/key.json                               public description: parameters,
-                                               generation, fingerprint, institutions
+                                               generation, fingerprint, institutions,
+                                               every public signing key
     DIR/institutions/client_K/bundle.json      institution K's bundle: parameters,
-                                               fingerprint, its index K, server MAC key
+                                               fingerprint, its index K, every public
+                                               signing key (the institutions' and the server's)
     DIR/institutions/client_K/secret.key       the BFV secret key (shared by the institutions)
-    DIR/institutions/client_K/mac.key          institution K's own MAC key, and no other
+    DIR/institutions/client_K/sign.key         institution K's own Ed25519 private key
     DIR/server/bundle.json                     server bundle: parameters, fingerprint,
-                                               every institution's MAC key, and no secret
+                                               every public signing key, and no secret
                                                key: the server can add, never decrypt
+    DIR/server/sign.key                        the server's own Ed25519 private key
 
 (K = 000 .. N-1, three digits.) Institution K is handed ``DIR/institutions/client_K/``
-and nothing else; the server ``DIR/server/``. An institution therefore holds no other
-institution's MAC key and cannot sign an update in another's name. In simulation both
-sides read DIR itself (:func:`load_client_keys` picks ``institutions/client_K``); in a
-deployment a node's ``he-keys`` names its own folder.
+and nothing else; the server ``DIR/server/``. In simulation both sides read DIR itself
+(:func:`load_client_keys` picks ``institutions/client_K``); in a deployment a node's
+``he-keys`` names its own folder.
 
 Key files are created owner-only (0600, folders 0700) and refused when they are
 symbolic links, are not owned by the current user, or others can read them. The
 fingerprint (a hash of the parameters, the secret key and the generation) is in every
 bundle and in every envelope, so a node holding another ceremony's keys is named at
 once. ``fedface keys rotate DIR`` retires the current generation to
-``DIR/retired/gen-G`` and makes generation G+1 with the same parameters.
+``DIR/retired/gen-G`` and makes generation G+1 with the same parameters and new signing
+key pairs.
 
-The MAC keys authenticate envelopes (HMAC-SHA256): institution K signs its updates (and
-its join, which binds its Flower node to index K) with its own key, which the server
-checks; the server signs aggregates with the server key, which institutions check.
+Signatures (:mod:`crypto.signing`, Ed25519) authenticate envelopes: institution K signs
+its updates (and its join, which binds its Flower node to index K) with its own private
+key, which everyone checks with K's public key; the server signs aggregates with its
+own private key. Every private key is held by its owner alone, so the server cannot
+forge an institution's update, nor an institution the server's aggregate or another
+institution's update. The former layout (HMAC keys: ``mac.key`` files, and a server
+bundle holding every institution's MAC key) is refused, saying to rotate.
 """
 
 from __future__ import annotations
@@ -35,15 +42,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from crypto.context import HEContext, HEParams
 from crypto.keyfile import KeyFileError, read_private, write_private
+from crypto.signing import (
+    key_fingerprint,
+    new_signing_key,
+    public_from_hex,
+    public_hex,
+    read_signing_key,
+    write_signing_key,
+)
 
 KEY_FILE = "key.json"
 INSTITUTIONS_DIR = "institutions"
@@ -51,7 +67,11 @@ CLIENT_DIR = "client"  # the layout before per-institution folders (rotated away
 SERVER_DIR = "server"
 SECRET_FILE = "secret.key"
 BUNDLE_FILE = "bundle.json"
-MAC_FILE = "mac.key"
+SIGN_FILE = "sign.key"
+SIGN_PUBLIC = "sign_public"  # bundle field: {"0": hex, ..., "server": hex}
+SERVER = "server"  # the server's entry in SIGN_PUBLIC (and an aggregate's sender)
+MAC_FILE = "mac.key"  # the former HMAC layout (refused: rotate)
+_MAC_FIELDS = ("server_mac", "client_macs")  # its bundle fields
 
 
 def institution_dir(folder: str | Path, sender: int) -> Path:
@@ -86,14 +106,45 @@ def _read_json(path: Path, what: str) -> dict:
     return doc
 
 
-def _hex_key(text: str | bytes, where: str) -> bytes:
-    try:
-        key = bytes.fromhex(text.decode() if isinstance(text, bytes) else text)
-    except (ValueError, UnicodeDecodeError):
-        key = b""
-    if len(key) != 32:
-        raise KeyBundleError(f"{where} is not a 32-byte hex MAC key (truncated or edited): copy "
-                             "it again from the key ceremony's folder")
+def _refuse_mac_layout(d: Path, bundle: dict | None, ceremony: Path) -> None:
+    """Refuse a bundle folder of the former HMAC layout, saying to rotate."""
+    old = (bundle is not None and any(f in bundle for f in _MAC_FIELDS)) or (
+        os.path.lexists(d / MAC_FILE) and not os.path.lexists(d / SIGN_FILE))
+    if old:
+        where = str(ceremony) if (ceremony / KEY_FILE).exists() else "DIR"
+        raise KeyBundleError(f"{d} holds keys of the former layout (symmetric MAC keys, with "
+                             "which the server could sign any institution's update): run "
+                             f"`fedface keys rotate {where}` on the key ceremony's folder and hand "
+                             "out its new folders (each signs with its own Ed25519 key)")
+
+
+def _public_keys(bundle: dict, path: Path) -> tuple[dict[int, Ed25519PublicKey], Ed25519PublicKey]:
+    """The institutions' and the server's public signing keys of a bundle."""
+    table = bundle.get(SIGN_PUBLIC)
+    if not isinstance(table, dict) or SERVER not in table:
+        raise KeyBundleError(f"{path} lists no public signing keys ({SIGN_PUBLIC!r}): copy it "
+                             "again from the key ceremony's folder")
+    keys: dict[int, Ed25519PublicKey] = {}
+    for name, text in table.items():
+        if name == SERVER:
+            continue
+        if not name.isdigit():
+            raise KeyBundleError(f"{path}: {SIGN_PUBLIC} entry {name!r} is neither an "
+                                 "institution's index nor 'server'")
+        keys[int(name)] = public_from_hex(text, f"{path} public signing key of institution {name}",
+                                          error=KeyBundleError)
+    return keys, public_from_hex(table[SERVER], f"{path} public signing key of the server",
+                                 error=KeyBundleError)
+
+
+def _own_key(path: Path, public: Ed25519PublicKey, who: str) -> Ed25519PrivateKey:
+    """The private signing key in ``path``, which must match ``who``'s public key."""
+    key = read_signing_key(path, error=KeyBundleError,
+                           missing="copy it from the key ceremony's folder with its bundle")
+    if public_hex(key) != public_hex(public):
+        raise KeyBundleError(f"{path} is not the signing key of {who} in this bundle (key "
+                             f"{key_fingerprint(key)}, the bundle lists {key_fingerprint(public)}):"
+                             " copy both files from one ceremony")
     return key
 
 
@@ -105,26 +156,48 @@ def fingerprint_of(params: HEParams, secret: bytes, generation: int) -> str:
 
 @dataclass
 class ClientKeys:
-    """What an institution holds: the secret context and its own MAC key."""
+    """What an institution holds: the secret context, its own private signing key and
+    every public signing key.
+
+    Attributes
+    ----------
+    sign_key : Ed25519PrivateKey
+        Its own private key: signs its updates and its join proof.
+    verify_keys : dict of int to Ed25519PublicKey
+        Every institution's public key, by index (its own included).
+    server_verify_key : Ed25519PublicKey
+        The server's public key: aggregates must carry its signature.
+    """
 
     context: HEContext
     fingerprint: str
     generation: int
     sender: int
-    mac_key: bytes
-    server_mac_key: bytes
+    sign_key: Ed25519PrivateKey
+    verify_keys: dict[int, Ed25519PublicKey]
+    server_verify_key: Ed25519PublicKey
     clients: int = 0  # institutions in the ceremony (its key.json's ``clients``)
 
 
 @dataclass
 class ServerKeys:
-    """What the server holds: parameters (no secret key) and the MAC keys."""
+    """What the server holds: parameters (no secret key), its own private signing key and
+    the institutions' public keys.
+
+    Attributes
+    ----------
+    sign_key : Ed25519PrivateKey
+        The server's private key: signs aggregates.
+    verify_keys : dict of int to Ed25519PublicKey
+        Every institution's public key, by index: updates and join proofs are checked
+        with them. The server holds no institution's private key.
+    """
 
     context: HEContext
     fingerprint: str
     generation: int
-    mac_keys: dict[int, bytes]
-    server_mac_key: bytes
+    sign_key: Ed25519PrivateKey
+    verify_keys: dict[int, Ed25519PublicKey]
 
 
 def init_keys(out: str | Path, clients: int, params: HEParams | None = None,
@@ -140,30 +213,31 @@ def init_keys(out: str | Path, clients: int, params: HEParams | None = None,
                         "`fedface keys rotate` for a new generation, or another folder")
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    if force:  # the previous ceremony's institution folders must not survive next to the new
-        shutil.rmtree(out / INSTITUTIONS_DIR, ignore_errors=True)
-        shutil.rmtree(out / CLIENT_DIR, ignore_errors=True)
+    if force:  # the previous ceremony's folders must not survive next to the new
+        for name in (INSTITUTIONS_DIR, CLIENT_DIR, SERVER_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         HEContext.generate_secret_key(params, Path(tmp) / SECRET_FILE)
         secret = (Path(tmp) / SECRET_FILE).read_bytes()
     fp = fingerprint_of(params, secret, generation)
-    macs = {k: secrets.token_bytes(32) for k in range(clients)}
-    server_mac = secrets.token_bytes(32)
+    signers = {str(k): new_signing_key() for k in range(clients)}
+    signers[SERVER] = new_signing_key()
     public = {"scheme": params.scheme, "params": params.to_dict(), "generation": generation,
               "fingerprint": fp, "clients": clients,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for k, key in macs.items():
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              SIGN_PUBLIC: {name: public_hex(key) for name, key in signers.items()}}
+    for k in range(clients):
         d = institution_dir(out, k)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(d.parent, 0o700)
         os.chmod(d, 0o700)
-        bundle = {**public, "sender": k, "server_mac": server_mac.hex()}
+        bundle = {**public, "role": "institution", "sender": k}
         _write_private(d / BUNDLE_FILE, json.dumps(bundle, indent=1).encode())
         _write_private(d / SECRET_FILE, secret)
-        _write_private(d / MAC_FILE, key.hex().encode())
-    server_bundle = {**public, "server_mac": server_mac.hex(),
-                     "client_macs": {str(k): v.hex() for k, v in macs.items()}}
+        write_signing_key(d / SIGN_FILE, signers[str(k)])
+    server_bundle = {**public, "role": SERVER}
     _write_private(out / SERVER_DIR / BUNDLE_FILE, json.dumps(server_bundle, indent=1).encode())
+    write_signing_key(out / SERVER_DIR / SIGN_FILE, signers[SERVER])
     os.chmod(out / SERVER_DIR, 0o700)
     (out / KEY_FILE).write_text(json.dumps(public, indent=1))
     return public
@@ -177,8 +251,30 @@ def handout(folder: str | Path) -> list[tuple[str, Path]]:
             + [("the server (no secret key)", folder / SERVER_DIR)])
 
 
+def signers(desc: dict) -> list[tuple[str, str, str]]:
+    """Who signs with which key in a ceremony: ``[(signer, key fingerprint, private key
+    file), ...]``, the institutions' then the server's; public (from :func:`describe_keys`).
+    Empty for a description without public signing keys (the former layout)."""
+    table = desc.get(SIGN_PUBLIC)
+    if not isinstance(table, dict):
+        return []
+    rows = []
+    for name in sorted((n for n in table if n != SERVER), key=int) + [SERVER]:
+        if name not in table:
+            continue
+        fp = key_fingerprint(public_from_hex(table[name], f"{SIGN_PUBLIC}[{name!r}]",
+                                             error=KeyBundleError))
+        if name == SERVER:
+            rows.append(("the server", fp, f"{SERVER_DIR}/{SIGN_FILE}"))
+        else:
+            rows.append((f"institution {name}", fp,
+                         f"{INSTITUTIONS_DIR}/client_{int(name):03d}/{SIGN_FILE}"))
+    return rows
+
+
 def rotate_keys(folder: str | Path) -> dict:
-    """Retire the current generation and make the next one (same parameters, clients)."""
+    """Retire the current generation and make the next one (same parameters, clients,
+    new signing key pairs)."""
     folder = Path(folder)
     current = describe_keys(folder)
     gen = int(current["generation"])
@@ -202,7 +298,7 @@ def describe_keys(folder: str | Path) -> dict:
                 raise KeyBundleError(f"{path} is not valid JSON (truncated or edited)") from None
             if not isinstance(doc, dict):
                 raise KeyBundleError(f"{path} is not a fedface key description")
-            return {k: v for k, v in doc.items() if k not in ("server_mac", "client_macs")}
+            return {k: v for k, v in doc.items() if k not in _MAC_FIELDS}  # (former layout)
     raise KeyBundleError(f"no keys in {folder}: run `fedface keys init --out {folder}`")
 
 
@@ -230,8 +326,10 @@ def load_client_keys(folder: str | Path, sender: int) -> ClientKeys:
                                  "MAC key in client/mac/, readable by every institution): run "
                                  f"`fedface keys rotate {folder}` and hand each institution its "
                                  "own institutions/client_K folder")
+    _refuse_mac_layout(d, None, folder)
     bundle = _read_json(d / BUNDLE_FILE, "client bundle")
-    if "client_macs" in bundle:
+    _refuse_mac_layout(d, bundle, folder)
+    if bundle.get("role") == SERVER or "sender" not in bundle:
         raise KeyBundleError(f"{d} holds the server bundle: point the client's he-keys at the "
                              "ceremony folder or at its own institutions/client_K folder")
     owner = bundle.get("sender")
@@ -245,24 +343,29 @@ def load_client_keys(folder: str | Path, sender: int) -> ClientKeys:
         raise KeyBundleError(f"{d / SECRET_FILE} does not belong to this bundle (fingerprint {fp}, "
                              f"bundle says {bundle['fingerprint']}): copy both files from one "
                              "ceremony")
-    mac_path = d / MAC_FILE
-    mac = _hex_key(_read_private(mac_path, f"MAC key of institution {sender}"), str(mac_path))
+    verify_keys, server_key = _public_keys(bundle, d / BUNDLE_FILE)
+    if sender not in verify_keys:
+        raise KeyBundleError(f"{d / BUNDLE_FILE} lists no public signing key of institution "
+                             f"{sender}: copy it again from the key ceremony's folder")
+    own = _own_key(d / SIGN_FILE, verify_keys[sender], f"institution {sender}")
     return ClientKeys(context=HEContext(params, secret_key=secret), fingerprint=fp,
-                      generation=int(bundle["generation"]), sender=sender, mac_key=mac,
-                      server_mac_key=_hex_key(bundle["server_mac"], f"{d / BUNDLE_FILE} server_mac"),
+                      generation=int(bundle["generation"]), sender=sender, sign_key=own,
+                      verify_keys=verify_keys, server_verify_key=server_key,
                       clients=int(bundle.get("clients", 0)))
 
 
 def load_server_keys(folder: str | Path) -> ServerKeys:
-    """The server's keys: parameters and MAC keys only; a secret key is never read."""
+    """The server's keys: parameters, its own signing key and the institutions' public
+    keys; a secret key is never read."""
     d = _bundle_dir(Path(folder), SERVER_DIR)
     bundle = _read_json(d / BUNDLE_FILE, "server bundle")
-    if "client_macs" not in bundle:
+    _refuse_mac_layout(d, bundle, Path(folder))
+    if bundle.get("role") != SERVER or "sender" in bundle:
         raise KeyBundleError(f"{d} holds a client bundle: the server needs the ceremony's server/ "
-                        "folder (it must never hold the secret key)")
+                             "folder (it must never hold the secret key)")
     params = HEParams(**bundle["params"])
+    verify_keys, server_key = _public_keys(bundle, d / BUNDLE_FILE)
     return ServerKeys(context=HEContext(params), fingerprint=bundle["fingerprint"],
                       generation=int(bundle["generation"]),
-                      mac_keys={int(k): _hex_key(v, f"{d / BUNDLE_FILE} key of client {k}")
-                                for k, v in bundle["client_macs"].items()},
-                      server_mac_key=_hex_key(bundle["server_mac"], f"{d / BUNDLE_FILE} server_mac"))
+                      sign_key=_own_key(d / SIGN_FILE, server_key, "the server"),
+                      verify_keys=verify_keys)

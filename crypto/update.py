@@ -4,8 +4,13 @@ Clients call :func:`encrypt_update` (flatten, pre-scale by their weight, clip, q
 pack, encrypt, seal) and :func:`decrypt_aggregate` (open, decrypt, unpack, dequantize
 to the weighted mean update). The server calls :func:`open_update` on every reply and
 :func:`add_updates`, which checks that the updates share one layout and spec, and
-returns the ``sum_k m_k * update_k`` envelope signed with the server's MAC key. It
-never decrypts.
+returns the ``sum_k m_k * update_k`` envelope signed with the server's own private key
+(Ed25519, :mod:`crypto.signing`). It never decrypts.
+
+Every envelope is signed by its sender alone: institution K signs its updates with its
+own private key, which nobody else holds, and everyone checks them with K's public key.
+The server therefore cannot forge an institution's update (it holds public keys only),
+and an institution cannot forge an aggregate or another institution's update.
 
 What drives the aggregation travels inside the authenticated header, never in
 plaintext metrics: an update's ``meta`` holds its ``scale`` (the client's weight
@@ -13,22 +18,23 @@ pre-scaling), ``num-examples`` and ``train-steps`` (:data:`UPDATE_META`), which 
 server uses for the multipliers, the weight sum and PFM's step count.
 
 At the start of a run each institution proves its ceremony index with
-:func:`prove_join` (an HMAC with its own MAC key over the run, its Flower node id, its
-index and its sample count); the server checks it with :func:`verify_join` and then
-accepts from that node only envelopes of that sender.
+:func:`prove_join` (its Ed25519 signature over the run, its Flower node id, its index,
+its sample count and the key fingerprint); the server checks it with :func:`verify_join`
+under that index's public key and then accepts from that node only envelopes of that
+sender.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from crypto.envelope import Envelope, EnvelopeError, open_envelope, seal_envelope
 from crypto.keys import ClientKeys, ServerKeys
+from crypto.masks import add_mod
 from crypto.packing import (
     Layout,
     dequantize_sum,
@@ -41,6 +47,7 @@ from crypto.packing import (
     unflatten,
     unpack,
 )
+from crypto.signing import SignatureError, sign, verify
 
 UPDATE = "update"
 AGGREGATE = "aggregate"
@@ -48,8 +55,10 @@ SERVER = "server"
 SCALE = "scale"
 NUM_EXAMPLES = "num-examples"
 TRAIN_STEPS = "train-steps"
+MASK_EPOCH = "mask-epoch"  # in a masked update's meta (crypto.masks)
 UPDATE_META = (SCALE, NUM_EXAMPLES, TRAIN_STEPS)  # authenticated, required in every update
 JOIN_PROOF = "he-join-proof"  # the ConfigRecord of a join reply: sender, num-examples, tag
+# (the tag: the institution's Ed25519 signature over the join message)
 
 
 def _is_int(v) -> bool:
@@ -132,11 +141,15 @@ class Quantization:
 def encrypt_update(keys: ClientKeys, delta: dict[str, np.ndarray], float_keys: list[str],
                    quant: Quantization, *, scale: float, num_examples: int, train_steps: int,
                    run: str, server_round: int, rng: np.random.Generator,
-                   meta: dict | None = None) -> tuple[Envelope, dict]:
+                   meta: dict | None = None,
+                   masker: Callable[[tuple[int, int], int], tuple[np.ndarray, dict]] | None = None
+                   ) -> tuple[Envelope, dict]:
     """Envelope of ``scale * delta`` and what the client may report in plaintext.
 
     ``scale``, ``num_examples`` and ``train_steps`` go into the authenticated ``meta``
     of the header: the server aggregates with them (multipliers, weights, PFM's steps).
+    ``masker(shape, t)`` returns the mask to add to the packed slots (modulo the
+    plaintext modulus ``t``, :mod:`crypto.masks`) and the meta that goes with it.
     """
     if not 0.0 < scale <= 1.0:
         raise ValueError(f"update scale {scale} must be in (0, 1]")
@@ -146,8 +159,14 @@ def encrypt_update(keys: ClientKeys, delta: dict[str, np.ndarray], float_keys: l
     vector = flatten(delta, float_keys) * np.float32(scale)
     layout = quant.layout(vector.size, keys)
     codes, clipped = quantize(vector, layout, rng)
-    chunks = keys.context.encrypt(pack(codes, layout))
-    env = seal_envelope(UPDATE, chunks, mac_key=keys.mac_key, fingerprint=keys.fingerprint,
+    slots = pack(codes, layout)
+    if masker is not None:
+        t = keys.context.plain_modulus
+        mask, mask_meta = masker(slots.shape, t)
+        slots = add_mod(slots, mask, t)
+        meta = {**(meta or {}), **mask_meta}
+    chunks = keys.context.encrypt(slots)
+    env = seal_envelope(UPDATE, chunks, sign_key=keys.sign_key, fingerprint=keys.fingerprint,
                         generation=keys.generation, params=keys.context.params.to_dict(),
                         run=run, server_round=server_round, sender=keys.sender,
                         layout=layout.to_dict(), spec=spec_digest(delta, float_keys),
@@ -157,10 +176,10 @@ def encrypt_update(keys: ClientKeys, delta: dict[str, np.ndarray], float_keys: l
 
 
 def open_update(keys: ServerKeys, record, *, run: str, server_round: int) -> Envelope:
-    """Verify one client's update envelope on the server (tag, key, run, round, and the
-    authenticated ``meta`` the aggregation reads: :data:`UPDATE_META`)."""
+    """Verify one client's update envelope on the server (its sender's signature, key,
+    run, round, and the authenticated ``meta`` the aggregation reads: :data:`UPDATE_META`)."""
     env = open_envelope(record, kind=UPDATE, fingerprint=keys.fingerprint,
-                        mac_keys=keys.mac_keys, run=run, server_round=server_round)
+                        verify_keys=keys.verify_keys, run=run, server_round=server_round)
     _check_update_meta(env)
     return env
 
@@ -172,37 +191,45 @@ def _join_message(run: str, node: int, sender: int, num_examples: int, fingerpri
 
 
 def prove_join(keys: ClientKeys, *, run: str, node: int, num_examples: int) -> dict:
-    """An institution's join proof: its index and sample count, with an HMAC under its
-    own MAC key over the run id, its Flower node id, its index and its sample count."""
-    tag = hmac.new(keys.mac_key, _join_message(run, node, keys.sender, num_examples,
-                                               keys.fingerprint), hashlib.sha256).digest()
+    """An institution's join proof: its index and sample count, with its Ed25519 signature
+    (``tag``, 64 bytes, under its own private key) over the run id, its Flower node id, its
+    index, its sample count and the key fingerprint."""
+    tag = sign(keys.sign_key, _join_message(run, node, keys.sender, num_examples,
+                                            keys.fingerprint))
     return {"sender": int(keys.sender), NUM_EXAMPLES: int(num_examples), "tag": tag}
 
 
 def verify_join(keys: ServerKeys, proof, *, run: str, node: int) -> tuple[int, int]:
-    """Check a join proof of node ``node``; returns ``(sender, num_examples)``."""
+    """Check a join proof of node ``node`` under the claimed index's public key; returns
+    ``(sender, num_examples)``."""
     if proof is None:
         raise EnvelopeError("join reply carries no proof of the institution's ceremony index: "
                             "the client runs an older fedface; upgrade it")
     sender, count, tag = proof.get("sender"), proof.get(NUM_EXAMPLES), proof.get("tag")
     if not _is_int(sender) or not _is_int(count) or count < 1 or not isinstance(tag, bytes):
         raise EnvelopeError(f"malformed join proof (sender {sender!r}, num-examples {count!r})")
-    key = keys.mac_keys.get(sender)
+    key = keys.verify_keys.get(sender)
     if key is None:
-        raise EnvelopeError(f"join proof of unknown index {sender}: no MAC key for it in the "
-                            "server bundle (a node outside the ceremony, or a wrong he-sender)")
-    expected = hmac.new(key, _join_message(run, node, sender, count, keys.fingerprint),
-                        hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, tag):
+        raise EnvelopeError(f"join proof of unknown index {sender}: no public signing key for it "
+                            "in the server bundle (a node outside the ceremony, or a wrong "
+                            "he-sender)")
+    try:
+        verify(key, tag, _join_message(run, node, sender, count, keys.fingerprint),
+               f"the join proof of node {node}")
+    except SignatureError:
         raise EnvelopeError(f"node {node} claims ceremony index {sender} but its proof does not "
-                            f"verify under institution {sender}'s MAC key (another node's proof, "
-                            "another run, or another institution's keys)")
+                            f"verify under institution {sender}'s public key (another node's "
+                            "proof, another run, or another institution's keys)") from None
     return sender, count
 
 
 def add_updates(keys: ServerKeys, updates: list[Envelope], multipliers: list[int], *,
-                run: str, server_round: int, max_units: int, meta: dict | None = None) -> Envelope:
+                run: str, server_round: int, max_units: int, meta: dict | None = None,
+                unmask: np.ndarray | None = None) -> Envelope:
     """``sum_k m_k * update_k`` as an aggregate envelope (ciphertext additions only).
+
+    Masked updates (:mod:`crypto.masks`) add up only together, all of one epoch, with
+    multipliers 1 and ``unmask``, the masks that remain in their sum (slots), subtracted.
 
     ``max_units`` is the headroom of the layout: ``sum_k m_k`` may not exceed it.
     """
@@ -226,15 +253,27 @@ def add_updates(keys: ServerKeys, updates: list[Envelope], multipliers: list[int
     if sum(multipliers) > units:
         raise EnvelopeError(f"sum of multipliers {sum(multipliers)} exceeds the headroom of the "
                             f"packing ({units}): raise he-max-clients on every node")
+    masked = [u.meta.get(MASK_EPOCH) for u in updates]
+    if any(e is not None for e in masked):
+        if len(set(masked)) != 1 or unmask is None or set(multipliers) != {1}:
+            raise EnvelopeError("masked updates add up only all of one epoch, each once, with the "
+                                "masks that remain removed (crypto.masks): another combination "
+                                "decrypts to noise")
+    elif unmask is not None:
+        raise ValueError("unmask given for updates that carry no masks")
     chunks = keys.context.weighted_sum([u.chunks for u in updates], [int(m) for m in multipliers])
+    if unmask is not None:
+        chunks = keys.context.subtract_plain(chunks, unmask)
     scales = [float(u.meta[SCALE]) for u in updates]
     meta = {**(meta or {}), "count": len(updates),
             "senders": [u.header["sender"] for u in updates],
             "multipliers": [int(m) for m in multipliers],
             "multiplier_sum": int(sum(multipliers)),
             "weight_sum": float(sum(m * s for m, s in zip(multipliers, scales)))}
+    if unmask is not None:
+        meta["masked"] = True
     first = updates[0].header
-    return seal_envelope(AGGREGATE, chunks, mac_key=keys.server_mac_key,
+    return seal_envelope(AGGREGATE, chunks, sign_key=keys.sign_key,
                          fingerprint=keys.fingerprint, generation=keys.generation,
                          params=first["params"], run=run, server_round=server_round,
                          sender=SERVER, layout=first["layout"], spec=first["spec"], meta=meta)
@@ -250,7 +289,7 @@ def decrypt_aggregate(keys: ClientKeys, record, like: dict[str, np.ndarray],
     update is that update.
     """
     env = open_envelope(record, kind=AGGREGATE, fingerprint=keys.fingerprint,
-                        mac_keys={SERVER: keys.server_mac_key}, run=run,
+                        verify_keys={SERVER: keys.server_verify_key}, run=run,
                         server_round=server_round)
     _check_aggregate_meta(env)
     senders = sorted(set(env.meta["senders"]))

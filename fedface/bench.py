@@ -174,7 +174,8 @@ def bench_dp(backbones: tuple[str, ...] = ("tinyface", "mobilefacenet-dp"), imag
 
 
 def bench_he(clients: int = 8, synthetic_params: int = 10_000_000, round_check: bool = True,
-             rounds: int = 3, log: Callable[[str], None] = print) -> dict:
+             rounds: int = 3, log: Callable[[str], None] = print,
+             mask_sizes: tuple[int, ...] = (8, 32, 100)) -> dict:
     """Encrypted vs plaintext aggregation, side by side in one run.
 
     For the default backbone, ``mobilefacenet`` and a synthetic update of
@@ -183,9 +184,11 @@ def bench_he(clients: int = 8, synthetic_params: int = 10_000_000, round_check: 
     bytes up and down per client and their ratio to float32; the largest error of the
     decrypted weighted mean against the exact one, next to the documented bound. With
     ``round_check``, the default model's federated rounds on the embedded data set, run
-    plain and encrypted alternately (twice each), give ``round_time_ratio_vs_plain``
-    (median round seconds, the first round of each run left out as warm-up) and the
-    final accuracy of both.
+    plain, encrypted and encrypted with masks alternately (twice each), give
+    ``round_time_ratio_vs_plain`` and ``masked_round_time_ratio_vs_plain`` (median round
+    seconds, the first round of each run left out as warm-up) and the final accuracy of
+    each. ``masks``: the masking protocol at ``mask_sizes`` institutions
+    (:func:`_mask_scaling`).
     """
     import tempfile
 
@@ -274,10 +277,97 @@ def bench_he(clients: int = 8, synthetic_params: int = 10_000_000, round_check: 
            "wire_ratio_vs_float32": rows[0]["wire_ratio_vs_float32"],
            "targets": {"wire_ratio_vs_float32": 2.0, "round_time_ratio_vs_plain": 1.2,
                        "accuracy_gap_points": 0.5}}
+    out["masks"] = _mask_scaling(mask_sizes, log)
+    m8 = next((r for r in out["masks"] if r["institutions"] == 8), None)
+    if m8 is not None:
+        out["masked_wire_ratio_vs_float32"] = m8["wire_ratio_up_vs_float32"]["masked"]
+    out["targets"].update(masked_wire_ratio_vs_float32=1.05, masked_round_time_ratio_vs_plain=1.25)
     if round_check:
         out.update(_he_rounds(tmp.name, rounds, log))
     tmp.cleanup()
     return out
+
+
+def _mask_scaling(sizes: tuple[int, ...], log: Callable[[str], None]) -> list[dict]:
+    """The masking protocol at ``sizes`` institutions on the default model's update
+    (:class:`fedface.runner.MaskedFederation`: real keys, shares and ciphertexts, the
+    parties run one after the other): per institution the seconds to mask and encrypt
+    and the bytes of setup, upload and download, masked vs unmasked vs plaintext; the
+    server's seconds to add and unmask. A round's compute is modelled as the slowest
+    institution plus the server plus one decryption (institutions work in parallel)."""
+    import tempfile
+
+    import numpy as np
+
+    from crypto.keys import init_keys
+    from crypto.packing import flatten, float_keys, pack, quantize
+    from crypto.update import Quantization
+    from fedface.models import build_backbone
+    from fedface.runner import MaskedFederation
+
+    default = RunConfig()
+    model = build_backbone(default.backbone, input_size=default.image_size)
+    like = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    fk = float_keys(like)
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="fedface-bench-masks-") as tmp:
+            init_keys(tmp, n)
+            fed = MaskedFederation(tmp, n)
+            quant = Quantization(max_clients=max(16, n))
+            rng = np.random.default_rng(n)
+            layout = quant.layout(sum(like[k].size for k in fk), fed.keys[0])
+            slots = {}
+            for k in range(n):
+                delta = {key: (rng.standard_normal(like[key].shape) * 0.02).astype(np.float32)
+                         for key in fk}
+                slots[k] = pack(quantize(flatten(delta, fk), layout, rng)[0], layout)
+            t_plain = time.perf_counter()
+            total = sum(slots[k].astype(np.float64) for k in range(n))  # the plaintext sum
+            t_plain = time.perf_counter() - t_plain
+            enc_s, cts = [], {}
+            for k in range(n):
+                t0 = time.perf_counter()
+                cts[k] = fed.keys[k].context.encrypt(slots[k])
+                enc_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            plain_sum = fed.server.context.weighted_sum(list(cts.values()), [1] * n)
+            sum_s = time.perf_counter() - t0
+            ct_bytes = sum(len(c) for c in cts[0])
+            t0 = time.perf_counter()
+            expected = fed.keys[0].context.decrypt(plain_sum)
+            dec_s = time.perf_counter() - t0
+            del cts, plain_sum
+            masked = fed.send(slots, range(n))
+            summed = fed.unmask(masked)
+            exact = bool(np.array_equal(fed.keys[0].context.decrypt(summed), expected)
+                         and np.array_equal(expected.astype(np.float64), total))
+            values = sum(like[k].size for k in fk)
+            f32 = 4 * values
+            mask_s = float(np.max(list(fed.mask_seconds.values())))
+            row = {
+                "institutions": n, "degree": max(len(v) for v in fed.coord.neighbours.values()),
+                "values": int(values), "ciphertexts": int(layout.ciphertexts),
+                "setup_bytes_per_institution": int(np.median(fed.setup_bytes)),
+                "bytes_up_per_institution": {
+                    "plain": f32, "unmasked": ct_bytes,
+                    "masked": ct_bytes + int(np.median(list(fed.up_bytes.values())))},
+                "unmask_bytes_per_institution": int(np.median(list(fed.unmask_bytes.values()))),
+                "wire_ratio_up_vs_float32": {
+                    "unmasked": round(ct_bytes / f32, 4),
+                    "masked": round((ct_bytes + np.median(list(fed.up_bytes.values()))
+                                     + np.median(list(fed.unmask_bytes.values()))) / f32, 4)},
+                "institution_seconds": {"unmasked": round(float(np.max(enc_s)), 4),
+                                        "masked": round(mask_s, 4)},
+                "server_seconds": {"plain": round(t_plain, 4), "unmasked": round(sum_s, 4),
+                                   "masked": round(fed.server_seconds, 4)},
+                "round_compute_seconds": {
+                    "unmasked": round(float(np.max(enc_s)) + sum_s + dec_s, 4),
+                    "masked": round(mask_s + fed.server_seconds + dec_s, 4)},
+                "masked_sum_exact": exact}
+            log(f"masks at {n} institutions: {row}")
+            rows.append(row)
+    return rows
 
 
 def _he_rounds(key_dir: str, rounds: int, log: Callable[[str], None]) -> dict:
@@ -289,12 +379,13 @@ def _he_rounds(key_dir: str, rounds: int, log: Callable[[str], None]) -> dict:
 
     base = RunConfig(rounds=rounds, out="runs/bench-he/plain")
     prepare(base)
-    seconds: dict[str, list[float]] = {"plain": [], "encrypted": []}
+    seconds: dict[str, list[float]] = {"plain": [], "encrypted": [], "masked": []}
     docs: dict[str, dict] = {}
     for rep in range(2):
-        for mode in ("plain", "encrypted"):
+        for mode in ("plain", "encrypted", "masked"):
             cfg = base.replace(out=f"runs/bench-he/{mode}-{rep}",
-                               he_keys=key_dir if mode == "encrypted" else "")
+                               he_keys=key_dir if mode != "plain" else "",
+                               he_masks=mode == "masked")
             doc = run_simulation(cfg)
             seconds[mode] += [r["seconds"] for r in doc["rounds"][1:]]
             docs[mode] = doc
@@ -308,8 +399,12 @@ def _he_rounds(key_dir: str, rounds: int, log: Callable[[str], None]) -> dict:
         return run.last_round[key] / max(1, run.config["num_clients"])
 
     plain, enc = float(np.median(seconds["plain"])), float(np.median(seconds["encrypted"]))
+    masked = float(np.median(seconds["masked"]))
     return {"round_seconds_plain": round(plain, 3), "round_seconds_encrypted": round(enc, 3),
+            "round_seconds_masked": round(masked, 3),
             "round_time_ratio_vs_plain": round(enc / plain, 3),
+            "masked_round_time_ratio_vs_plain": round(masked / plain, 3),
+            "masked_setup": docs["masked"]["encryption"].get("masks", {}),
             "round_bytes_up_per_client": {m: per_client(d, "bytes_up") for m, d in docs.items()},
             "round_bytes_down_per_client": {m: per_client(d, "bytes_down")
                                             for m, d in docs.items()},
@@ -320,6 +415,7 @@ def _he_rounds(key_dir: str, rounds: int, log: Callable[[str], None]) -> dict:
                    + docs["plain"]["rounds"][-1]["bytes_down"]), 4),
             "final_accuracy_plain": final(docs["plain"]),
             "final_accuracy_encrypted": final(docs["encrypted"]),
+            "final_accuracy_masked": final(docs["masked"]),
             "accuracy_gap_points": round(100 * (final(docs["plain"])
                                                 - final(docs["encrypted"])), 2),
             "round_rounds": rounds}

@@ -41,9 +41,15 @@ UNIT_WEIGHT = "unit-weight"  # 1 in every reply: uniform aggregation (central DP
 FV_PREFIX = "fv-"
 HE_RUN = "he-run"  # id of the encrypted run (envelopes of other runs are replays)
 HE_JOIN = "he-join"  # query: start of a run (public initial model, key and size check)
+HE_REJOIN = "he-rejoin"  # with he-join: a resumed run (each restores its own saved state)
 HE_RELEASE = "he-release"  # query: return the final model in plaintext
 HE_CATCH_UP = "he-catch-up"  # query: the committed aggregates of rounds a client missed
 HE_ROUND_PREFIX = "he-r"  # their records: he-r00003, ...
+HE_MASK = "he-mask"  # ConfigRecord of a mask message, both ways (client/masking.py)
+HE_MASK_ADVERT = "he-mask-advert"  # ConfigRecord of a reply: an epoch key and its shares
+HE_MASK_SETUP = "he-mask-setup"  # query: the members and the neighbours' run keys
+HE_UNMASK = "he-unmask"  # query: the survivors; reply the shares asked
+HE_MASK_EPOCH = "he-mask-epoch"  # config of a catch-up: advertise a key for this epoch
 OUT_OF_SYNC = "out of sync"  # starts the error of a client that missed an exchange
 HE_FINGERPRINT = "he-fingerprint"  # the server's key fingerprint
 HE_WEIGHT_REF = "he-weight-ref"  # clients pre-scale updates by n_k / ref (0: uniform)
@@ -100,6 +106,7 @@ ERR_OUT_OF_SYNC = 4102  # missed an exchange of an encrypted run: catch it up
 ERR_PRIVACY_REFUSED = 4103  # the run asks what the institution does not allow
 ERR_KEY_MISMATCH = 4104  # the server holds another key ceremony's keys
 ERR_RELEASE_REFUSED = 4105  # a release it will not make (before the end, one update)
+ERR_MASK_REFUSED = 4106  # a mask message it will not use (crypto.masks: the reason says)
 
 # Node config keys (``flower-supernode --node-config "k=v ..."``; the simulation sets the
 # partition ones).

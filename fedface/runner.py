@@ -62,6 +62,10 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
     from fedface.privacy import check_privacy
     from server.app import build_server_app
 
+    if resume:  # a checkpoint it cannot continue is refused before anything starts
+        from server.loop import check_resume
+
+        check_resume(cfg)
     # Prepare (align, partition) and check DP budgets before the engine starts, so
     # failures surface early and the progress bar is not interleaved with its start-up.
     prepared = prepare(cfg, progress=progress)
@@ -126,3 +130,109 @@ def run_centralized(cfg: RunConfig, progress: ProgressFn | None = None) -> dict:
         if progress is not None:
             progress("Centralized epochs", rnd * cfg.local_epochs, cfg.rounds * cfg.local_epochs)
     return finalize_run(cfg, backbone, pairsets, recorder, time.time() - t_start)
+
+
+class MaskedFederation:
+    """The masking protocol of an encrypted run without Flower: ``n`` institutions and
+    the server, their code exactly as a run calls it (:mod:`client.masking`,
+    :mod:`server.masking`), on real keys, shares and BFV ciphertexts. The benchmark
+    (``fedface bench he``) times it at sizes a simulation cannot reach; the tests play
+    the adversaries with it.
+
+    Parameters
+    ----------
+    key_dir : str or Path
+        A key ceremony folder with at least ``n`` institutions.
+    n : int
+        Institutions taking part.
+    settings : MaskSettings or None
+        Degree and threshold (default: the run defaults).
+    run : str
+        The run id.
+    """
+
+    def __init__(self, key_dir, n: int, settings=None, run: str = "masked-run") -> None:
+        from flwr.app import Context, RecordDict
+
+        from client import masking
+        from crypto.keys import load_client_keys, load_server_keys
+        from crypto.masks import MaskSettings, unpack_doc
+        from server.masking import MaskCoordinator
+
+        self.masking, self.unpack = masking, unpack_doc
+        self.n, self.run = n, run
+        self.keys = [load_client_keys(key_dir, k) for k in range(n)]
+        self.server = load_server_keys(key_dir)
+        self.ctx = [Context(run_id=1, node_id=k + 1, node_config={}, state=RecordDict(),
+                            run_config={}) for k in range(n)]
+        self.coord = MaskCoordinator(settings or MaskSettings(), run, self.server.verify_keys)
+        self.t = self.keys[0].context.plain_modulus
+        self.setup_bytes = [0] * n
+        adverts = {}
+        for k in range(n):
+            rec = masking.run_advert(self.ctx[k], self.keys[k], run)
+            adverts[k] = unpack_doc(rec, "run key")
+            self.setup_bytes[k] += len(rec["doc"])
+        refused = self.coord.start(adverts)
+        if refused:
+            raise ValueError(f"run keys refused: {refused}")
+        for k in range(n):
+            down = self.coord.setup_doc(k)
+            rec = masking.setup(self.ctx[k], self.keys[k], run, down)
+            self.setup_bytes[k] += len(rec["doc"]) + len(str(down))
+            self.coord.take_epoch_advert(k, unpack_doc(rec, "epoch key"), self.coord.epoch)
+        self.participants: list[int] = []
+
+    def send(self, slots: dict, senders) -> dict[int, list[bytes]]:
+        """Participants in ``senders`` mask their packed ``slots`` (shape (k, n)), encrypt
+        and send; the others drop before sending. Returns the ciphertexts by sender and
+        keeps per-sender seconds (``self.mask_seconds``) and bytes (``self.up_bytes``)."""
+        from crypto.masks import add_mod
+
+        self.participants = self.coord.participants()
+        cts, self.mask_seconds, self.up_bytes = {}, {}, {}
+        for k in self.participants:
+            if k not in senders:
+                continue
+            t0 = time.perf_counter()
+            doc = self.coord.train_doc(k, self.participants)
+            mask, meta, rec = self.masking.mask_update(self.ctx[k], self.keys[k], self.run, doc,
+                                                       slots[k].shape, self.t)
+            cts[k] = self.keys[k].context.encrypt(add_mod(slots[k], mask, self.t))
+            self.mask_seconds[k] = time.perf_counter() - t0
+            self.up_bytes[k] = len(rec["doc"])
+            self.coord.take_update(k, meta, self.unpack(rec, "shares"), self.participants)
+        return cts
+
+    def unmask(self, cts: dict[int, list[bytes]], answering=None) -> list[bytes]:
+        """Announce the survivors (the senders), collect the shares of those
+        ``answering`` (and their next keys), subtract the masks left: the encrypted sum.
+        Raises :class:`server.masking.RoundAborted` when they cannot be removed."""
+        survivors = sorted(cts)
+        answering = survivors if answering is None else answering
+        docs = self.coord.unmask_docs(survivors, self.participants)
+        replies, self.unmask_bytes = {}, {}
+        for k in answering:
+            rec = self.masking.unmask(self.ctx[k], self.keys[k], self.run, docs[k])
+            replies[k] = self.unpack(rec, "shares")
+            nxt = self.masking.advertise(self.ctx[k], self.keys[k], self.run, self.coord.epoch + 1)
+            self.coord.take_epoch_advert(k, self.unpack(nxt, "epoch key"), self.coord.epoch + 1)
+            self.unmask_bytes[k] = len(str(docs[k])) + len(rec["doc"]) + len(nxt["doc"])
+        shape = (len(next(iter(cts.values()))), self.keys[0].context.params.slots)
+        t0 = time.perf_counter()
+        try:
+            corr = self.coord.correction(replies, shape[0] * shape[1], self.t)
+        finally:
+            self.coord.next_epoch()
+        ctx = self.server.context
+        total = ctx.weighted_sum([cts[k] for k in survivors], [1] * len(survivors))
+        total = ctx.subtract_plain(total, corr.reshape(shape))
+        self.server_seconds = time.perf_counter() - t0
+        return total
+
+    def rekey(self, ks) -> None:
+        """Institutions ``ks``, back after missing an exchange, advertise a key for the
+        coming one (as at a catch-up)."""
+        for k in ks:
+            doc = self.masking.advertise(self.ctx[k], self.keys[k], self.run, self.coord.epoch)
+            self.coord.take_epoch_advert(k, self.unpack(doc, "epoch key"), self.coord.epoch)

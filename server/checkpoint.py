@@ -6,6 +6,11 @@ states of this process, the run config and the metrics recorded so far. It is wr
 to a temporary file and renamed, so a run stopped at any moment leaves either the
 previous or the new checkpoint, never a torn one. ``fedface train --resume OUT``
 continues from it.
+
+An encrypted run's checkpoint has the same layout with no model (``arrays`` is empty):
+its strategy state (:meth:`server.encrypted.EncryptedFedAvg.state_dict`) holds the kept
+aggregate envelopes as uint8 ciphertext blobs and metadata, nothing the server could
+decrypt; the institutions keep their own state.
 """
 
 from __future__ import annotations
@@ -75,13 +80,6 @@ def save_checkpoint(out_dir: str | Path, server_round: int, arrays: dict[str, np
     return atomic_write(path, lambda fh: torch.save(blob, fh))
 
 
-def _text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
-
-
 def _unwrap(state: dict) -> dict:
     """A format-1 strategy state as the ``state_dict`` it holds."""
     return {name: _unwrap(item["value"]) if item["kind"] == "strategy" else item["value"]
@@ -92,10 +90,6 @@ def load_checkpoint(out_dir: str | Path) -> dict[str, Any]:
     """Read a checkpoint; a missing or foreign file gets a message saying what to do."""
     path = Path(out_dir) / CHECKPOINT
     if not path.exists():
-        if '"encryption"' in _text(Path(out_dir) / "metrics.json"):
-            raise FileNotFoundError(
-                f"{out_dir} is an encrypted run: the server holds no plaintext model to "
-                "checkpoint, so it cannot be resumed; start it again")
         raise FileNotFoundError(f"No checkpoint in {out_dir}: --resume needs the --out folder "
                                 "of a run that completed at least one round")
     blob = load_torch(path, "checkpoint", "start the run again (the checkpoint is torn)")

@@ -3,9 +3,9 @@
 :func:`server.loop.run_federated` drives Flower's ``Strategy`` calls and, around them,
 the hooks of :class:`Lifecycle`::
 
-    join
+    join (a resumed run: load_state_dict, then rejoin)
     for every round:
-        catch_up -> instruct -> configure_train -> screen -> aggregate_train
+        catch_up -> instruct -> configure_train -> screen -> settle -> aggregate_train
         -> global_arrays -> configure_evaluate -> commit -> round_record -> checkpoint
     release
 
@@ -14,7 +14,9 @@ FedProx, fedface's PFM and the server-side DP wrappers, :mod:`server.strategies`
 server holds the global model, so it screens the replies against it, tests it on its
 own pairs every round and checkpoints it with the strategy's state; joining, catching
 up, committing and releasing have nothing to do. :class:`server.encrypted.EncryptedFedAvg`
-overrides them: it never holds a plaintext model before the release.
+overrides them: it never holds a plaintext model before the release, and checkpoints
+only its own state (ciphertexts and metadata); a resumed encrypted run rejoins its
+institutions, which restore their own saved state.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class Lifecycle:
         """Start the run with the nodes; returns run metadata for ``metrics.json``."""
         return {}
 
+    def rejoin(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+               ) -> dict:
+        """Continue a resumed run with the nodes, after :meth:`load_state_dict`; returns
+        run metadata for ``metrics.json``. A plaintext strategy joins as at the start."""
+        return self.join(grid, arrays, config, timeout)
+
     def instruct(self, ins: TrainInstructions) -> TrainInstructions:
         """The round's instructions with what this strategy asks of the clients."""
         return ins
@@ -76,6 +84,13 @@ class Lifecycle:
                              unit_weight=True)
         out.update_norms = {}
         return out
+
+    def settle(self, grid: Grid, server_round: int, good: list[Message], timeout: float
+               ) -> list[Message]:
+        """After screening, before aggregating: whatever the replies ``good`` need to be
+        summed (masked updates: their masks that do not cancel); returns those to sum.
+        May raise :class:`server.masking.RoundAborted`: the round's exchange runs again."""
+        return good
 
     def global_arrays(self, aggregate: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
         """The global model after aggregating: the aggregate in the dtypes of the model

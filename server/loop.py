@@ -47,12 +47,15 @@ from fedface.protocol import (
 from fedface.training import cosine_lr, round_test_metrics
 from server.checkpoint import check_resumable, load_checkpoint, save_checkpoint, set_rng_state
 from server.fv import FederatedValidation, SingleCandidate
+from server.masking import RoundAborted
 from server.screening import Screening, budgets_spent, exchange, missed, timeouts
 from server.strategies import build_strategy
 
 # initial_backbone (fedface.models) and check_privacy / privacy_record (fedface.privacy)
 # are still importable from here for the tests that import them from this module.
-__all__ = ["run_federated"]
+__all__ = ["check_resume", "run_federated"]
+
+EXCHANGE_ATTEMPTS = 3  # a round's train exchange, run again when it cannot be settled
 
 
 @dataclass
@@ -90,15 +93,21 @@ class FederatedRun:
         return self.strategy.instruct(TrainInstructions(
             server_round=rnd, data_dir=str(self.data.root), state_dir=self.state_dir, **fields))
 
-    def resume(self) -> tuple[ArrayRecord, int]:
-        """The global model and the first round to run, from the checkpoint."""
+    def resume(self, grid: Grid) -> tuple[ArrayRecord, int]:
+        """The global model and the first round to run, from the checkpoint: the
+        strategy's state is restored (and checked) before the nodes are asked to rejoin
+        (:meth:`server.lifecycle.Lifecycle.rejoin`; encrypted runs: each institution
+        restores its own state), the RNG states after it."""
         ck = load_checkpoint(self.cfg.out)
         check_resumable(ck["config"], self.cfg.to_dict())
         self.strategy.load_state_dict(ck["strategy"]["strategy"])
         self.fv.load_state(ck["strategy"]["fv"])
+        arrays = numpy_record(ck["arrays"])
+        self.recorder.data.update(self.strategy.rejoin(
+            grid, arrays, self.instructions(ck["round"]).to_record(), self.cfg.round_timeout))
         set_rng_state(ck["rng"])
         self.recorder.data.update(rounds=ck["metrics"]["rounds"], resumed_after_round=ck["round"])
-        return numpy_record(ck["arrays"]), ck["round"] + 1
+        return arrays, ck["round"] + 1
 
     def test(self, rnd: int, arrays: ArrayRecord) -> dict:
         load_backbone_record(self.backbone, arrays)
@@ -110,20 +119,39 @@ class FederatedRun:
                         self.cfg.to_dict(), {"rounds": self.recorder.data["rounds"]})
 
     def train(self, grid: Grid, rnd: int, arrays: ArrayRecord) -> TrainExchange:
-        """Catch lagging nodes up, then the round's train exchange, screened."""
+        """Catch lagging nodes up, then the round's train exchange, screened and settled.
+
+        An exchange the strategy cannot settle (masked updates whose remaining masks
+        cannot be rebuilt: too many institutions left) is run again with those still
+        there, up to :data:`EXCHANGE_ATTEMPTS` times; it is never aggregated wrong."""
         cfg = self.cfg
-        self.strategy.catch_up(grid, cfg.round_timeout)
-        ins = self.instructions(rnd, lr=cosine_lr(cfg.lr, rnd - 1, cfg.rounds),
-                                local_epochs=cfg.local_epochs, sampled_clients=sampled_clients(cfg))
-        msgs = list(self.strategy.configure_train(rnd, arrays, ins.to_record(), grid))
-        down = sum(payload_bytes(m.content) for m in msgs)
-        replies = list(exchange(grid, msgs, cfg.round_timeout))
-        up = sum(payload_bytes(m.content) for m in replies if not m.has_error())
-        screening = self.strategy.screen(replies, rnd, arrays)
-        # A fixed order (by client id) makes aggregation reproducible run to run.
-        good = sorted(screening.good, key=lambda m: int(m.content[METRICS].get(CLIENT_ID, 0)))
-        return TrainExchange(ins, msgs, screening, screening.excluded + timeouts(msgs, replies),
-                             good, down, up)
+        down = up = 0
+        aborted: list[str] = []
+        for _ in range(EXCHANGE_ATTEMPTS):
+            self.strategy.catch_up(grid, cfg.round_timeout)
+            ins = self.instructions(rnd, lr=cosine_lr(cfg.lr, rnd - 1, cfg.rounds),
+                                    local_epochs=cfg.local_epochs,
+                                    sampled_clients=sampled_clients(cfg))
+            msgs = list(self.strategy.configure_train(rnd, arrays, ins.to_record(), grid))
+            down += sum(payload_bytes(m.content) for m in msgs)
+            replies = list(exchange(grid, msgs, cfg.round_timeout))
+            up += sum(payload_bytes(m.content) for m in replies if not m.has_error())
+            screening = self.strategy.screen(replies, rnd, arrays)
+            # A fixed order (by client id) makes aggregation reproducible run to run.
+            good = sorted(screening.good, key=lambda m: int(m.content[METRICS].get(CLIENT_ID, 0)))
+            excluded = screening.excluded + timeouts(msgs, replies)
+            if len(good) < min(cfg.min_train_nodes, len(msgs)):
+                break  # enough() says why
+            try:
+                good = self.strategy.settle(grid, rnd, good, cfg.round_timeout)
+            except RoundAborted as err:
+                aborted.append(str(err))
+                continue
+            break
+        else:
+            raise RuntimeError(f"Round {rnd}: the exchange could not be settled in "
+                               f"{EXCHANGE_ATTEMPTS} attempts: " + " | ".join(aborted))
+        return TrainExchange(ins, msgs, screening, excluded, good, down, up)
 
     def enough(self, rnd: int, good: list[Message], excluded: list[dict], sent: int) -> bool:
         """Whether the round has the replies it needs; False when every client that could
@@ -141,6 +169,15 @@ class FederatedRun:
                            f"min-train-nodes={needed} needed. Excluded: {reasons}")
 
 
+def check_resume(cfg: RunConfig) -> None:
+    """Refuse, before anything starts, a resume the checkpoint in ``cfg.out`` cannot
+    serve: other settings, another strategy's state, another key ceremony (encrypted
+    runs). :meth:`FederatedRun.resume` checks the same again on the server."""
+    ck = load_checkpoint(cfg.out)
+    check_resumable(ck["config"], cfg.to_dict())
+    build_strategy(cfg).load_state_dict(ck["strategy"]["strategy"])
+
+
 def _later_rounds(strategy, cfg: RunConfig) -> None:
     """A plaintext run starts once every institution (num-clients) is connected; later
     rounds (and a resumed run) go on with those still connected, when at least
@@ -155,16 +192,21 @@ def run_federated(grid: Grid, cfg: RunConfig, progress: ProgressFn | None = None
     """Run ``cfg.rounds`` federated rounds on ``grid``; returns the metrics document.
 
     With ``resume=True`` the run continues after the last round saved in
-    ``cfg.out/checkpoint.pt`` (model, strategy and FV state, RNG states, metrics).
+    ``cfg.out/checkpoint.pt`` (model, strategy and FV state, RNG states, metrics; an
+    encrypted run: no model, the strategy's ciphertexts and metadata).
     """
     t_start = time.time()
     run = FederatedRun(cfg, progress)
     recorder, fv = run.recorder, run.fv
     arrays = ArrayRecord({k: v.detach().clone() for k, v in run.backbone.state_dict().items()})
-    # Encrypted runs: the public initial model goes to every institution, which checks its key.
-    recorder.data.update(run.strategy.join(grid, arrays, run.instructions(0).to_record(),
-                                           cfg.round_timeout))
-    arrays, first = run.resume() if resume else (arrays, 1)
+    # Encrypted runs: the public initial model goes to every institution, which checks its
+    # key; a resumed one restores its state first, then its institutions rejoin.
+    if resume:
+        arrays, first = run.resume(grid)
+    else:
+        recorder.data.update(run.strategy.join(grid, arrays, run.instructions(0).to_record(),
+                                               cfg.round_timeout))
+        first = 1
     if first > 1:  # a resumed run does not wait for a site that is still down
         _later_rounds(run.strategy, cfg)
     for rnd in range(first, cfg.rounds + 1):

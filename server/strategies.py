@@ -256,10 +256,14 @@ def build_strategy(cfg: RunConfig) -> Strategy:
 def encrypted_strategy(cfg: RunConfig) -> Strategy:
     """FedAvg, PFM or FedProx over encrypted updates (keys: the ceremony's server bundle)."""
     from crypto.keys import load_server_keys
+    from crypto.masks import MaskSettings
     from crypto.update import Quantization
     from server.encrypted import EncryptedFedAvg
 
+    masks = (MaskSettings(degree=cfg.he_mask_degree, threshold=cfg.he_mask_threshold)
+             if cfg.he_masks else None)
     return EncryptedFedAvg(
         load_server_keys(cfg.he_keys), Quantization.from_config(cfg),
         pfm_beta=cfg.pfm_beta if cfg.strategy == "pfm" else 0.0,
-        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, **_common(cfg))
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, masks=masks,
+        **_common(cfg))

@@ -43,14 +43,19 @@ def bench_he(
     synthetic_params: Annotated[int, typer.Option(help="Size of the synthetic update.")] =
         10_000_000,
     round_check: Annotated[bool, typer.Option(
-        "--round/--no-round", help="Also time real federated rounds, plain vs encrypted.")] = True,
+        "--round/--no-round", help="Also time real federated rounds, plain vs encrypted "
+        "vs masked.")] = True,
+    mask_sizes: Annotated[str, typer.Option(
+        help="Comma-separated federation sizes for the masking protocol.")] = "8,32,100",
 ) -> None:
-    """Encrypted vs plaintext aggregation side by side: seconds, bytes, error, round time."""
+    """Encrypted vs plaintext aggregation side by side: seconds, bytes, error, round
+    time; and masked vs unmasked vs plaintext at several federation sizes."""
     from fedface import bench
 
+    sizes = tuple(int(x) for x in mask_sizes.split(",") if x.strip())
     run_bench(json_path, lambda: bench.bench_he(
         clients=clients, synthetic_params=synthetic_params, round_check=round_check,
-        log=console.print))
+        log=console.print, mask_sizes=sizes))
 
 
 @bench_app.command("scale")

@@ -18,6 +18,8 @@ keys_app = typer.Typer(no_args_is_help=True, help="Encryption keys: ceremony, fi
 
 def keys_table(desc: dict, folder: str) -> Table:
     """The public description of a key folder (``key.json``): no secret in it."""
+    from crypto.keys import signers
+
     t = Table(title=f"Encryption keys in {folder}", show_header=False)
     p = desc["params"]
     for k, v in (("fingerprint", desc["fingerprint"]), ("generation", desc["generation"]),
@@ -25,18 +27,24 @@ def keys_table(desc: dict, folder: str) -> Table:
                   f"q {p['coeff_bits']} bits, t {p['plain_bits']} bits, 128-bit security"),
                  ("institutions", desc["clients"]), ("created", desc["created"])):
         t.add_row(k, str(v))
+    rows = signers(desc)
+    for who, fp, private in rows:
+        t.add_row(f"signing key, {who}", f"{fp} (private: {private}, {who} alone)")
+    if not rows:
+        t.add_row("signing keys", "none: former layout (MAC keys); run `fedface keys rotate`")
     return t
 
 
 @keys_app.command("init")
 def keys_init(
     out: Annotated[Path, typer.Option("--out", help="Folder for the key bundles.")],
-    clients: Annotated[int, typer.Option(help="Institutions (one MAC key each).")] = 8,
+    clients: Annotated[int, typer.Option(help="Institutions (one signing key pair each).")] = 8,
     poly_modulus_degree: Annotated[int, typer.Option(help="BFV ring dimension.")] = 4096,
     plain_bits: Annotated[int, typer.Option(help="Plaintext modulus bits.")] = 40,
 ) -> None:
-    """The key ceremony: a client bundle (with the secret key shared by the institutions)
-    and a server bundle (no secret key), owner-only files, one fingerprint."""
+    """The key ceremony: a bundle per institution (the secret key shared by the
+    institutions, its own signing key) and a server bundle (no secret key, its own signing
+    key), owner-only files, one fingerprint."""
     from crypto.context import HEParams
     from crypto.keys import handout, init_keys
 
@@ -47,8 +55,10 @@ def keys_init(
     console.print("Hand out each folder to its recipient only, over a private channel:")
     for who, folder in handout(out):
         console.print(f"  {who}: {folder}/", soft_wrap=True)
-    console.print(f"Each institution's folder holds the shared secret key and only its own MAC "
-                  f"key: the SuperNode of institution K runs with --node-config \"he-keys="
+    console.print(f"Each institution's folder holds the shared secret key and only its own "
+                  f"signing key (sign.key; every party holds every public key, so nobody, the "
+                  f"server included, can sign in another's name): the SuperNode of institution "
+                  f"K runs with --node-config \"he-keys="
                   f"<its copy of {out}/institutions/client_K> he-sender=K\". The server's folder "
                   f"holds no secret key. Simulation (fedface train --he-keys {out}) reads both "
                   f"from {out}. {out}/key.json is the public description.", soft_wrap=True)
@@ -58,7 +68,8 @@ def keys_init(
 def keys_show(folder: Annotated[Path, typer.Argument(
         help="Key folder or bundle folder; a template token or scramble key file; a matching "
         "key folder.")]) -> None:
-    """Fingerprint and parameters of a key folder or key file (prints no secret)."""
+    """Fingerprint, parameters and signing-key fingerprints of a key folder, or the key id
+    of a key file (prints no secret)."""
     from crypto.keyfile import KeyFileError
     from crypto.keys import KeyBundleError, describe_keys
 
@@ -91,14 +102,16 @@ def keys_show(folder: Annotated[Path, typer.Argument(
 
 @keys_app.command("rotate")
 def keys_rotate(folder: Annotated[Path, typer.Argument(help="Key folder of `keys init`.")]) -> None:
-    """A new key generation (same parameters); the old one moves to retired/gen-G."""
+    """A new key generation (same parameters, new signing key pairs); the old one moves to
+    retired/gen-G."""
     from crypto.keys import KeyBundleError, rotate_keys
 
     with user_errors(KeyBundleError):
         desc = rotate_keys(folder)
     console.print(keys_table(desc, str(folder)))
-    console.print("envelopes under the old generation are now refused ('another key'): "
-                  "redistribute the bundles before the next run")
+    console.print("envelopes under the old generation are now refused ('another key'), and "
+                  "every signing key is new: redistribute the folders before the next run",
+                  soft_wrap=True)
 
 
 @keys_app.command("scramble")

@@ -47,7 +47,16 @@ def encryption_problems(cfg) -> list[str]:
                    "the packing's headroom must hold the sum over every client; raise it")
     if not 0 <= cfg.he_fv_bits <= 8:
         out.append(f"he_fv_bits={cfg.he_fv_bits}: use 0..8")
-    if cfg.pause_after:
-        out.append("pause_after with he_keys: encrypted runs keep no plaintext checkpoint "
-                   "to resume from; drop pause-after")
+    if cfg.he_masks:
+        if not 0.5 <= cfg.he_mask_threshold < 1.0:
+            out.append(f"he_mask_threshold={cfg.he_mask_threshold}: use a fraction in [0.5, 1) "
+                       "(0.5: just over half of each institution's share holders)")
+        if cfg.he_mask_degree < 0:
+            out.append(f"he_mask_degree={cfg.he_mask_degree}: use 0 (automatic) or a positive "
+                       "number of neighbours")
+        if cfg.fraction_train < 1.0:
+            out.append(f"fraction_train={cfg.fraction_train} with he_masks: every institution "
+                       "with a key takes part in each masked exchange (a sampled-out one would "
+                       "hold shares of an exchange it cannot check); use fraction-train=1 or "
+                       "he-masks=false")
     return out

@@ -28,6 +28,9 @@ DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
 # Settings that change where and how a run is kept, not what any round computes.
 OPERATIONAL_FIELDS = ("out", "cache_dir", "round_timeout", "eval_every", "pause_after", "resume")
+# How updates travel, not what a round computes: masks cancel exactly in the sum, so a
+# masked run computes what the unmasked run computes (same private seeds).
+TRANSPORT_FIELDS = ("he_masks", "he_mask_threshold", "he_mask_degree")
 
 
 def default_cache_dir() -> Path:
@@ -142,6 +145,20 @@ class RunConfig(FlatConfig):
     he_fv_bits : int
         With ``fv``: bits of the integer multipliers the server applies to updates to
         form each candidate weighting homomorphically.
+    he_masks : bool
+        With ``he_keys``: every institution masks its update before encrypting it, with
+        masks that cancel only in the round's sum (pairwise masks and a self mask,
+        removed by the server from Shamir shares; :mod:`crypto.masks`), so the server
+        and one colluding institution (holding the shared BFV key) read no single
+        update. ``false`` keeps the unmasked protocol.
+    he_mask_threshold : float
+        Shares needed to rebuild a mask secret:
+        ``floor(he_mask_threshold * (holders + 1)) + 1`` of an institution's holders (its
+        neighbours and itself); at least 0.5, where two disjoint groups of holders cannot
+        both reach it even with one colluding holder counted in each.
+    he_mask_degree : int
+        Neighbours per institution in the masking graph (0: all up to 16 institutions,
+        then ``2 ceil(2 log2 n)``: each institution's cost grows as ``log n``).
     anonymize : str
         Every institution anonymizes its own images before training (once, cached):
         ``none`` (default), ``blur``, ``mosaic``, ``mask``, ``dppix``, ``ksame`` or
@@ -227,6 +244,9 @@ class RunConfig(FlatConfig):
     he_clip: float = 0.5
     he_max_clients: int = 16
     he_fv_bits: int = 4
+    he_masks: bool = True
+    he_mask_threshold: float = 0.5
+    he_mask_degree: int = 0
     anonymize: str = "none"
     anonymize_preset: str = "medium"
     anonymize_options: str = ""
@@ -306,8 +326,10 @@ class RunConfig(FlatConfig):
     def computation(self) -> dict[str, Any]:
         """The settings that decide what a round computes (:meth:`to_dict` without the
         :data:`OPERATIONAL_FIELDS`): a resumed run differs from the original only in
-        those."""
-        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
+        those. The :data:`TRANSPORT_FIELDS` are left out too: they change how updates
+        travel, not what is computed."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in OPERATIONAL_FIELDS and k not in TRANSPORT_FIELDS}
 
     def data_key(self) -> str:
         """Hash of the settings that define the prepared (aligned, partitioned) data."""

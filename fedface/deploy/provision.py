@@ -10,14 +10,14 @@ receives them::
     DIR/coordinator/               for the machine that runs the SuperLink
         tls/ca.crt, tls/server.crt, tls/server.key (secret)
         nodes/site-K.pub           every site's node public key (registered at start)
-        he/                        the server's HE bundle: MAC keys, no secret key
+        he/                        the server's HE bundle: its signing key, no secret key
         flwr/config.toml           Flower's connection ``fedface`` (for ``flwr run``)
         state/                     the SuperLink's database (made when it runs)
     DIR/site-K/                    for site K (K = 0 .. N-1; its index in the key ceremony)
         site.json                  its index and the coordinator's address
         tls/ca.crt                 the root it trusts
         node/auth.key (secret), node/auth.pub   its node authentication key pair
-        he/                        its HE bundle (the shared secret key, its own MAC key)
+        he/                        its HE bundle (the shared secret key, its own signing key)
         state/                     its privacy ledger and saved heads (made when it runs)
 
 Each folder is self-contained and has a README saying what it holds and what must stay
@@ -169,9 +169,11 @@ This folder runs the federation's SuperLink: `fedface deploy superlink {folder}`
     ("`tls/ca.crt`", "the deployment's CA certificate", "no"),
     ("`nodes/site-K.pub`", "each site's node authentication public key, registered at start",
      "no"),
-    ("`he/bundle.json`", "the server's HE bundle: parameters and every site's MAC key; no "
-     "secret key (the server can add encrypted updates, never decrypt them)",
-     "**yes**: owner-only (the MAC keys)"),
+    ("`he/sign.key`", "the server's own signing key (Ed25519): signs the aggregates the sites "
+     "decrypt", "**yes**: owner-only, never copy it elsewhere"),
+    ("`he/bundle.json`", "the server's HE bundle: parameters and every site's public signing "
+     "key; no secret key (the server can add encrypted updates, never decrypt them, and "
+     "cannot sign one in a site's name)", "keep it owner-only (public keys only)"),
     ("`flwr/config.toml`",
      "Flower's connection `fedface`: `FLWR_HOME={folder}/flwr flwr run . fedface`", "no"),
     ("`deployment.json`", "the public manifest: fingerprints and expiry dates", "no"),
@@ -192,10 +194,10 @@ This folder runs site {k}'s SuperNode: `fedface deploy supernode {folder} --data
     ("`node/auth.pub`", "its public key (the coordinator holds a copy)", "no"),
     ("`he/secret.key`", "the HE secret key shared by the sites: decrypts the aggregates",
      "**yes**: owner-only"),
-    ("`he/mac.key`", "this site's own key that authenticates its encrypted updates",
-     "**yes**: owner-only"),
-    ("`he/bundle.json`", "this site's HE bundle: parameters, its index {k}, the server's MAC "
-     "key", "**yes**: owner-only"),
+    ("`he/sign.key`", "this site's own signing key (Ed25519): signs its encrypted updates; "
+     "nobody else, the coordinator included, holds it", "**yes**: owner-only"),
+    ("`he/bundle.json`", "this site's HE bundle: parameters, its index {k}, every site's and "
+     "the server's public signing key", "keep it owner-only (public keys only)"),
     ("`tls/ca.crt`", "the deployment's CA: the only root this node trusts for the SuperLink",
      "no"),
     ("`site.json`", "this site's index and the coordinator's address", "no"),
@@ -470,7 +472,7 @@ def _describe(folder: Path, now: dt.datetime | None) -> dict:
         if kind == "coordinator":
             cert_row("CA certificate", "coordinator", c / TLS_CA, "")
         cert_row("SuperLink certificate", "coordinator", c / TLS_CERT, "tls/server.key")
-        he_row(c / HE_DIR, "coordinator", "MAC keys only, no HE secret key")
+        he_row(c / HE_DIR, "coordinator", "he/sign.key (its own), no HE secret key")
         for pub in sorted((c / NODES_DIR).glob("site-*.pub")):
             node_row(pub.stem.split("-", 1)[1], pub, "coordinator", "", status="active")
         for pub in sorted((c / REVOKED_DIR).glob("site-*.pub")):
@@ -486,5 +488,5 @@ def _describe(folder: Path, now: dt.datetime | None) -> dict:
             cert_row("CA certificate", holder, s / TLS_CA, "")
         if (s / NODE_PUB).exists():
             node_row(str(k), s / NODE_PUB, holder, "node/auth.key")
-        he_row(s / HE_DIR, holder, "he/secret.key (shared), he/mac.key (its own)")
+        he_row(s / HE_DIR, holder, "he/secret.key (shared), he/sign.key (its own)")
     return {"kind": kind, "manifest": manifest, "rows": rows}

@@ -16,6 +16,7 @@ from fedface.cli import app
 from fedface.config import RunConfig
 from fedface.protocol import ARRAYS, CLIENT_ID, METRICS, NUM_EXAMPLES, numpy_record
 from fedface.runner import run
+from server.checkpoint import load_checkpoint
 from server.encrypted import EncryptedFedAvg
 from tests.fakes import Reply
 
@@ -127,7 +128,8 @@ def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(small_cfg, 
                 assert not recs
             for rec in recs.values():  # no float array of any shape, the model's included
                 assert all(a.numpy().dtype.kind != "f" for a in rec.values())
-    assert kinds == {"query": 3 + 1, "train": 2 * 3, "evaluate": 2 * 3}  # join, release
+    # Queries: the join, the masks' setup, each round's unmasking, the release.
+    assert kinds == {"query": 3 + 3 + 2 * 3 + 1, "train": 2 * 3, "evaluate": 2 * 3}
     (final_model,) = released  # the one plaintext the server receives: the final model
     model_keys = set(initial_backbone(RunConfig(**small_cfg)).state_dict())
     assert set(final_model["arrays"].keys()) == model_keys
@@ -151,9 +153,9 @@ def test_encrypted_run_trains_like_the_plaintext_run_through_the_cli(small_cfg, 
         assert 0.98 < r_he["bytes_down"] / r_plain["bytes_down"] < 1.05
         assert r_he["encryption"]["clients"] == 3
         assert "test_accuracy" not in r_he  # the server has no model to test mid-run
-    assert not (tmp_path / "he" / "checkpoint.pt").exists()  # nothing plaintext kept
-    res = runner.invoke(app, ["train", "--resume", str(tmp_path / "he")])
-    assert res.exit_code == 2 and "encrypted run" in res.output
+    # The checkpoint keeps no model (ciphertexts and metadata: test_encrypted_resume.py).
+    ck = load_checkpoint(tmp_path / "he")
+    assert ck["round"] == 2 and ck["arrays"] == {}
 
 
 def test_encrypted_pfm_equals_plaintext_pfm_and_dp_composes(small_cfg, tmp_path, keys):
@@ -271,7 +273,6 @@ def test_refused_combinations_name_the_fix(small_cfg, keys):
     for bad, fix in ((dict(strategy="fedadam"), "fedavg, pfm or fedprox"),
                      (dict(central_dp="server-fixed"), "client-fixed"),
                      (dict(he_max_clients=2), "raise it"),
-                     (dict(pause_after=1), "pause-after"),
                      (dict(strategy="pfm", server_lr=2.0), "use server-lr=1"),
                      (dict(fv=True), "k\\+1 combinations reveal individual updates"),
                      (dict(min_train_nodes=1), "an aggregate of one update is that update")):
@@ -322,19 +323,22 @@ def test_keys_cli_and_demo_encrypted(tmp_path):
     sk = keys / "institutions" / "client_000" / "secret.key"
     secret = sk.read_bytes()
     # The run's output (metrics, model, client state) holds no key of any kind.
-    macs = [(keys / "institutions" / f"client_{k:03d}" / "mac.key").read_bytes() for k in range(3)]
+    signing = [(keys / "institutions" / f"client_{k:03d}" / "sign.key").read_text().split()[-1]
+               for k in range(3)] + [(keys / "server" / "sign.key").read_text().split()[-1]]
     assert (out / "metrics.json").exists() and not (out / "keys").exists()
     for f in out.rglob("*"):
-        assert f.name not in ("secret.key", "mac.key", "bundle.json", "key.json"), f
+        assert f.name not in ("secret.key", "sign.key", "bundle.json", "key.json"), f
         if f.is_file():
             blob = f.read_bytes()
-            assert secret[-64:] not in blob and not any(m in blob for m in macs), f
+            assert secret[-64:] not in blob, f
+            assert not any(p.encode() in blob or bytes.fromhex(p) in blob for p in signing), f
     res = runner.invoke(app, ["keys", "show", str(keys)])
     assert res.exit_code == 0 and desc["fingerprint"] in res.output
-    assert secret.hex()[:32] not in res.output
+    assert secret.hex()[:32] not in res.output and not any(p in res.output for p in signing)
     res = runner.invoke(app, ["keys", "rotate", str(keys)])
     assert res.exit_code == 0, res.output
     assert json.loads((keys / "key.json").read_text())["generation"] == 2
+    assert (keys / "institutions" / "client_000" / "sign.key").read_text().split()[-1] != signing[0]
     assert (keys / "retired" / "gen-1" / "institutions" / "client_000" / "secret.key").read_bytes() == secret
     res = runner.invoke(app, ["keys", "init", "--out", str(keys)])
     assert res.exit_code == 2 and "keys rotate" in res.output  # never overwrites keys

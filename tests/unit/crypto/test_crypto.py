@@ -29,6 +29,7 @@ from crypto.packing import (
     quantize,
     unpack,
 )
+from crypto.signing import public_hex
 from crypto.update import (
     AGGREGATE,
     SERVER,
@@ -108,7 +109,8 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
     public = init_keys(d, clients=3)
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
     assert files == [f"institutions/client_{k:03d}/{f}" for k in range(3)
-                     for f in ("bundle.json", "mac.key", "secret.key")] + ["key.json", "server/bundle.json"]
+                     for f in ("bundle.json", "secret.key", "sign.key")] + [
+        "key.json", "server/bundle.json", "server/sign.key"]
     for f in files:
         if f != "key.json":  # key.json is the public description
             assert _mode(d / f) == 0o600, f
@@ -127,17 +129,24 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
     ck = [load_client_keys(d, k) for k in range(3)]
     sk = load_server_keys(d)
     assert {c.fingerprint for c in ck} == {sk.fingerprint} == {fp}
-    # each institution its own MAC key, all known to the server; one server MAC key
-    assert len({c.mac_key for c in ck}) == 3 and all(len(c.mac_key) == 32 for c in ck)
-    assert sk.mac_keys == {k: ck[k].mac_key for k in range(3)}
-    assert {c.server_mac_key for c in ck} == {sk.server_mac_key}
+    # each institution its own signing key; everyone holds every public key
+    own = [public_hex(c.sign_key) for c in ck]
+    assert len(set(own)) == 3 and public_hex(sk.sign_key) not in own
+    assert {k: public_hex(v) for k, v in sk.verify_keys.items()} == dict(enumerate(own))
+    for c in ck:
+        assert {k: public_hex(v) for k, v in c.verify_keys.items()} == dict(enumerate(own))
+        assert public_hex(c.server_verify_key) == public_hex(sk.sign_key)
+    assert key["sign_public"] == cb["sign_public"] == sb["sign_public"]
+    assert key["sign_public"] == {**{str(k): h for k, h in enumerate(own)},
+                                  "server": public_hex(sk.sign_key)}
     assert [c.sender for c in ck] == [0, 1, 2]
     assert cb["sender"] == 1
     with pytest.raises(KeyBundleError, match="no keys of institution 3"):
         load_client_keys(d, 3)
 
     # the public description holds no secret, whichever folder it is read from
-    secrets_hex = [cb["server_mac"], *sb["client_macs"].values()]
+    secrets_hex = [(d / f).read_text().split()[-1] for f in files if f.endswith("sign.key")]
+    assert len(secrets_hex) == 4 and all(len(h) == 64 for h in secrets_hex)
     secret_key = (d / "institutions" / "client_000" / "secret.key").read_bytes()
     assert all((d / "institutions" / f"client_{k:03d}" / "secret.key").read_bytes() == secret_key
                for k in range(3))  # one secret key, shared by the institutions
@@ -146,6 +155,7 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
         text = json.dumps(desc)
         assert desc["fingerprint"] == fp
         assert "server_mac" not in desc and "client_macs" not in desc
+        assert desc["sign_public"] == key["sign_public"]  # public keys: fine
         assert not any(h in text for h in secrets_hex)
         assert secret_key.hex()[:64] not in text
     with pytest.raises(KeyBundleError, match="no keys"):
@@ -168,7 +178,8 @@ def test_ceremony_refuses_to_overwrite_unless_forced(tmp_path):
 @pytest.mark.parametrize("path,loader", [
     ("institutions/client_000/secret.key", "client"),
     ("institutions/client_000/bundle.json", "client"),
-    ("institutions/client_000/mac.key", "client"),
+    ("institutions/client_000/sign.key", "client"),
+    ("server/sign.key", "server"),
     ("server/bundle.json", "server"),
 ])
 def test_key_file_readable_by_others_is_refused(tmp_path, path, loader):
@@ -197,7 +208,8 @@ def test_deployment_copy_of_the_institution_folder(ceremony, server, tmp_path):
     node = tmp_path / "node2"
     shutil.copytree(ceremony / "institutions" / "client_002", node)
     keys = load_client_keys(node, 2)
-    assert keys.fingerprint == server.fingerprint and keys.mac_key == server.mac_keys[2]
+    assert keys.fingerprint == server.fingerprint
+    assert public_hex(keys.sign_key) == public_hex(server.verify_keys[2])
     assert keys.clients == N
     with pytest.raises(KeyBundleError, match="keys of institution 2, not of institution 1"):
         load_client_keys(node, 1)  # a wrong he-sender is named
@@ -220,10 +232,11 @@ def test_server_holds_no_secret_and_cannot_decrypt(ceremony, server, clients):
     assert np.all(clients[0].context.decrypt(summed) == 3)
 
     server_files = [p for p in (ceremony / "server").rglob("*") if p.is_file()]
-    assert [p.name for p in server_files] == ["bundle.json"]
+    assert sorted(p.name for p in server_files) == ["bundle.json", "sign.key"]
     secret = (ceremony / "institutions" / "client_000" / "secret.key").read_bytes()
-    bundle = server_files[0].read_bytes()
-    assert secret[-64:] not in bundle and secret[-64:].hex().encode() not in bundle
+    for f in server_files:
+        blob = f.read_bytes()
+        assert secret[-64:] not in blob and secret[-64:].hex().encode() not in blob
 
 
 def test_bundles_are_not_interchangeable(ceremony):
@@ -495,22 +508,25 @@ def test_modified_header_replay_and_other_runs_are_rejected(server, update):
     _reject(server, update, "another run", run="run-other")
     # an update offered where an aggregate is expected
     with pytest.raises(EnvelopeError, match="expected a 'aggregate' envelope, got 'update'"):
-        open_envelope(update, kind=AGGREGATE, fingerprint=server.fingerprint, mac_keys=server.mac_keys,
+        open_envelope(update, kind=AGGREGATE, fingerprint=server.fingerprint,
+                      verify_keys=server.verify_keys,
                       run=RUN, server_round=ROUND)
     env = _copy(update)
-    env.header["version"] = 2
-    _reject(server, env, "version")
+    env.header["version"] = 1  # an HMAC-tagged envelope of an older fedface
+    assert "the peer runs an older fedface" in _reject(server, env, "version 1")
+    env.header["version"] = 3
+    _reject(server, env, "upgrade fedface on both sides")
 
 
 def test_senders_outside_the_ceremony_or_impersonating_are_rejected(server, clients, update, deltas):
     with pytest.raises(EnvelopeError, match="unknown sender 1"):
         open_envelope(update, kind=UPDATE, fingerprint=server.fingerprint,
-                      mac_keys={0: server.mac_keys[0]}, run=RUN, server_round=ROUND)
+                      verify_keys={0: server.verify_keys[0]}, run=RUN, server_round=ROUND)
     env = _copy(update)
     env.header["sender"] = 99
     _reject(server, env, "unknown sender 99")
-    # client 0 signs with its own MAC key but claims to be client 1
-    forged = seal_envelope(UPDATE, update.chunks, mac_key=clients[0].mac_key,
+    # client 0 signs with its own key but claims to be client 1
+    forged = seal_envelope(UPDATE, update.chunks, sign_key=clients[0].sign_key,
                            fingerprint=server.fingerprint, generation=1, params=update.header["params"],
                            run=RUN, server_round=ROUND, sender=1, layout=update.header["layout"],
                            spec=update.header["spec"], meta=update.meta)
@@ -701,7 +717,7 @@ def test_forged_plaintext_metrics_do_not_change_the_aggregate(server, clients, d
     env.header["meta"]["num-examples"] = 10 ** 6
     _reject(server, env, "does not verify")
     # an update without them (an older client) is refused, naming the field
-    bare = seal_envelope(UPDATE, envs[1].chunks, mac_key=clients[1].mac_key,
+    bare = seal_envelope(UPDATE, envs[1].chunks, sign_key=clients[1].sign_key,
                          fingerprint=server.fingerprint, generation=1, params=envs[1].header["params"],
                          run=RUN, server_round=ROUND, sender=1, layout=envs[1].header["layout"],
                          spec=envs[1].header["spec"], meta={"scale": 1.0})
@@ -831,7 +847,7 @@ def test_wrong_typed_header_fields_are_named_before_the_tag_check(server, update
     # an aggregate with a wrong-typed meta field (even signed by the server) is named too
     agg = add_updates(server, [_open(server, update), _open(server, _update(clients, deltas, 2))],
                       [1, 1], run=RUN, server_round=ROUND, max_units=16)
-    bad = seal_envelope(AGGREGATE, agg.chunks, mac_key=server.server_mac_key,
+    bad = seal_envelope(AGGREGATE, agg.chunks, sign_key=server.sign_key,
                         fingerprint=server.fingerprint, generation=1, params=agg.header["params"],
                         run=RUN, server_round=ROUND, sender=SERVER, layout=agg.header["layout"],
                         spec=agg.header["spec"], meta={**agg.meta, "weight_sum": "1.5"})
@@ -868,16 +884,19 @@ def test_the_server_refuses_to_aggregate_a_single_update(server, clients, deltas
         strat.aggregate_train(ROUND, [reply])
 
 
-def test_corrupt_bundles_and_mac_keys_are_refused_naming_the_file(tmp_path):
+def test_corrupt_bundles_and_signing_keys_are_refused_naming_the_file(tmp_path):
     folder = tmp_path / "keys"
     init_keys(folder, 2)
     bundle = folder / "server" / "bundle.json"
     bundle.write_text(bundle.read_text()[:50])  # truncated
     with pytest.raises(KeyBundleError, match="not valid JSON"):
         load_server_keys(folder)
-    mac = folder / "institutions" / "client_001" / "mac.key"
-    mac.write_text("not-hex")
-    with pytest.raises(KeyBundleError, match="client_001/mac.key is not a 32-byte hex MAC key"):
+    sign_key = folder / "institutions" / "client_001" / "sign.key"
+    sign_key.write_text("not-hex")
+    with pytest.raises(KeyBundleError, match="client_001/sign.key is not a fedface signing key"):
+        load_client_keys(folder, 1)
+    sign_key.write_text("fedface-signing-key v1\nabcd\n")  # truncated
+    with pytest.raises(KeyBundleError, match="client_001/sign.key does not hold 32 bytes"):
         load_client_keys(folder, 1)
     (folder / "key.json").write_text("{")
     with pytest.raises(KeyBundleError, match="key.json is not valid JSON"):
@@ -956,18 +975,20 @@ def test_fv_with_he_keys_is_refused_saying_why(ceremony):
 
 
 # ----------------------------------------------------------------------------- key custody
-def test_an_institution_holds_only_its_own_mac_key_and_cannot_sign_for_another(
+def test_an_institution_holds_only_its_own_signing_key_and_cannot_sign_for_another(
         ceremony, server, deltas):
     """Adversary: institution 3, with everything handed to it, forges an update in
-    institution 1's name. Its folder holds no other MAC key, and what it can sign under
-    sender 1 does not verify."""
+    institution 1's name. Its folder holds no other private signing key, and what it can
+    sign under sender 1 does not verify."""
     import dataclasses
 
     mine = ceremony / "institutions" / "client_003"
-    assert sorted(p.name for p in mine.iterdir()) == ["bundle.json", "mac.key", "secret.key"]
+    assert sorted(p.name for p in mine.iterdir()) == ["bundle.json", "secret.key", "sign.key"]
     blob = b"".join(p.read_bytes() for p in mine.rglob("*") if p.is_file())
-    for j in range(N):
-        held = server.mac_keys[j].hex().encode() in blob or server.mac_keys[j] in blob
+    for j in [*range(N), "server"]:
+        where = ceremony / ("server" if j == "server" else f"institutions/client_{j:03d}")
+        private = (where / "sign.key").read_text().split()[-1]
+        held = private.encode() in blob or bytes.fromhex(private) in blob
         assert held == (j == 3), j
     k3 = load_client_keys(mine, 3)
     with pytest.raises(KeyBundleError, match="keys of institution 3"):
@@ -986,7 +1007,8 @@ def test_an_institution_holds_only_its_own_mac_key_and_cannot_sign_for_another(
 
 @pytest.mark.parametrize("path,loader", [
     ("institutions/client_000/secret.key", "client"),
-    ("institutions/client_000/mac.key", "client"),
+    ("institutions/client_000/sign.key", "client"),
+    ("server/sign.key", "server"),
     ("institutions/client_000/bundle.json", "client"),
     ("server/bundle.json", "server"),
 ])
@@ -1045,7 +1067,7 @@ def test_institutions_refuse_to_decrypt_an_aggregate_of_one_update(server, clien
     one = add_updates(server, [_open(server, update)], [1], run=RUN, server_round=ROUND, max_units=16)
     with pytest.raises(EnvelopeError, match=r"update of 1 institution\(s\) \[1\]"):
         he.open_candidates(ctx, clients[0], config, [to_record(one)], ROUND)
-    twice = seal_envelope(AGGREGATE, one.chunks, mac_key=server.server_mac_key,
+    twice = seal_envelope(AGGREGATE, one.chunks, sign_key=server.sign_key,
                           fingerprint=server.fingerprint, generation=1, params=one.header["params"],
                           run=RUN, server_round=ROUND, sender=SERVER, layout=one.header["layout"],
                           spec=one.header["spec"], meta={**one.meta, "senders": [1, 1], "count": 2})
@@ -1129,7 +1151,7 @@ def test_a_fifo_in_place_of_a_key_file_is_refused_without_blocking(tmp_path):
 
     from crypto.keys import KeyBundleError, _read_private
 
-    fifo = tmp_path / "mac.key"
+    fifo = tmp_path / "sign.key"
     os.mkfifo(fifo, 0o600)
     with pytest.raises(KeyBundleError, match="not a regular file"):
-        _read_private(fifo, "MAC key")
+        _read_private(fifo, "signing key")

@@ -69,9 +69,9 @@ def test_layout_permissions_and_what_each_folder_holds(provisioned):
     m = provisioned.manifest
     assert m["sites"] == 3 and m["coordinator"]["superlink"] == "hospital-a.example.org:9443"
     secrets = [root / "ca/ca.key", root / "coordinator/tls/server.key",
-               root / "coordinator/he/bundle.json"] + [
+               root / "coordinator/he/bundle.json", root / "coordinator/he/sign.key"] + [
         root / f"site-{k}" / f for k in range(3)
-        for f in ("node/auth.key", "he/secret.key", "he/mac.key", "he/bundle.json")]
+        for f in ("node/auth.key", "he/secret.key", "he/sign.key", "he/bundle.json")]
     for path in secrets:
         assert path.stat().st_mode & 0o777 == 0o600, path
     for folder in [root / "coordinator"] + [root / f"site-{k}" for k in range(3)]:
@@ -80,9 +80,15 @@ def test_layout_permissions_and_what_each_folder_holds(provisioned):
         assert "secret" in (folder / "README.md").read_text()
     # The coordinator can add encrypted updates, never decrypt: no HE secret key there.
     assert not (root / "coordinator/he/secret.key").exists()
-    # Site 1 holds its own MAC key only, and the node key whose fingerprint is on record.
+    # Site 1 holds its own signing key only (every site's public key), and the node key
+    # whose fingerprint is on record; the coordinator its own signing key and no site's.
     b = json.loads((root / "site-1/he/bundle.json").read_text())
-    assert b["sender"] == 1 and "client_macs" not in b
+    assert b["sender"] == 1 and "client_macs" not in b and "server_mac" not in b
+    assert sorted(p.name for p in (root / "site-1/he").iterdir()) == [
+        "bundle.json", "secret.key", "sign.key"]
+    assert sorted(p.name for p in (root / "coordinator/he").iterdir()) == ["bundle.json", "sign.key"]
+    assert b["sign_public"] == json.loads((root / "coordinator/he/bundle.json").read_text())[
+        "sign_public"]
     assert pki.check_node_key(root / "site-1/node/auth.key", root / "site-1/node/auth.pub") \
         == m["nodes"]["1"]["fingerprint"]
     # The certificate is for the coordinator's names and addresses, signed by the CA.
@@ -193,9 +199,10 @@ def test_show_lists_fingerprints_expiry_and_holders_and_nothing_secret(provision
                 if line.strip() and not line.startswith("-----")]
         assert len(body) >= 2 and len(body[0]) >= 40, path  # the base64 of the key
         assert not [line for line in body if line in text], path
-    for k in range(3):  # the hex MAC keys (the coordinator's bundle holds them all)
-        mac = (root / f"site-{k}/he/mac.key").read_text().split()[-1]
-        assert len(mac) == 64 and mac not in text
+    for key in [root / f"site-{k}/he/sign.key" for k in range(3)] + [
+            root / "coordinator/he/sign.key"]:  # the hex private signing keys
+        private = key.read_text().split()[-1]
+        assert len(private) == 64 and private not in text
     assert "PRIVATE KEY" not in text
     site = describe(provisioned.site(2))
     assert site["kind"] == "site" and all("site 2" in r["holder"] for r in site["rows"])
