@@ -67,6 +67,7 @@ PENDING_MOMENTUM = "he-pending-momentum-"
 RUN, ROUND, PENDING_ROUND, PENDING_COUNT = "run", "round", "pending-round", "pending-count"
 OPENED_ROUND, OPENED_TAG = "opened-round", "opened-tag"
 FILE, FINGERPRINT = "file", "fingerprint"  # where the state is saved; the ceremony's key
+MASK_ANSWERS = "mask-answers"  # round -> survivor sets unmasked (client/masking.py), JSON
 SAVED_FORMAT = "fedface-he-institution/1"
 MIN_SENDERS = 2  # an aggregate of one update is that update: never decrypted
 
@@ -116,6 +117,19 @@ def _state(context: Context) -> ConfigRecord:
         context.state[STATE] = ConfigRecord({RUN: "", ROUND: -1, PENDING_ROUND: -1,
                                              PENDING_COUNT: 0})
     return context.state[STATE]
+
+
+def mask_answers(context: Context) -> dict[str, list[list[int]]]:
+    """The survivor sets this institution answered per round of the run
+    (:func:`client.masking.unmask`'s record), kept with its saved state."""
+    return json.loads(str(_state(context).get(MASK_ANSWERS, "{}")))
+
+
+def keep_mask_answers(context: Context, answers: dict[str, list[list[int]]]) -> None:
+    """Record :func:`mask_answers` and save the state (it survives a restart: a resumed
+    round is held to the survivor sets answered before)."""
+    _state(context)[MASK_ANSWERS] = json.dumps(answers, sort_keys=True)
+    save_state(context)
 
 
 def check_key(keys: ClientKeys, config: ConfigRecord) -> None:

@@ -1,21 +1,28 @@
 """The institution's side of the masks (:mod:`crypto.masks`; the server's is
 :mod:`server.masking`).
 
-An institution's mask secrets live in its node state for the run and never leave it in
-the clear: its run key (share encryption), the private key of each epoch it advertised
-(deleted once it has masked with it) and the epochs it has masked and unmasked. What it
-checks, since the server routes every message:
+An institution's mask secrets live in its node state for the mask session (one per
+join or rejoin of the run) and never leave it in the clear: its run key (share
+encryption), the private key of each epoch it advertised (deleted once it has masked
+with it) and the epochs it has masked and unmasked. What it checks, since the server
+routes every message:
 
 - every public key it uses (the run keys of its neighbours, their epoch keys) carries the
-  owner's Ed25519 signature over the run, the epoch and the key: a server cannot slip in
-  a key of its own (and learn a pairwise mask) or replay one of another run;
-- it masks once per epoch, with an epoch key it advertised and has not used, and only if
-  at least one neighbour takes part (a pairwise mask with someone);
+  owner's Ed25519 signature over the session, the epoch and the key: a server cannot
+  slip in a key of its own (and learn a pairwise mask) or replay one of another session;
+- the setup comes once per session;
+- it masks once per epoch, with an epoch key it advertised and has not used, and only
+  if enough of its share holders take part to reach the threshold of its *whole* holder
+  set (its neighbours and itself): a server cannot shrink the group that protects it;
 - at the unmasking it answers only an announcement that splits exactly the epoch's
-  participants into survivors and dropped, names itself a survivor and holds at least
-  two survivors, the same announcement every time it is asked; it returns shares of the
-  self-mask seed of survivors and of the epoch key of the dropped, never both for one
-  institution, and never a share of its own epoch key.
+  participants into survivors and dropped, names itself a survivor and keeps at least
+  the threshold of its holders among the survivors, the same announcement every time it
+  is asked; it returns shares of the self-mask seed of survivors and of the epoch key of
+  the dropped, never both for one institution, and never a share of its own epoch key;
+- per training round (across epochs, re-runs, sessions and restarts: the caller keeps
+  the record with the institution's saved state) it answers survivor sets that are
+  equal or differ by at least two institutions: two sums of one round's updates never
+  differ by a single update.
 """
 
 from __future__ import annotations
@@ -87,6 +94,9 @@ def setup(context: Context, keys: ClientKeys, run: str, doc: dict) -> ConfigReco
     epoch key."""
     state = _state(context, run)
     me = keys.sender
+    if "members" in state:
+        raise MaskError("a second mask setup in the same session: refused (it could change "
+                        "the members and the holders that protect this institution)")
     members = sorted({_int(m, "a member") for m in doc.get("members", [])})
     if me not in members or len(members) < 2:
         raise MaskError(f"the mask setup names members {members}: it must name this institution "
@@ -114,7 +124,10 @@ def advertise(context: Context, keys: ClientKeys, run: str, epoch: int) -> Confi
         raise MaskError("no mask setup for this run yet")
     if epoch <= max(state["used"], default=0):
         raise MaskError(f"an epoch key for epoch {epoch} was asked, but this institution has "
-                        f"masked in epoch {max(state['used'])}: epochs only move forward")
+                        f"masked in epoch {max(state['used'], default=0)}: epochs only move "
+                        "forward")
+    if str(epoch) in state.get("adverts", {}):  # asked again: the same key, never a second
+        return pack_doc(state["adverts"][str(epoch)])
     me, settings = keys.sender, MaskSettings(**state["settings"])
     private, public = masks.new_key_pair()
     holder_ids = masks.holders({me: state["neighbours"]}, me)
@@ -125,20 +138,24 @@ def advertise(context: Context, keys: ClientKeys, run: str, epoch: int) -> Confi
                                holder_run_public=bytes.fromhex(publics[str(h)]), kind=EPOCH_KEY,
                                run=run, epoch=epoch, owner=me, holder=h).hex()
               for h in holder_ids]
-    state["epochs"] = {str(epoch): private.hex()}  # an older, unused key is dropped
-    _save(context, state)
     signature = sign(keys.sign_key, masks.advert_message("epoch", run, me, epoch, public))
-    return pack_doc({"sender": me, "epoch": epoch, "public": public.hex(), "sig": signature.hex(),
-                     "holders": list(holder_ids), "shares": sealed})
+    advert = {"sender": me, "epoch": epoch, "public": public.hex(), "sig": signature.hex(),
+              "holders": list(holder_ids), "shares": sealed}
+    state["epochs"] = {str(epoch): private.hex()}  # an older, unused key is dropped
+    state["adverts"] = {str(epoch): advert}
+    _save(context, state)
+    return pack_doc(advert)
 
 
 def mask_update(context: Context, keys: ClientKeys, run: str, doc: dict, shape: tuple[int, int],
-                modulus: int) -> tuple[np.ndarray, dict, ConfigRecord]:
-    """This institution's mask for the epoch the training message names.
+                modulus: int, server_round: int) -> tuple[np.ndarray, dict, ConfigRecord]:
+    """This institution's mask for the epoch the training message names, for its update
+    of round ``server_round``.
 
     Returns the mask (slots, shape ``shape``, values mod ``modulus``), the ``meta`` its
     signed update envelope carries (epoch, participants, the commitment to the self-mask
-    seed) and the self-mask seed's shares sealed to its holders among the participants.
+    seed, a hash of the epoch key it used) and the self-mask seed's shares sealed to its
+    holders among the participants.
     """
     state = _state(context, run)
     me = keys.sender
@@ -161,16 +178,18 @@ def mask_update(context: Context, keys: ClientKeys, run: str, doc: dict, shape: 
             raise MaskError(f"the training message lacks the epoch-{epoch} key of neighbour {v}")
         peers[v] = _verified_public(keys, adverts[str(v)], kind="epoch", run=run, epoch=epoch,
                                     sender=v)
-    if not peers:
-        raise MaskError(f"no neighbour of this institution takes part in epoch {epoch}: its "
-                        "update would carry no pairwise mask; refused")
+    settings = MaskSettings(**state["settings"])
+    needed = settings.needed(len(masks.holders({me: state["neighbours"]}, me)))
+    holder_ids = masks.holders({me: state["neighbours"]}, me, among=participants)
+    if not peers or len(holder_ids) < needed:
+        raise MaskError(f"{len(holder_ids)} of this institution's share holders take part in "
+                        f"epoch {epoch} (itself included), {needed} are needed: with fewer, its "
+                        "update would be protected by fewer institutions than the threshold "
+                        "assumes; refused (it takes part when more are back)")
     seed = os.urandom(32)
     count = int(shape[0]) * int(shape[1])
     mask = masks.mask_of(me, seed, bytes.fromhex(private), peers, run=run, epoch=epoch,
                          count=count, t=modulus).reshape(shape)
-    settings = MaskSettings(**state["settings"])
-    holder_ids = masks.holders({me: state["neighbours"]}, me, among=participants)
-    needed = settings.needed(len(holder_ids))
     shares = masks.share_secret(seed, holder_ids, needed)
     own_run = bytes.fromhex(state["run_private"])
     publics = {**state["run_publics"], str(me): state["run_public"]}
@@ -178,25 +197,34 @@ def mask_update(context: Context, keys: ClientKeys, run: str, doc: dict, shape: 
                                holder_run_public=bytes.fromhex(publics[str(h)]), kind=SELF,
                                run=run, epoch=epoch, owner=me, holder=h).hex()
               for h in holder_ids]
-    state["used"] = sorted(set(state["used"]) | {epoch})
-    state["epochs"].pop(str(epoch), None)  # forward secrecy: the key is not needed again
-    state["rounds"][str(epoch)] = participants
+    state["used"] = sorted(set(state["used"]) | {epoch})  # forward secrecy: key dropped below
+    state["rounds"][str(epoch)] = {"participants": participants, "round": int(server_round)}
+    own_public = masks.public_of(bytes.fromhex(private))
+    state["epochs"].pop(str(epoch), None)
     _save(context, state)
     meta = {"mask-epoch": epoch, "mask-participants": participants,
-            "mask-commit": masks.commit_self(seed, run, epoch, me), "mask-needed": needed}
+            "mask-commit": masks.commit_self(seed, run, epoch, me), "mask-needed": needed,
+            "mask-key": masks.key_digest(own_public)}
     return mask, meta, pack_doc({"holders": list(holder_ids), "shares": sealed})
 
 
-def unmask(context: Context, keys: ClientKeys, run: str, doc: dict) -> ConfigRecord:
+def unmask(context: Context, keys: ClientKeys, run: str, doc: dict,
+           answers: dict[str, list[list[int]]]) -> ConfigRecord:
     """This institution's shares for the server's announcement of epoch ``doc['epoch']``
-    (see the module's checks); :class:`MaskError` names what is refused."""
+    (see the module's checks); :class:`MaskError` names what is refused.
+
+    ``answers`` (round -> the survivor sets this institution answered for it) is the
+    institution's own record, kept with its saved state by the caller; the answer is
+    added to it.
+    """
     state = _state(context, run)
     me = keys.sender
     epoch = _int(doc.get("epoch"), "the mask epoch")
-    mine = state["rounds"].get(str(epoch))
-    if mine is None:
+    record = state["rounds"].get(str(epoch))
+    if record is None:
         raise MaskError(f"unmasking of epoch {epoch} asked, but this institution did not mask "
                         "in it")
+    mine, server_round = record["participants"], int(record["round"])
     survivors = sorted({_int(s, "a survivor") for s in doc.get("survivors", [])})
     dropped = sorted({_int(d, "a dropped institution") for d in doc.get("dropped", [])})
     if set(survivors) & set(dropped) or sorted(set(survivors) | set(dropped)) != mine:
@@ -211,6 +239,21 @@ def unmask(context: Context, keys: ClientKeys, run: str, doc: dict) -> ConfigRec
     if len(survivors) < 2:
         raise MaskError(f"the announcement of epoch {epoch} names {len(survivors)} survivor: "
                         "a sum of one update is that update; refused")
+    settings = MaskSettings(**state["settings"])
+    full = masks.holders({me: state["neighbours"]}, me)
+    needed = settings.needed(len(full))
+    if len(set(full) & set(survivors)) < needed:
+        raise MaskError(f"the announcement of epoch {epoch} keeps {len(set(full) & set(survivors))} "
+                        f"of this institution's {len(full)} share holders among the survivors, "
+                        f"{needed} are needed: the sum would be protected by fewer institutions "
+                        "than the threshold assumes; refused")
+    for earlier in answers.get(str(server_round), []):
+        diff = set(earlier) ^ set(survivors)
+        if 0 < len(diff) < 2:
+            raise MaskError(f"round {server_round} was already unmasked with survivors {earlier}; "
+                            f"this announcement names {survivors}: two sums of one round that "
+                            f"differ by institution {sorted(diff)} alone would reveal its update; "
+                            "refused")
     before = state["answered"].get(str(epoch))
     if before is not None and before != survivors:
         raise MaskError(f"a second, different announcement for epoch {epoch} (survivors "
@@ -238,4 +281,7 @@ def unmask(context: Context, keys: ClientKeys, run: str, doc: dict) -> ConfigRec
         out.append({"kind": kind, "owner": owner, "share": share.hex()})
     state["answered"][str(epoch)] = survivors
     _save(context, state)
+    sets = answers.setdefault(str(server_round), [])
+    if survivors not in sets:
+        sets.append(survivors)
     return pack_doc({"sender": me, "epoch": epoch, "shares": out})

@@ -65,12 +65,12 @@ from fedface.protocol import (
     HE_MASK,
     HE_MASK_ADVERT,
     HE_MASK_EPOCH,
+    HE_MASK_SESSION,
     HE_MASK_SETUP,
     HE_REJOIN,
     HE_RELEASE,
     HE_ROUND,
     HE_ROUND_PREFIX,
-    HE_RUN,
     HE_UNMASK,
     METRICS,
     MOMENTUM,
@@ -91,6 +91,15 @@ ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
     ((he.ReleaseRefused, he.AggregateRefused), ERR_RELEASE_REFUSED),
     (MaskError, ERR_MASK_REFUSED),
 )
+
+
+def _session(config) -> str:
+    """The masks' session the server names (one per join or rejoin of the run)."""
+    session = str(config.get(HE_MASK_SESSION, ""))
+    if not session:
+        raise MaskError("the server names no mask session: this institution masks its updates "
+                        "(he-masks=true); the server runs an older fedface or without masks")
+    return session
 
 
 def error_code(err: BaseException) -> int:
@@ -230,7 +239,8 @@ class ClientMods:
 
             def masker(shape, t):
                 mask, meta, shares[HE_MASK] = masking.mask_update(
-                    context, keys, str(msg.content[CONFIG][HE_RUN]), doc, shape, t)
+                    context, keys, _session(msg.content[CONFIG]), doc, shape, t,
+                    ins.server_round)
                 return mask, meta
         record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], start, after,
                                    int(metrics[NUM_EXAMPLES]),
@@ -257,16 +267,18 @@ class ClientMods:
             # The proof binds this node to its ceremony index (and sample count) for the run.
             proof = he.join_proof(keys, config, context.node_id, len(data.y_train))
             if cfg.he_masks:  # the run key that seals this institution's shares
-                proof[HE_MASK] = masking.run_advert(context, keys, str(config[HE_RUN]))
+                proof[HE_MASK] = masking.run_advert(context, keys, _session(config))
             return Message(RecordDict({METRICS: MetricRecord(metrics), **proof}), reply_to=msg)
         if config.get(HE_MASK_SETUP) or config.get(HE_UNMASK):
             he.check_key(keys, config)
-            run = str(config[HE_RUN])
+            run = _session(config)
             doc = masking.unpack_doc(msg.content.config_records.get(HE_MASK), "mask message")
             if config.get(HE_MASK_SETUP):
                 return Message(RecordDict({HE_MASK_ADVERT: masking.setup(context, keys, run, doc)}),
                                reply_to=msg)
-            shares = masking.unmask(context, keys, run, doc)
+            answers = he.mask_answers(context)
+            shares = masking.unmask(context, keys, run, doc, answers)
+            he.keep_mask_answers(context, answers)
             advert = masking.advertise(context, keys, run, int(config[HE_MASK_EPOCH]))
             return Message(RecordDict({HE_MASK: shares, HE_MASK_ADVERT: advert}), reply_to=msg)
         if config.get(HE_CATCH_UP):
@@ -277,7 +289,7 @@ class ClientMods:
             held = he.catch_up(context, keys, config, aggregates)
             out = RecordDict({METRICS: MetricRecord({HE_ROUND: held})})
             if HE_MASK_EPOCH in config:  # a key for the coming exchange, which it missed
-                out[HE_MASK_ADVERT] = masking.advertise(context, keys, str(config[HE_RUN]),
+                out[HE_MASK_ADVERT] = masking.advertise(context, keys, _session(config),
                                                         int(config[HE_MASK_EPOCH]))
             return Message(out, reply_to=msg)
         if config.get(HE_RELEASE):

@@ -46,6 +46,7 @@ linked to the ``degree / 2`` nearest on either side (a Harary graph, as in SecAg
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -203,6 +204,12 @@ def commit_self(b: bytes, run: str, epoch: int, u: int) -> str:
                           + bytes(b)).hexdigest()
 
 
+def key_digest(public: bytes) -> str:
+    """A short hash of a public key (what an update's signed meta names as the epoch key
+    it was masked with)."""
+    return hashlib.sha256(b"fedface/masks/key|" + bytes(public)).hexdigest()[:32]
+
+
 def advert_message(kind: str, run: str, sender: int, epoch: int, public: bytes) -> bytes:
     """The bytes an institution signs to advertise a public key: its run key
     (``kind="run"``, epoch 0) or an epoch key."""
@@ -243,22 +250,43 @@ def sub_mod(a: np.ndarray, b: np.ndarray, t: int) -> np.ndarray:
 
 
 def pair_contribution(u: int, v: int, seed: bytes, count: int, t: int) -> np.ndarray:
-    """What ``u`` adds for its pair with ``v``: ``+PRG`` if ``u < v``, else ``-PRG``."""
+    """What ``u`` adds for its pair with ``v``: ``+PRG`` if ``u < v``, else ``-PRG``
+    (``t - PRG``, modulo ``t``)."""
     r = expand(seed, count, t)
     return r if int(u) < int(v) else sub_mod(np.zeros_like(r), r, t)
+
+
+class _Sum:
+    """A running sum of values below ``t``, reduced modulo ``t`` only when it could
+    overflow 64 bits and at the end (one pass instead of one per term)."""
+
+    def __init__(self, count: int, t: int) -> None:
+        self.t, self.total, self.terms = int(t), np.zeros(count, np.uint64), 0
+        self.room = (1 << 63) // max(self.t, 1)  # terms that fit before a reduction
+
+    def add(self, values: np.ndarray) -> None:
+        if self.terms + 1 >= self.room:
+            self.total %= np.uint64(self.t)
+            self.terms = 1
+        self.total += values
+        self.terms += 1
+
+    def value(self) -> np.ndarray:
+        return self.total % np.uint64(self.t)
 
 
 def mask_of(u: int, b: bytes, epoch_private: bytes, peers: Mapping[int, bytes], *,
             run: str, epoch: int, count: int, t: int) -> np.ndarray:
     """Institution ``u``'s mask: its self mask plus a pairwise mask with each of
     ``peers`` (neighbour -> its epoch public key)."""
-    m = expand(self_seed(b, run, epoch, u), count, t)
+    m = _Sum(count, t)
+    m.add(expand(self_seed(b, run, epoch, u), count, t))
     for v, pub in sorted(peers.items()):
         if int(v) == int(u):
             continue
         seed = pair_seed(agree(epoch_private, pub), run, epoch, u, v)
-        m = add_mod(m, pair_contribution(u, v, seed, count, t), t)
-    return m
+        m.add(pair_contribution(u, v, seed, count, t))
+    return m.value()
 
 
 def correction(self_secrets: Mapping[int, bytes], dropped_keys: Mapping[int, bytes],
@@ -270,14 +298,14 @@ def correction(self_secrets: Mapping[int, bytes], dropped_keys: Mapping[int, byt
     (``dropped_keys``: dropped -> its epoch private key), the pairwise masks its
     surviving neighbours added for it."""
     survivors = {int(s) for s in survivors}
-    total = np.zeros(count, np.uint64)
+    total = _Sum(count, t)
     for u in sorted(survivors):
-        total = add_mod(total, expand(self_seed(self_secrets[u], run, epoch, u), count, t), t)
+        total.add(expand(self_seed(self_secrets[u], run, epoch, u), count, t))
     for d, priv in sorted(dropped_keys.items()):
         for u in sorted(set(neighbours[d]) & survivors):
             seed = pair_seed(agree(priv, epoch_publics[u]), run, epoch, u, d)
-            total = add_mod(total, pair_contribution(u, d, seed, count, t), t)
-    return total
+            total.add(pair_contribution(u, d, seed, count, t))
+    return total.value()
 
 
 # ----------------------------------------------------------------------- shares
@@ -291,16 +319,24 @@ def share_secret(secret: bytes, holder_ids: Sequence[int], needed: int) -> dict[
     return dict(zip(holder_ids, shares))
 
 
-def combine(shares: Sequence[bytes], needed: int) -> bytes:
+def combine(shares: Sequence[bytes], needed: int, check=None, tries: int = 64) -> bytes:
     """The secret from ``needed`` distinct shares; :class:`MaskError` when they do not
-    combine (fewer than needed, duplicated or malformed)."""
+    combine (fewer than needed, duplicated or malformed). With ``check`` (secret ->
+    bool), subsets of the shares are tried (up to ``tries``) until one rebuilds a secret
+    that passes it: one wrong share among more than ``needed`` does not stop the round."""
     shares = list(dict.fromkeys(bytes(s) for s in shares))
     if len(shares) < needed:
         raise MaskError(f"{len(shares)} distinct shares, {needed} needed")
-    try:
-        return combine_shares(shares[:needed])
-    except (ValueError, IndexError, TypeError) as err:
-        raise MaskError(f"the shares do not combine ({err})") from None
+    last = "they do not rebuild the committed secret"
+    for subset in itertools.islice(itertools.combinations(shares, needed), tries):
+        try:
+            secret = combine_shares(list(subset))
+        except (ValueError, IndexError, TypeError) as err:
+            last = f"the shares do not combine ({err})"
+            continue
+        if check is None or check(secret):
+            return secret
+    raise MaskError(last)
 
 
 def _share_key(own_private: bytes, peer_public: bytes, run: str, a: int, b: int) -> bytes:

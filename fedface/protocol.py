@@ -50,6 +50,7 @@ HE_MASK_ADVERT = "he-mask-advert"  # ConfigRecord of a reply: an epoch key and i
 HE_MASK_SETUP = "he-mask-setup"  # query: the members and the neighbours' run keys
 HE_UNMASK = "he-unmask"  # query: the survivors; reply the shares asked
 HE_MASK_EPOCH = "he-mask-epoch"  # config of a catch-up: advertise a key for this epoch
+HE_MASK_SESSION = "he-mask-session"  # config: the masks' session (one per join or rejoin)
 OUT_OF_SYNC = "out of sync"  # starts the error of a client that missed an exchange
 HE_FINGERPRINT = "he-fingerprint"  # the server's key fingerprint
 HE_WEIGHT_REF = "he-weight-ref"  # clients pre-scale updates by n_k / ref (0: uniform)

@@ -182,13 +182,18 @@ class MaskedFederation:
             self.setup_bytes[k] += len(rec["doc"]) + len(str(down))
             self.coord.take_epoch_advert(k, unpack_doc(rec, "epoch key"), self.coord.epoch)
         self.participants: list[int] = []
+        self.round = 0
+        self.answers: list[dict] = [{} for _ in range(n)]  # each institution's own record
 
-    def send(self, slots: dict, senders) -> dict[int, list[bytes]]:
-        """Participants in ``senders`` mask their packed ``slots`` (shape (k, n)), encrypt
-        and send; the others drop before sending. Returns the ciphertexts by sender and
-        keeps per-sender seconds (``self.mask_seconds``) and bytes (``self.up_bytes``)."""
+    def send(self, slots: dict, senders, server_round: int | None = None
+             ) -> dict[int, list[bytes]]:
+        """Participants in ``senders`` mask their packed ``slots`` (shape (k, n)) for round
+        ``server_round`` (default: the next one), encrypt and send; the others drop
+        before sending. Returns the ciphertexts by sender and keeps per-sender seconds
+        (``self.mask_seconds``) and bytes (``self.up_bytes``)."""
         from crypto.masks import add_mod
 
+        self.round = self.round + 1 if server_round is None else int(server_round)
         self.participants = self.coord.participants()
         cts, self.mask_seconds, self.up_bytes = {}, {}, {}
         for k in self.participants:
@@ -197,7 +202,7 @@ class MaskedFederation:
             t0 = time.perf_counter()
             doc = self.coord.train_doc(k, self.participants)
             mask, meta, rec = self.masking.mask_update(self.ctx[k], self.keys[k], self.run, doc,
-                                                       slots[k].shape, self.t)
+                                                       slots[k].shape, self.t, self.round)
             cts[k] = self.keys[k].context.encrypt(add_mod(slots[k], mask, self.t))
             self.mask_seconds[k] = time.perf_counter() - t0
             self.up_bytes[k] = len(rec["doc"])
@@ -213,7 +218,8 @@ class MaskedFederation:
         docs = self.coord.unmask_docs(survivors, self.participants)
         replies, self.unmask_bytes = {}, {}
         for k in answering:
-            rec = self.masking.unmask(self.ctx[k], self.keys[k], self.run, docs[k])
+            rec = self.masking.unmask(self.ctx[k], self.keys[k], self.run, docs[k],
+                                      self.answers[k])
             replies[k] = self.unpack(rec, "shares")
             nxt = self.masking.advertise(self.ctx[k], self.keys[k], self.run, self.coord.epoch + 1)
             self.coord.take_epoch_advert(k, self.unpack(nxt, "epoch key"), self.coord.epoch + 1)

@@ -109,6 +109,7 @@ from fedface.protocol import (
     HE_MASK,
     HE_MASK_ADVERT,
     HE_MASK_EPOCH,
+    HE_MASK_SESSION,
     HE_MASK_SETUP,
     HE_REJOIN,
     HE_RELEASE,
@@ -166,6 +167,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
                  masks: MaskSettings | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.mask_settings = masks
+        self.mask_session = ""  # one per join or rejoin (bound into every mask key)
         self.masks: MaskCoordinator | None = None  # the run's masks (after the join)
         self._participants: list[int] = []  # senders asked to mask in this exchange
         self._skipped: list[dict] = []  # nodes not asked to train (no key), with the reason
@@ -207,6 +209,8 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         config[HE_FINGERPRINT] = self.keys.fingerprint
         config[HE_WEIGHT_REF] = int(self.weight_ref)
         config[HE_COMMIT_ROUND], config[HE_COMMIT_INDEX] = self.commit_point
+        if self.mask_settings is not None:
+            config[HE_MASK_SESSION] = self.mask_session
         return config
 
     def instruct(self, ins: TrainInstructions) -> TrainInstructions:
@@ -227,6 +231,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         self.dirs = {k: str(config[k]) for k in (DATA_DIR, STATE_DIR) if k in config}
         config = self.he_config(config)
         config[HE_JOIN] = True
+        self._new_mask_session(config)
         replies = self._query(grid, nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), timeout)
         excluded, counts = self._bind(nodes, replies)
         if len(counts) < min(self.min_train_nodes, len(nodes)) or not counts:
@@ -254,6 +259,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         self.dirs = {k: str(config[k]) for k in (DATA_DIR, STATE_DIR) if k in config}
         config = self.he_config(config)
         config[HE_JOIN] = config[HE_REJOIN] = True
+        self._new_mask_session(config)
         replies = self._query(grid, nodes, RecordDict({CONFIG: config}), timeout)
         lagging = {self.bound[n] for n in self.lagging if n in self.bound}  # the senders
         excluded, counts = self._bind(nodes, replies)
@@ -536,20 +542,23 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         """Send the lagging nodes the committed aggregates they missed; who caught up goes
         into the round's record."""
         self.caught_up = []
-        config = ConfigRecord({HE_CATCH_UP: True})
+        keyless: set[int] = set()
         if self.masks is not None:  # members without a key for the coming exchange ask one
             keyed = set(self.masks.epoch_adverts.get(self.masks.epoch, {}))
-            self.lagging |= {n for n in self.members if self.bound[n] not in keyed
-                             and self.bound[n] in self.masks.members}
-            config[HE_MASK_EPOCH] = self.masks.epoch
-        if not self.lagging or not (self.history or self.masks is not None):
+            keyless = {n for n in self.members if self.bound[n] not in keyed
+                       and self.bound[n] in self.masks.members}
+            self.lagging |= keyless
+        if not self.lagging or not (self.history or keyless):
             return
-        content = RecordDict({CONFIG: self.he_config(config)})
-        for r, record in self.history.items():
-            content[f"{HE_ROUND_PREFIX}{r:05d}"] = record
         for node in sorted(self.lagging):
+            config = ConfigRecord({HE_CATCH_UP: True})
+            if node in keyless:
+                config[HE_MASK_EPOCH] = self.masks.epoch
+            content = RecordDict({CONFIG: self.he_config(config)})
+            for r, record in self.history.items():
+                content[f"{HE_ROUND_PREFIX}{r:05d}"] = record
             reply = self._query(grid, [node], content, timeout)
-            if reply and not reply[0].has_error() and self.masks is not None:
+            if reply and not reply[0].has_error() and node in keyless:
                 try:
                     self.masks.take_epoch_advert(self.bound[node], unpack_doc(
                         reply[0].content.config_records.get(HE_MASK_ADVERT), "epoch key"),
@@ -571,13 +580,20 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
     def _node_of(self) -> dict[int, int]:
         return {k: n for n, k in self.bound.items() if n in self.members}
 
+    def _new_mask_session(self, config: ConfigRecord) -> None:
+        """A fresh mask session for a join or rejoin: every key and share is bound to it,
+        so nothing of an earlier session (a rebuilt key above all) can be replayed."""
+        if self.mask_settings is not None:
+            self.mask_session = f"{self.run_id}.{secrets.token_hex(8)}"
+            config[HE_MASK_SESSION] = self.mask_session
+
     def _start_masks(self, grid: Grid, replies: list[Message], timeout: float) -> None:
         """After the (re)join: take the members' signed run keys, send each its neighbours'
         and collect each member's first epoch key (with its shares, sealed). Members whose
         keys are refused are left out of the run, saying why."""
         if self.mask_settings is None:
             return
-        self.masks = MaskCoordinator(self.mask_settings, self.run_id, self.keys.verify_keys)
+        self.masks = MaskCoordinator(self.mask_settings, self.mask_session, self.keys.verify_keys)
         node_of, adverts, excluded = self._node_of(), {}, []
         for m in replies:
             node = int(m.metadata.src_node_id)

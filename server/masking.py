@@ -54,6 +54,7 @@ class MaskCoordinator:
         self.shares: dict[tuple[str, int, int, int], str] = {}  # (kind, epoch, owner, holder)
         self.updates: dict[int, dict] = {}  # this exchange: sender -> its mask meta
         self.announced: dict[int, tuple[list[int], list[int]]] = {}
+        self.asked: dict[int, set[tuple[str, int]]] = {}  # holder -> shares asked of it
 
     # ------------------------------------------------------------------ keys
     def _check_advert(self, advert: dict, *, kind: str, epoch: int) -> tuple[int, bytes]:
@@ -138,9 +139,16 @@ class MaskCoordinator:
         holder_ids, sealed = record_doc.get("holders"), record_doc.get("shares")
         if holder_ids != expected or not isinstance(sealed, list) or len(sealed) != len(expected):
             raise MaskError(f"self-mask shares for {holder_ids}, the holders are {expected}")
-        if meta.get("mask-needed") != self.settings.needed(len(expected)):
+        needed = self.settings.needed(len(masks.holders(self.neighbours, sender)))
+        if meta.get("mask-needed") != needed:
             raise MaskError(f"self-mask threshold {meta.get('mask-needed')!r}, the run's is "
-                            f"{self.settings.needed(len(expected))}")
+                            f"{needed}")
+        advert = self.epoch_adverts.get(self.epoch, {}).get(sender)
+        if advert is None or meta.get("mask-key") != masks.key_digest(bytes.fromhex(
+                advert["public"])):
+            raise MaskError(f"update masked with an epoch key ({meta.get('mask-key')!r}) other "
+                            "than the one this server handed its neighbours: its masks would "
+                            "not cancel")
         for h, blob in zip(holder_ids, sealed):
             self.shares[(SELF, self.epoch, sender, h)] = str(blob)
         self.updates[sender] = dict(meta)
@@ -149,7 +157,7 @@ class MaskCoordinator:
         """Per survivor, the announcement and the sealed shares it holds that are asked."""
         dropped = sorted(set(participants) - set(survivors))
         self.announced[self.epoch] = (sorted(survivors), dropped)
-        out = {}
+        out, self.asked = {}, {}
         for v in survivors:
             items = [{"kind": SELF, "owner": u, "blob": self.shares[(SELF, self.epoch, u, v)]}
                      for u in survivors if (SELF, self.epoch, u, v) in self.shares]
@@ -158,6 +166,7 @@ class MaskCoordinator:
                       for d in dropped if (EPOCH_KEY, self.epoch, d, v) in self.shares]
             out[v] = {"epoch": self.epoch, "survivors": sorted(survivors), "dropped": dropped,
                       "shares": items}
+            self.asked[v] = {(i["kind"], i["owner"]) for i in items}
         return out
 
     def correction(self, replies: dict[int, dict], count: int, modulus: int) -> np.ndarray:
@@ -169,37 +178,39 @@ class MaskCoordinator:
         for holder, doc in sorted(replies.items()):
             for item in doc.get("shares", []):
                 try:
-                    got.setdefault((item["kind"], int(item["owner"])), []).append(
-                        bytes.fromhex(item["share"]))
+                    asked = (item["kind"], int(item["owner"]))
+                    share = bytes.fromhex(item["share"])
                 except (KeyError, ValueError, TypeError):
                     raise RoundAborted(f"institution {holder} returned a malformed share") from None
+                if asked in self.asked.get(holder, set()):  # only what was asked of it
+                    got.setdefault(asked, []).append(share)
         seeds, keys = {}, {}
         for u in survivors:
             needed = int(self.updates[u]["mask-needed"])
+            commit = self.updates[u]["mask-commit"]
             try:
-                seed = masks.combine(got.get((SELF, u), []), needed)
+                seeds[u] = masks.combine(
+                    got.get((SELF, u), []), needed,
+                    check=lambda s, u=u, c=commit: masks.commit_self(s, self.run, self.epoch, u) == c)
             except MaskError as err:
                 raise RoundAborted(f"the self mask of institution {u} cannot be removed: {err} "
-                                   "(too few of its holders answered)") from None
-            if masks.commit_self(seed, self.run, self.epoch, u) != self.updates[u]["mask-commit"]:
-                raise RoundAborted(f"the shares of institution {u}'s self mask do not verify (they "
-                                   "do not rebuild the seed its signed update commits to)")
-            seeds[u] = seed
+                                   f"({len(got.get((SELF, u), []))} of its holders answered, "
+                                   f"{needed} needed; a seed must match the commitment in its "
+                                   "signed update)") from None
         adverts = self.epoch_adverts.get(self.epoch, {})
         for d in dropped:
             if not set(self.neighbours[d]) & set(survivors):
                 continue
-            hs = masks.holders(self.neighbours, d)
+            needed = self.settings.needed(len(masks.holders(self.neighbours, d)))
+            public = adverts[d]["public"]
             try:
-                key = masks.combine(got.get((EPOCH_KEY, d), []), self.settings.needed(len(hs)))
-                ok = masks.public_of(key).hex() == adverts[d]["public"]
+                keys[d] = masks.combine(
+                    got.get((EPOCH_KEY, d), []), needed,
+                    check=lambda k, p=public: masks.public_of(k).hex() == p)
             except MaskError as err:
                 raise RoundAborted(f"the masks of dropped institution {d} cannot be removed: {err} "
-                                   "(too few of its holders answered)") from None
-            if not ok:
-                raise RoundAborted(f"the shares of dropped institution {d}'s epoch key do not "
-                                   "verify (they do not rebuild the key it signed)")
-            keys[d] = key
+                                   f"({len(got.get((EPOCH_KEY, d), []))} of its holders answered, "
+                                   f"{needed} needed; a key must match the one it signed)") from None
         publics = {u: bytes.fromhex(adverts[u]["public"]) for u in survivors}
         return masks.correction(seeds, keys, publics, self.neighbours, survivors, run=self.run,
                                 epoch=self.epoch, count=count, t=modulus)

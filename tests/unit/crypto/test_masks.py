@@ -84,7 +84,7 @@ def test_at_the_threshold_the_round_completes_and_below_it_aborts_never_wrong(ce
     fed.rekey([4])
     xs = fed.updates()
     cts = fed.send(xs, range(5))
-    with pytest.raises(RoundAborted, match="too few of its holders answered"):
+    with pytest.raises(RoundAborted, match="3 of its holders answered, 4 needed"):
         fed.unmask(cts, [0, 1, 2])
     # Aborted: the next exchange is a fresh epoch with those that are still there.
     assert fed.coord.participants() == [0, 1, 2]
@@ -101,7 +101,7 @@ def test_an_equivocating_server_cannot_rebuild_both_secrets_even_with_a_colluder
     got = {masks.SELF: [], masks.EPOCH_KEY: []}
     for k, docs in [(0, said_alive), (1, said_alive), (5, said_alive),
                     (2, said_dropped), (3, said_dropped), (5, said_dropped)]:
-        rec = unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k])
+        rec = unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k], fed.answers[k])
                          if k != 5 else _colluder_answers(fed, docs[k]), "s")
         for item in rec["shares"]:
             if item["owner"] == 4:
@@ -188,20 +188,115 @@ def test_another_combination_of_masked_updates_decrypts_to_noise(ceremony):
 
 # ----------------------------------------------------------------------- a lying server
 def test_a_holder_never_reveals_both_masks_of_one_institution(ceremony):
-    fed = Federation(ceremony, 4)
-    xs = fed.updates()
-    fed.send(xs, range(4))
-    honest = fed.coord.unmask_docs([0, 1, 2, 3], fed.participants)
-    masking.unmask(fed.ctx[0], fed.keys[0], RUN, honest[0])  # 3 is a survivor: b_3 shares
-    # The server now says 3 dropped, to get 3's epoch key from the same holder: refused.
-    lie = fed.coord.unmask_docs([0, 1, 2], fed.participants)
+    fed = Federation(ceremony, 6)
+    fed.send(fed.updates(), range(6))
+    honest = fed.coord.unmask_docs(list(range(6)), fed.participants)
+    masking.unmask(fed.ctx[0], fed.keys[0], RUN, honest[0], fed.answers[0])  # b_4, b_5 shares
+    # The server now says 4 and 5 dropped, to get their epoch keys from the same holder.
+    lie = fed.coord.unmask_docs([0, 1, 2, 3], fed.participants)
     with pytest.raises(MaskError, match="second, different announcement"):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, lie[0])
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, lie[0], fed.answers[0])
     # A share request that contradicts the announcement it comes with is refused too.
     mixed = dict(honest[1])
     mixed["shares"] = [{"kind": masks.EPOCH_KEY, "owner": 3, "blob": "00"}]
     with pytest.raises(MaskError, match="calls a survivor"):
-        masking.unmask(fed.ctx[1], fed.keys[1], RUN, mixed)
+        masking.unmask(fed.ctx[1], fed.keys[1], RUN, mixed, fed.answers[1])
+
+
+def test_the_server_cannot_shrink_the_group_that_protects_an_institution(ceremony):
+    """The server names only the target 0 and its colluder 3 as participants (or as
+    survivors): 0 would mask with 3 alone and share its seed with 3 alone. Refused: the
+    threshold counts all of 0's holders, and 3 of its 4 must take part and survive."""
+    fed = Federation(ceremony, 4)
+    small = fed.coord.train_doc(0, [0, 3])
+    small["participants"] = [0, 3]
+    with pytest.raises(MaskError, match="2 of this institution's share holders take part"):
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, small, SHAPE, fed.t, 1)
+    fed.send(fed.updates(), range(4))
+    doc = {"epoch": fed.coord.epoch, "survivors": [0, 3], "dropped": [1, 2], "shares": []}
+    with pytest.raises(MaskError, match="keeps 2 of this institution's 4 share holders"):
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, doc, fed.answers[0])
+    with pytest.raises(MaskError, match="second mask setup"):
+        masking.setup(fed.ctx[0], fed.keys[0], RUN, fed.coord.setup_doc(0))
+
+
+def test_telling_each_holder_another_story_does_not_expose_an_update(ceremony):
+    """The review's attack on 4 institutions (target 0, colluder 3): holder 1 hears
+    "2 dropped", holder 2 hears "1 dropped", the target hears "1 and 2 dropped", to
+    rebuild 0's self-mask seed and both neighbours' exchange keys. The target refuses
+    its story (too few of its holders survive), so 1's key stays out of reach."""
+    fed = Federation(ceremony, 4)
+    fed.send(fed.updates(), range(4))
+    stories = {1: [0, 1, 3], 2: [0, 2, 3], 0: [0, 3]}
+    keys_of = {1: [], 2: []}
+    for holder, survivors in stories.items():
+        doc = fed.coord.unmask_docs(survivors, fed.participants)[holder]
+        try:
+            rec = unpack_doc(masking.unmask(fed.ctx[holder], fed.keys[holder], RUN, doc,
+                                            fed.answers[holder]), "s")
+        except MaskError as err:
+            assert holder == 0 and "share holders among the survivors" in str(err)
+            continue
+        for item in rec["shares"]:
+            if item["kind"] == masks.EPOCH_KEY:
+                keys_of[item["owner"]].append(item["share"])
+    # The colluder adds its own share of each: 2 of the 3 needed for key 1.
+    assert len(keys_of[1]) + 1 < fed.coord.settings.needed(4)
+
+
+def test_a_round_is_never_unmasked_for_two_sets_that_differ_by_one(ceremony):
+    """A server that fakes an abort after the sum of round 1, re-runs round 1 without
+    institution 5 and subtracts: each holder refuses a second survivor set of the same
+    round that differs by one institution (by two or more it is a sum of several)."""
+    fed = Federation(ceremony, 6)
+    fed.unmask(fed.send(fed.updates(), range(6), server_round=1))
+    cts = fed.send(fed.updates(), range(5), server_round=1)  # "re-run" without 5
+    with pytest.raises(MaskError, match="differ by institution \\[5\\] alone"):
+        fed.unmask(cts)
+    fed.coord.next_epoch()  # the server gives up on that exchange
+    fed.rekey(range(6))
+    xs = fed.updates()  # a re-run without two institutions is a sum of two: answered
+    assert np.array_equal(fed.unmask(fed.send(xs, range(4), server_round=1)), _sum(xs, range(4)))
+    assert fed.answers[0] == {"1": [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3]]}
+
+
+def test_an_earlier_session_s_keys_are_not_accepted(ceremony):
+    """After a rejoin (a new mask session) the server replays the epoch-1 keys of the
+    earlier session, some of which it may have rebuilt: they do not verify."""
+    old = Federation(ceremony, 3, run="run.session-a")
+    new = Federation(ceremony, 3, run="run.session-b")
+    doc = new.coord.train_doc(0, [0, 1, 2])
+    replay = dict(doc, epoch_keys=old.coord.train_doc(0, [0, 1, 2])["epoch_keys"])
+    with pytest.raises(MaskError, match="another run or epoch"):
+        masking.mask_update(new.ctx[0], new.keys[0], "run.session-b", replay, SHAPE, new.t, 1)
+
+
+def test_a_key_asked_twice_is_the_same_and_an_update_under_another_is_refused(ceremony):
+    fed = Federation(ceremony, 3)
+    doc = fed.coord.train_doc(0, [0, 1, 2])
+    _, meta, rec = masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1)
+    a = masking.advertise(fed.ctx[0], fed.keys[0], RUN, 2)
+    assert masking.advertise(fed.ctx[0], fed.keys[0], RUN, 2)["doc"] == a["doc"]
+    with pytest.raises(MaskError, match="other than the one this server handed"):
+        fed.coord.take_update(0, {**meta, "mask-key": "0" * 32}, unpack_doc(rec, "s"),
+                              [0, 1, 2])
+
+
+def test_one_wrong_share_among_enough_does_not_stop_the_round(ceremony):
+    fed = Federation(ceremony, 6)  # 6 holders, 4 needed: 2 spare
+    xs = fed.updates()
+    cts = fed.send(xs, range(6))
+    docs = fed.coord.unmask_docs(list(range(6)), fed.participants)
+    replies = {k: unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k],
+                                            fed.answers[k]), "s") for k in range(6)}
+    for item in replies[0]["shares"]:  # holder 0 lies about every share it holds
+        item["share"] = bytes(len(bytes.fromhex(item["share"]))).hex()
+    replies[1]["shares"].append({"kind": masks.SELF, "owner": 2, "share": "00" * 52})  # unasked
+    corr = fed.coord.correction(replies, SHAPE[0] * SHAPE[1], fed.t)
+    fed.coord.next_epoch()
+    total = fed.server.context.subtract_plain(
+        fed.server.context.weighted_sum([cts[k] for k in range(6)], [1] * 6), corr.reshape(SHAPE))
+    assert np.array_equal(fed.keys[0].context.decrypt(total), _sum(xs, range(6)))
 
 
 @pytest.mark.parametrize("survivors,dropped,match", [
@@ -215,7 +310,7 @@ def test_a_wrong_announcement_is_refused_with_the_reason(ceremony, survivors, dr
     fed.send(fed.updates(), range(4))
     doc = {"epoch": fed.coord.epoch, "survivors": survivors, "dropped": dropped, "shares": []}
     with pytest.raises(MaskError, match=match):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, doc)
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, doc, fed.answers[0])
 
 
 def test_a_server_made_or_replayed_key_is_refused(ceremony):
@@ -227,11 +322,11 @@ def test_a_server_made_or_replayed_key_is_refused(ceremony):
     forged = dict(doc, epoch_keys=dict(doc["epoch_keys"]))
     forged["epoch_keys"]["1"] = dict(doc["epoch_keys"]["1"], public=public.hex())
     with pytest.raises(MaskError, match="does not verify"):
-        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, forged, SHAPE, fed.t)
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, forged, SHAPE, fed.t, 1)
     other = Federation(ceremony, 3, run="another-run")
     replay = dict(doc, epoch_keys=other.coord.train_doc(0, [0, 1, 2])["epoch_keys"])
     with pytest.raises(MaskError, match="another run or epoch"):
-        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, replay, SHAPE, fed.t)
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, replay, SHAPE, fed.t, 1)
     # The server refuses a key signed for another run, too.
     with pytest.raises(MaskError, match="does not verify"):
         fed.coord.take_epoch_advert(1, {**other.coord.epoch_adverts[1][1], "epoch": 1,
@@ -247,12 +342,12 @@ def test_a_tampered_or_misaddressed_share_does_not_verify(ceremony):
     blob[-1] ^= 1
     bad["shares"][0]["blob"] = bytes(blob).hex()
     with pytest.raises(MaskError, match="does not verify"):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, bad)
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, bad, fed.answers[0])
     # Holder 1's share handed to holder 0: sealed to another holder, it does not open.
     wrong = fed.coord.unmask_docs([0, 1, 2], fed.participants)[1]["shares"][2]
     misaddressed = dict(doc, shares=[wrong])
     with pytest.raises(MaskError, match="does not verify"):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, misaddressed)
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, misaddressed, fed.answers[0])
 
 
 def test_shares_that_rebuild_something_else_abort_the_round(ceremony):
@@ -262,7 +357,7 @@ def test_shares_that_rebuild_something_else_abort_the_round(ceremony):
     xs = fed.updates()
     cts = fed.send(xs, range(3))
     docs = fed.coord.unmask_docs([0, 1, 2], fed.participants)
-    replies = {k: unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k]), "s")
+    replies = {k: unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k], fed.answers[k]), "s")
                for k in range(3)}
     share = bytearray(bytes.fromhex(replies[0]["shares"][0]["share"]))
     share[-1] ^= 1
@@ -276,16 +371,16 @@ def test_shares_that_rebuild_something_else_abort_the_round(ceremony):
 def test_an_institution_masks_once_per_epoch_and_only_with_a_neighbour(ceremony):
     fed = Federation(ceremony, 3)
     doc = fed.coord.train_doc(0, [0, 1, 2])
-    masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t)
+    masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1)
     with pytest.raises(MaskError, match="mask twice"):
-        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t)
-    with pytest.raises(MaskError, match="no neighbour"):
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1)
+    with pytest.raises(MaskError, match="share holders take part"):
         masking.mask_update(fed.ctx[1], fed.keys[1], RUN, dict(doc, participants=[1]), SHAPE,
-                            fed.t)
+                            fed.t, 1)
     with pytest.raises(MaskError, match="no mask key"):
-        masking.mask_update(fed.ctx[2], fed.keys[2], RUN, dict(doc, epoch=7), SHAPE, fed.t)
+        masking.mask_update(fed.ctx[2], fed.keys[2], RUN, dict(doc, epoch=7), SHAPE, fed.t, 1)
     with pytest.raises(MaskError, match="did not join"):
-        masking.mask_update(fed.ctx[2], fed.keys[2], "a-third-run", doc, SHAPE, fed.t)
+        masking.mask_update(fed.ctx[2], fed.keys[2], "a-third-run", doc, SHAPE, fed.t, 1)
 
 
 def test_settings_and_wire_format_refuse_bad_input():
