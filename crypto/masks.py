@@ -31,7 +31,9 @@ of the dropped, never both for one institution. The server reconstructs them (ch
 ``b_u`` against the commitment in ``u``'s signed update and each key against its signed
 public key), computes the masks that do not cancel (:func:`correction`) and subtracts
 them from the encrypted sum with a plaintext subtraction. Since the keys are per epoch,
-a reconstructed key reveals one exchange's masks and no other.
+a reconstructed key reveals one exchange's masks and no other. The ``run`` every
+function takes is the mask *session* (the run id and a fresh nonce per join or rejoin):
+keys and shares of another session do not verify.
 
 The PRG is AES-256 in counter mode keyed by HKDF-SHA256 of the seed and a label naming
 run, epoch and pair; values are drawn uniformly modulo ``t`` by rejection sampling.
@@ -376,6 +378,12 @@ def open_share(blob: bytes, *, own_run_private: bytes, owner_run_public: bytes, 
 def pack_doc(doc: dict) -> ConfigRecord:
     """A mask message as a Flower ConfigRecord (JSON; bytes as hex)."""
     return ConfigRecord({DOC: json.dumps(doc, sort_keys=True).encode()})
+
+
+def mask_bytes(content) -> int:
+    """Bytes of the mask messages a Flower message carries (its :func:`pack_doc` records)."""
+    return sum(len(rec[DOC]) for rec in content.config_records.values()
+               if DOC in rec and isinstance(rec[DOC], bytes))
 
 
 def unpack_doc(record: ConfigRecord | None, what: str) -> dict:

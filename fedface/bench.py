@@ -355,8 +355,9 @@ def _mask_scaling(sizes: tuple[int, ...], log: Callable[[str], None]) -> list[di
                 "unmask_bytes_per_institution": int(np.median(list(fed.unmask_bytes.values()))),
                 "wire_ratio_up_vs_float32": {
                     "unmasked": round(ct_bytes / f32, 4),
-                    "masked": round((ct_bytes + np.median(list(fed.up_bytes.values()))
-                                     + np.median(list(fed.unmask_bytes.values()))) / f32, 4)},
+                    "masked": round(float(ct_bytes + np.median(list(fed.up_bytes.values()))
+                                           + np.median(list(fed.unmask_bytes.values()))) / f32,
+                                    4)},
                 "institution_seconds": {"unmasked": round(float(np.max(enc_s)), 4),
                                         "masked": round(mask_s, 4)},
                 "server_seconds": {"plain": round(t_plain, 4), "unmasked": round(sum_s, 4),
@@ -405,6 +406,9 @@ def _he_rounds(key_dir: str, rounds: int, log: Callable[[str], None]) -> dict:
             "round_time_ratio_vs_plain": round(enc / plain, 3),
             "masked_round_time_ratio_vs_plain": round(masked / plain, 3),
             "masked_setup": docs["masked"]["encryption"].get("masks", {}),
+            "masked_mask_bytes_per_client_per_round": {
+                k: round(v / max(1, RunDocument(docs["masked"]).config["num_clients"]))
+                for k, v in docs["masked"]["rounds"][-1]["encryption"]["masks"]["bytes"].items()},
             "round_bytes_up_per_client": {m: per_client(d, "bytes_up") for m, d in docs.items()},
             "round_bytes_down_per_client": {m: per_client(d, "bytes_down")
                                             for m, d in docs.items()},

@@ -83,7 +83,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from crypto.envelope import Envelope, EnvelopeError, from_record, to_record
 from crypto.keys import ServerKeys
-from crypto.masks import MaskError, MaskSettings, pack_doc, unpack_doc
+from crypto.masks import MaskError, MaskSettings, mask_bytes, pack_doc, unpack_doc
 from crypto.packing import Layout, float_keys
 from crypto.update import (
     JOIN_PROOF,
@@ -125,7 +125,6 @@ from fedface.protocol import (
     UNIT_WEIGHT,
     TrainInstructions,
     numpy_record,
-    payload_bytes,
     record_numpy,
 )
 from server.lifecycle import Lifecycle, RoundHost, check_state
@@ -366,6 +365,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
                                         f"{server_round} (one was already accepted from node "
                                         f"{seen[sender]}): left out, the round goes on")
                 if self.masks is not None:
+                    self._count_mask_bytes(up=mask_bytes(msg.content))
                     self.masks.take_update(sender, env.meta, unpack_doc(
                         msg.content.config_records.get(HE_MASK), "self-mask shares"),
                         self._participants)
@@ -610,9 +610,10 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
                     HE_MASK: pack_doc(self.masks.setup_doc(k))}),
                     message_type=MessageType.QUERY, dst_node_id=node_of[k], group_id="he")
                 for k in self.masks.members]
-        setup_down = sum(payload_bytes(m.content) for m in msgs)
+        setup_down = sum(mask_bytes(m.content) for m in msgs)
         answers = list(exchange(grid, msgs, timeout))
-        setup_up = sum(payload_bytes(m.content) for m in answers if not m.has_error())
+        setup_up = sum(mask_bytes(m.content) for m in answers if not m.has_error())
+        setup_up += sum(mask_bytes(m.content) for m in replies if not m.has_error())  # run keys
         for m in answers:
             node = int(m.metadata.src_node_id)
             try:
@@ -628,6 +629,13 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         self.summary["masks"] = {**self.masks.summary(), "setup_excluded": excluded,
                                  "setup_bytes_per_member": round(
                                      (setup_down + setup_up) / max(len(msgs), 1))}
+
+    def _count_mask_bytes(self, down: int = 0, up: int = 0) -> None:
+        """Bytes of the round's mask messages (keys, shares, announcements), which travel
+        beside the ciphertexts: in the round's ``encryption.masks.bytes``."""
+        total = self.mask_record.setdefault("bytes", {"down": 0, "up": 0})
+        total["down"] += int(down)
+        total["up"] += int(up)
 
     def _masked_train(self, msgs: list[Message], grid: Grid) -> list[Message]:
         """The training messages of the members with a key for this exchange, each with
@@ -650,6 +658,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
             out.append(grid.create_message(content=content, message_type=MessageType.TRAIN,
                                            dst_node_id=int(m.metadata.dst_node_id),
                                            group_id=m.metadata.group_id))
+        self._count_mask_bytes(down=sum(mask_bytes(m.content) for m in out))
         self.mask_record.setdefault("epochs", []).append(
             {"epoch": self.masks.epoch, "participants": self._participants,
              "without_key": sorted(self.bound[int(m.metadata.dst_node_id)] for m in msgs
@@ -679,7 +688,10 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
                         message_type=MessageType.QUERY, dst_node_id=node_of[k], group_id="he")
                     for k, doc in self.masks.unmask_docs(survivors, self._participants).items()]
             shares, answered = {}, []
+            self._count_mask_bytes(down=sum(mask_bytes(m.content) for m in msgs))
             for m in exchange(grid, msgs, timeout):
+                if not m.has_error():
+                    self._count_mask_bytes(up=mask_bytes(m.content))
                 sender = self.bound[int(m.metadata.src_node_id)]
                 try:
                     if m.has_error():
