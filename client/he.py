@@ -44,6 +44,7 @@ from fedface.protocol import (
     HE_CLIPPED,
     HE_COMMIT_INDEX,
     HE_COMMIT_ROUND,
+    HE_COMMIT_TAG,
     HE_FINGERPRINT,
     HE_RUN,
     HE_SCALE,
@@ -67,7 +68,6 @@ PENDING_MOMENTUM = "he-pending-momentum-"
 RUN, ROUND, PENDING_ROUND, PENDING_COUNT = "run", "round", "pending-round", "pending-count"
 OPENED_ROUND, OPENED_TAG = "opened-round", "opened-tag"
 FILE, FINGERPRINT = "file", "fingerprint"  # where the state is saved; the ceremony's key
-MASK_ANSWERS = "mask-answers"  # round -> survivor sets unmasked (client/masking.py), JSON
 SAVED_FORMAT = "fedface-he-institution/1"
 MIN_SENDERS = 2  # an aggregate of one update is that update: never decrypted
 
@@ -117,19 +117,6 @@ def _state(context: Context) -> ConfigRecord:
         context.state[STATE] = ConfigRecord({RUN: "", ROUND: -1, PENDING_ROUND: -1,
                                              PENDING_COUNT: 0})
     return context.state[STATE]
-
-
-def mask_answers(context: Context) -> dict[str, list[list[int]]]:
-    """The survivor sets this institution answered per round of the run
-    (:func:`client.masking.unmask`'s record), kept with its saved state."""
-    return json.loads(str(_state(context).get(MASK_ANSWERS, "{}")))
-
-
-def keep_mask_answers(context: Context, answers: dict[str, list[list[int]]]) -> None:
-    """Record :func:`mask_answers` and save the state (it survives a restart: a resumed
-    round is held to the survivor sets answered before)."""
-    _state(context)[MASK_ANSWERS] = json.dumps(answers, sort_keys=True)
-    save_state(context)
 
 
 def check_key(keys: ClientKeys, config: ConfigRecord) -> None:
@@ -297,6 +284,13 @@ def sync(context: Context, config: ConfigRecord, needed_round: int) -> None:
                         "(it was unreachable at the start); it can join the next run")
     rnd, idx = int(config[HE_COMMIT_ROUND]), int(config[HE_COMMIT_INDEX])
     if int(state[ROUND]) != rnd and int(state[PENDING_ROUND]) == rnd:
+        tag = str(config.get(HE_COMMIT_TAG, ""))
+        if tag and int(state.get(OPENED_ROUND, -1)) == rnd and state.get(OPENED_TAG) != tag:
+            raise OutOfSync(f"out of sync: the aggregate this institution decrypted for round "
+                            f"{rnd} is not the one the server committed (the coordinator "
+                            "restarted between the evaluation and its checkpoint); it will not "
+                            "decrypt a second aggregate of the round, so it is left out of "
+                            "this run and can join the next")
         _commit(context, state, rnd, idx)
     if int(state[ROUND]) != needed_round:
         raise OutOfSync(f"out of sync: this institution holds the global model of round "

@@ -19,15 +19,19 @@ routes every message:
   the threshold of its holders among the survivors, the same announcement every time it
   is asked; it returns shares of the self-mask seed of survivors and of the epoch key of
   the dropped, never both for one institution, and never a share of its own epoch key;
-- per training round (across epochs, re-runs, sessions and restarts: the caller keeps
-  the record with the institution's saved state) it answers survivor sets that are
-  equal or differ by at least two institutions: two sums of one round's updates never
-  differ by a single update.
+- an update is unmasked in one sum only (:class:`Releases`): training is deterministic
+  given its inputs, so a round run again (another attempt, a resumed run, the same run
+  started afresh) recomputes the same update, and two sums of it with different
+  institutions would reveal it, or theirs. The record is kept in the institution's
+  state folder, across runs, like its DP ledger; so are the mask sessions it has
+  joined, none of which it joins twice.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context
@@ -38,6 +42,43 @@ from crypto.masks import EPOCH_KEY, SELF, MaskError, MaskSettings, pack_doc, unp
 from crypto.signing import SignatureError, sign, verify
 
 STATE = "he-mask-state"
+RELEASES = "he-mask-releases"  # the node's copy of its Releases record
+
+
+class MaskReleased(MaskError):
+    """An update already unmasked in another sum: never in a second one."""
+
+
+class Releases:
+    """What an institution's masks have released: the mask sessions it joined and, per
+    update (the digest of everything that determines it: settings, round, start and
+    trained model), the one set of survivors whose sum it was unmasked in.
+
+    Kept in ``path`` (the institution's state folder, beside its DP ledger: it outlives
+    runs) and in the node's state; written before any share leaves.
+    """
+
+    def __init__(self, context: Context, path: str | Path | None) -> None:
+        self.context, self.path = context, Path(path) if path else None
+        kept = context.state.config_records.get(RELEASES)
+        text = str(kept["json"]) if kept is not None else ""
+        if self.path is not None and self.path.exists():
+            text = self.path.read_text()
+        try:
+            doc = json.loads(text) if text else {}
+        except ValueError:
+            raise MaskError(f"the mask release record {self.path} is not valid JSON: restore "
+                            "it (it keeps this institution from releasing an update twice)") from None
+        self.sessions: list[str] = list(doc.get("sessions", []))
+        self.updates: dict[str, list[int]] = dict(doc.get("updates", {}))
+
+    def save(self) -> None:
+        from fedface.io import atomic_write_text
+
+        text = json.dumps({"sessions": self.sessions, "updates": self.updates}, sort_keys=True)
+        if self.path is not None:
+            atomic_write_text(self.path, text)
+        self.context.state[RELEASES] = ConfigRecord({"json": text})
 
 
 def _state(context: Context, run: str) -> dict:
@@ -79,9 +120,15 @@ def _verified_public(keys: ClientKeys, advert: dict, *, kind: str, run: str, epo
     return public
 
 
-def run_advert(context: Context, keys: ClientKeys, run: str) -> ConfigRecord:
-    """Start the run's mask state; the signed advert of this institution's run key (it
-    encrypts the shares it exchanges with the others)."""
+def run_advert(context: Context, keys: ClientKeys, run: str, releases: Releases) -> ConfigRecord:
+    """Start the session's mask state; the signed advert of this institution's run key
+    (it encrypts the shares it exchanges with the others). A session it joined before is
+    refused: its keys may have been rebuilt."""
+    if run in releases.sessions:
+        raise MaskError(f"mask session {run!r} was joined before: refused (an earlier "
+                        "session's keys may have been rebuilt by the server)")
+    releases.sessions.append(run)
+    releases.save()
     private, public = masks.new_key_pair()
     _save(context, {"run": run, "run_private": private.hex(), "run_public": public.hex(),
                     "epochs": {}, "used": [], "rounds": {}, "answered": {}})
@@ -89,9 +136,10 @@ def run_advert(context: Context, keys: ClientKeys, run: str) -> ConfigRecord:
     return pack_doc({"sender": keys.sender, "public": public.hex(), "sig": signature.hex()})
 
 
-def setup(context: Context, keys: ClientKeys, run: str, doc: dict) -> ConfigRecord:
+def setup(context: Context, keys: ClientKeys, run: str, doc: dict,
+          expected: MaskSettings) -> ConfigRecord:
     """Take the run's members and the neighbours' signed run keys; advertise the first
-    epoch key."""
+    epoch key. The settings must be this institution's own (``expected``)."""
     state = _state(context, run)
     me = keys.sender
     if "members" in state:
@@ -102,6 +150,10 @@ def setup(context: Context, keys: ClientKeys, run: str, doc: dict) -> ConfigReco
         raise MaskError(f"the mask setup names members {members}: it must name this institution "
                         "and at least one other")
     settings = MaskSettings(**doc.get("settings", {}))
+    if settings != expected:
+        raise MaskError(f"the mask setup asks degree {settings.degree}, threshold "
+                        f"{settings.threshold}; this institution's run config says degree "
+                        f"{expected.degree}, threshold {expected.threshold}: refused")
     neighbours = masks.graph(members, settings.degree_for(len(members)), run)[me]
     adverts = doc.get("run_keys", {})
     publics = {}
@@ -148,9 +200,10 @@ def advertise(context: Context, keys: ClientKeys, run: str, epoch: int) -> Confi
 
 
 def mask_update(context: Context, keys: ClientKeys, run: str, doc: dict, shape: tuple[int, int],
-                modulus: int, server_round: int) -> tuple[np.ndarray, dict, ConfigRecord]:
+                modulus: int, server_round: int, update: str) -> tuple[np.ndarray, dict,
+                                                                      ConfigRecord]:
     """This institution's mask for the epoch the training message names, for its update
-    of round ``server_round``.
+    of round ``server_round`` whose inputs digest to ``update`` (hex).
 
     Returns the mask (slots, shape ``shape``, values mod ``modulus``), the ``meta`` its
     signed update envelope carries (epoch, participants, the commitment to the self-mask
@@ -198,7 +251,8 @@ def mask_update(context: Context, keys: ClientKeys, run: str, doc: dict, shape: 
                                run=run, epoch=epoch, owner=me, holder=h).hex()
               for h in holder_ids]
     state["used"] = sorted(set(state["used"]) | {epoch})  # forward secrecy: key dropped below
-    state["rounds"][str(epoch)] = {"participants": participants, "round": int(server_round)}
+    state["rounds"][str(epoch)] = {"participants": participants, "round": int(server_round),
+                                   "update": str(update)}
     own_public = masks.public_of(bytes.fromhex(private))
     state["epochs"].pop(str(epoch), None)
     _save(context, state)
@@ -209,14 +263,11 @@ def mask_update(context: Context, keys: ClientKeys, run: str, doc: dict, shape: 
 
 
 def unmask(context: Context, keys: ClientKeys, run: str, doc: dict,
-           answers: dict[str, list[list[int]]]) -> ConfigRecord:
+           releases: Releases) -> ConfigRecord:
     """This institution's shares for the server's announcement of epoch ``doc['epoch']``
-    (see the module's checks); :class:`MaskError` names what is refused.
-
-    ``answers`` (round -> the survivor sets this institution answered for it) is the
-    institution's own record, kept with its saved state by the caller; the answer is
-    added to it.
-    """
+    (see the module's checks); :class:`MaskError` names what is refused
+    (:class:`MaskReleased`: its update was unmasked in another sum already). The release
+    is recorded in ``releases`` before the shares are returned."""
     state = _state(context, run)
     me = keys.sender
     epoch = _int(doc.get("epoch"), "the mask epoch")
@@ -224,7 +275,7 @@ def unmask(context: Context, keys: ClientKeys, run: str, doc: dict,
     if record is None:
         raise MaskError(f"unmasking of epoch {epoch} asked, but this institution did not mask "
                         "in it")
-    mine, server_round = record["participants"], int(record["round"])
+    mine, update = record["participants"], str(record["update"])
     survivors = sorted({_int(s, "a survivor") for s in doc.get("survivors", [])})
     dropped = sorted({_int(d, "a dropped institution") for d in doc.get("dropped", [])})
     if set(survivors) & set(dropped) or sorted(set(survivors) | set(dropped)) != mine:
@@ -247,18 +298,18 @@ def unmask(context: Context, keys: ClientKeys, run: str, doc: dict,
                         f"of this institution's {len(full)} share holders among the survivors, "
                         f"{needed} are needed: the sum would be protected by fewer institutions "
                         "than the threshold assumes; refused")
-    for earlier in answers.get(str(server_round), []):
-        diff = set(earlier) ^ set(survivors)
-        if 0 < len(diff) < 2:
-            raise MaskError(f"round {server_round} was already unmasked with survivors {earlier}; "
-                            f"this announcement names {survivors}: two sums of one round that "
-                            f"differ by institution {sorted(diff)} alone would reveal its update; "
-                            "refused")
     before = state["answered"].get(str(epoch))
     if before is not None and before != survivors:
         raise MaskError(f"a second, different announcement for epoch {epoch} (survivors "
                         f"{survivors}, before {before}): refused (it could rebuild both masks of "
                         "one institution)")
+    earlier = releases.updates.get(update)
+    if earlier is not None and earlier != survivors:
+        raise MaskReleased(
+            f"this institution's update of round {record['round']} (the same inputs, so the "
+            f"same update) was already unmasked in the sum of {earlier}; this announcement "
+            f"names {survivors}: two sums of one update with other institutions would reveal "
+            "it or theirs; refused (the round can complete with the same survivors)")
     holders_of = set(state["neighbours"]) | {me}
     own_run = bytes.fromhex(state["run_private"])
     publics = {**state["run_publics"], str(me): state["run_public"]}
@@ -279,9 +330,8 @@ def unmask(context: Context, keys: ClientKeys, run: str, doc: dict,
                                  owner_run_public=bytes.fromhex(publics[str(owner)]), kind=kind,
                                  run=run, epoch=epoch, owner=owner, holder=me)
         out.append({"kind": kind, "owner": owner, "share": share.hex()})
+    releases.updates[update] = survivors
+    releases.save()  # before any share leaves
     state["answered"][str(epoch)] = survivors
     _save(context, state)
-    sets = answers.setdefault(str(server_round), [])
-    if survivors not in sets:
-        sets.append(survivors)
     return pack_doc({"sender": me, "epoch": epoch, "shares": out})

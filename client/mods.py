@@ -23,7 +23,7 @@ import copy
 import traceback
 from logging import ERROR, WARNING
 
-from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
 
@@ -36,12 +36,13 @@ from client.privacy import (
     central_dp_share,
     check_sampled_clients,
     federation_size,
+    mask_releases_path,
     private_run,
     private_seeds,
     released_count,
 )
 from client.task import client_config, client_id, load_client_data
-from crypto.masks import MaskError
+from crypto.masks import MaskError, MaskSettings
 from fedface.anonymize.ksame import NotEnoughFacesError
 from fedface.config import RunConfig
 from fedface.privacy import PrivacyBudgetExhausted, PrivacyConfigError
@@ -55,6 +56,7 @@ from fedface.protocol import (
     ERR_DP_BUDGET_SPENT,
     ERR_KEY_MISMATCH,
     ERR_MASK_REFUSED,
+    ERR_MASK_RELEASED,
     ERR_OUT_OF_SYNC,
     ERR_PRIVACY_REFUSED,
     ERR_RELEASE_REFUSED,
@@ -89,8 +91,25 @@ ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
     ((PrivacyConfigError, NotEnoughFacesError), ERR_PRIVACY_REFUSED),
     (he.KeyMismatch, ERR_KEY_MISMATCH),
     ((he.ReleaseRefused, he.AggregateRefused), ERR_RELEASE_REFUSED),
+    (masking.MaskReleased, ERR_MASK_RELEASED),
     (MaskError, ERR_MASK_REFUSED),
 )
+
+
+def _mask_settings(cfg: RunConfig) -> MaskSettings:
+    return MaskSettings(degree=cfg.he_mask_degree, threshold=cfg.he_mask_threshold)
+
+
+def _releases(context: Context, config) -> masking.Releases:
+    """The institution's record of its masks' releases, in its state folder (the join's
+    folders name it in simulation; a deployed node's own node config otherwise)."""
+    path = context.state.config_records.get("he-mask-releases-path")
+    if path is None:
+        ins = TrainInstructions.from_record(config)
+        where = mask_releases_path(context, ins, client_id(context))
+        path = ConfigRecord({"path": str(where or "")})
+        context.state["he-mask-releases-path"] = path
+    return masking.Releases(context, str(path["path"]))
 
 
 def _session(config) -> str:
@@ -229,8 +248,8 @@ class ClientMods:
             return reply
         metrics = reply.content[METRICS]
         after = record_numpy(reply.content[ARRAYS])
-        seed = private_seeds(context, ins, client_id(context), cfg.computation(), start,
-                             after).of(SEED_HE_ROUNDING)
+        seeds = private_seeds(context, ins, client_id(context), cfg.computation(), start, after)
+        seed = seeds.of(SEED_HE_ROUNDING)
         masker, shares = None, {}
         if cfg.he_masks:  # masks that cancel only in the round's sum (client/masking.py)
             doc = masking.unpack_doc(msg.content.config_records.get(HE_MASK),
@@ -238,9 +257,10 @@ class ClientMods:
                                      "he-masks=true; the server sent none)")
 
             def masker(shape, t):
+                # The update's identity: the digest of every input that determines it.
                 mask, meta, shares[HE_MASK] = masking.mask_update(
                     context, keys, _session(msg.content[CONFIG]), doc, shape, t,
-                    ins.server_round)
+                    ins.server_round, seeds.inputs.hex())
                 return mask, meta
         record, extra = he.encrypt(cfg, keys, msg.content[CONFIG], start, after,
                                    int(metrics[NUM_EXAMPLES]),
@@ -267,18 +287,17 @@ class ClientMods:
             # The proof binds this node to its ceremony index (and sample count) for the run.
             proof = he.join_proof(keys, config, context.node_id, len(data.y_train))
             if cfg.he_masks:  # the run key that seals this institution's shares
-                proof[HE_MASK] = masking.run_advert(context, keys, _session(config))
+                proof[HE_MASK] = masking.run_advert(context, keys, _session(config),
+                                                    _releases(context, config))
             return Message(RecordDict({METRICS: MetricRecord(metrics), **proof}), reply_to=msg)
         if config.get(HE_MASK_SETUP) or config.get(HE_UNMASK):
             he.check_key(keys, config)
             run = _session(config)
             doc = masking.unpack_doc(msg.content.config_records.get(HE_MASK), "mask message")
             if config.get(HE_MASK_SETUP):
-                return Message(RecordDict({HE_MASK_ADVERT: masking.setup(context, keys, run, doc)}),
-                               reply_to=msg)
-            answers = he.mask_answers(context)
-            shares = masking.unmask(context, keys, run, doc, answers)
-            he.keep_mask_answers(context, answers)
+                advert = masking.setup(context, keys, run, doc, _mask_settings(cfg))
+                return Message(RecordDict({HE_MASK_ADVERT: advert}), reply_to=msg)
+            shares = masking.unmask(context, keys, run, doc, _releases(context, config))
             advert = masking.advertise(context, keys, run, int(config[HE_MASK_EPOCH]))
             return Message(RecordDict({HE_MASK: shares, HE_MASK_ADVERT: advert}), reply_to=msg)
         if config.get(HE_CATCH_UP):

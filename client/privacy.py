@@ -107,6 +107,12 @@ def secret_path(context: Context, ins: TrainInstructions, cid: int) -> Path | No
                        "randomness.key")
 
 
+def mask_releases_path(context: Context, ins: TrainInstructions, cid: int) -> Path | None:
+    """Where the institution records what its masks released (:mod:`client.masking`)."""
+    return _state_file(context, ins, cid, "mask_releases.json", ".mask-releases.json",
+                       "mask_releases.json")
+
+
 class PrivateSeeds:
     """Seeds of this institution's private randomness for one round (see
     :mod:`crypto.seeds`): ``seeds.of(SEED_DP_NOISE)`` etc. Nothing public determines them,

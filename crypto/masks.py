@@ -330,7 +330,7 @@ def combine(shares: Sequence[bytes], needed: int, check=None, tries: int = 64) -
     if len(shares) < needed:
         raise MaskError(f"{len(shares)} distinct shares, {needed} needed")
     last = "they do not rebuild the committed secret"
-    for subset in itertools.islice(itertools.combinations(shares, needed), tries):
+    for subset in itertools.islice(_subsets(shares, needed), tries):
         try:
             secret = combine_shares(list(subset))
         except (ValueError, IndexError, TypeError) as err:
@@ -339,6 +339,16 @@ def combine(shares: Sequence[bytes], needed: int, check=None, tries: int = 64) -
         if check is None or check(secret):
             return secret
     raise MaskError(last)
+
+
+def _subsets(shares: list[bytes], needed: int):
+    """Subsets of ``needed`` shares, those leaving out fewer shares first: one wrong share
+    among ``k`` is passed over within ``k`` tries, whatever its place."""
+    spare = len(shares) - needed
+    for left_out in range(spare + 1):
+        for out in itertools.combinations(range(len(shares)), left_out):
+            rest = [s for i, s in enumerate(shares) if i not in out]
+            yield tuple(rest[:needed])
 
 
 def _share_key(own_private: bytes, peer_public: bytes, run: str, a: int, b: int) -> bytes:

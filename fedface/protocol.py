@@ -56,6 +56,7 @@ HE_FINGERPRINT = "he-fingerprint"  # the server's key fingerprint
 HE_WEIGHT_REF = "he-weight-ref"  # clients pre-scale updates by n_k / ref (0: uniform)
 HE_COMMIT_ROUND = "he-commit-round"  # the round and FV candidate every client must hold
 HE_COMMIT_INDEX = "he-commit-index"
+HE_COMMIT_TAG = "he-commit-tag"  # the signature (hex) of the committed round's aggregate
 HE_SCALE = "he-scale"
 # Starts the error of a client that declines a round because its privacy budget is spent.
 DP_BUDGET_SPENT = "privacy budget exhausted"
@@ -108,6 +109,7 @@ ERR_PRIVACY_REFUSED = 4103  # the run asks what the institution does not allow
 ERR_KEY_MISMATCH = 4104  # the server holds another key ceremony's keys
 ERR_RELEASE_REFUSED = 4105  # a release it will not make (before the end, one update)
 ERR_MASK_REFUSED = 4106  # a mask message it will not use (crypto.masks: the reason says)
+ERR_MASK_RELEASED = 4107  # its update was unmasked in another sum already: never twice
 
 # Node config keys (``flower-supernode --node-config "k=v ..."``; the simulation sets the
 # partition ones).

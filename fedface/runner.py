@@ -168,9 +168,11 @@ class MaskedFederation:
         self.coord = MaskCoordinator(settings or MaskSettings(), run, self.server.verify_keys)
         self.t = self.keys[0].context.plain_modulus
         self.setup_bytes = [0] * n
+        self.releases = [masking.Releases(c, None) for c in self.ctx]  # in memory
+        self.settings = settings or MaskSettings()
         adverts = {}
         for k in range(n):
-            rec = masking.run_advert(self.ctx[k], self.keys[k], run)
+            rec = masking.run_advert(self.ctx[k], self.keys[k], run, self.releases[k])
             adverts[k] = unpack_doc(rec, "run key")
             self.setup_bytes[k] += len(rec["doc"])
         refused = self.coord.start(adverts)
@@ -178,19 +180,21 @@ class MaskedFederation:
             raise ValueError(f"run keys refused: {refused}")
         for k in range(n):
             down = self.coord.setup_doc(k)
-            rec = masking.setup(self.ctx[k], self.keys[k], run, down)
+            rec = masking.setup(self.ctx[k], self.keys[k], run, down, self.settings)
             self.setup_bytes[k] += len(rec["doc"]) + len(str(down))
             self.coord.take_epoch_advert(k, unpack_doc(rec, "epoch key"), self.coord.epoch)
         self.participants: list[int] = []
         self.round = 0
-        self.answers: list[dict] = [{} for _ in range(n)]  # each institution's own record
 
     def send(self, slots: dict, senders, server_round: int | None = None
              ) -> dict[int, list[bytes]]:
         """Participants in ``senders`` mask their packed ``slots`` (shape (k, n)) for round
         ``server_round`` (default: the next one), encrypt and send; the others drop
-        before sending. Returns the ciphertexts by sender and keeps per-sender seconds
-        (``self.mask_seconds``) and bytes (``self.up_bytes``)."""
+        before sending. An update's identity is a digest of its slots and round (the
+        same update sent again is the same one). Returns the ciphertexts by sender and
+        keeps per-sender seconds (``self.mask_seconds``) and bytes (``self.up_bytes``)."""
+        import hashlib
+
         from crypto.masks import add_mod
 
         self.round = self.round + 1 if server_round is None else int(server_round)
@@ -201,8 +205,9 @@ class MaskedFederation:
                 continue
             t0 = time.perf_counter()
             doc = self.coord.train_doc(k, self.participants)
+            update = hashlib.sha256(f"{self.round}|".encode() + slots[k].tobytes()).hexdigest()
             mask, meta, rec = self.masking.mask_update(self.ctx[k], self.keys[k], self.run, doc,
-                                                       slots[k].shape, self.t, self.round)
+                                                       slots[k].shape, self.t, self.round, update)
             cts[k] = self.keys[k].context.encrypt(add_mod(slots[k], mask, self.t))
             self.mask_seconds[k] = time.perf_counter() - t0
             self.up_bytes[k] = len(rec["doc"])
@@ -219,7 +224,7 @@ class MaskedFederation:
         replies, self.unmask_bytes = {}, {}
         for k in answering:
             rec = self.masking.unmask(self.ctx[k], self.keys[k], self.run, docs[k],
-                                      self.answers[k])
+                                      self.releases[k])
             replies[k] = self.unpack(rec, "shares")
             nxt = self.masking.advertise(self.ctx[k], self.keys[k], self.run, self.coord.epoch + 1)
             self.coord.take_epoch_advert(k, self.unpack(nxt, "epoch key"), self.coord.epoch + 1)

@@ -104,6 +104,7 @@ from fedface.protocol import (
     HE_CLIPPED,
     HE_COMMIT_INDEX,
     HE_COMMIT_ROUND,
+    HE_COMMIT_TAG,
     HE_FINGERPRINT,
     HE_JOIN,
     HE_MASK,
@@ -167,6 +168,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         super().__init__(**kwargs)
         self.mask_settings = masks
         self.mask_session = ""  # one per join or rejoin (bound into every mask key)
+        self._tag: tuple[int, str] = (-1, "")  # (round, tag) of the committed aggregate
         self.masks: MaskCoordinator | None = None  # the run's masks (after the join)
         self._participants: list[int] = []  # senders asked to mask in this exchange
         self._skipped: list[dict] = []  # nodes not asked to train (no key), with the reason
@@ -208,9 +210,20 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         config[HE_FINGERPRINT] = self.keys.fingerprint
         config[HE_WEIGHT_REF] = int(self.weight_ref)
         config[HE_COMMIT_ROUND], config[HE_COMMIT_INDEX] = self.commit_point
+        tag = self._commit_tag()
+        if tag:  # which aggregate: institutions commit only that one
+            config[HE_COMMIT_TAG] = tag
         if self.mask_settings is not None:
             config[HE_MASK_SESSION] = self.mask_session
         return config
+
+    def _commit_tag(self) -> str:
+        """The signature (hex) of the committed round's aggregate ("" before round 1)."""
+        rnd = int(self.commit_point[0])
+        if self._tag[0] != rnd:
+            committed = self.history.get(rnd)
+            self._tag = (rnd, from_record(committed).tag.hex() if committed is not None else "")
+        return self._tag[1]
 
     def instruct(self, ins: TrainInstructions) -> TrainInstructions:
         """PFM's momentum coefficient and FedProx's proximal weight, for the clients."""
@@ -456,6 +469,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         (the aggregate is kept for catch-up); members in ``missed`` catch up next round."""
         self.commit_point = (server_round, index)
         self.history[server_round] = arrays
+        self._tag = (-1, "")
         for r in sorted(self.history)[:-self.keep_rounds]:
             del self.history[r]
         self.lagging |= set(missed) & self.members
@@ -710,9 +724,21 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
             self._unmask = (server_round, self.masks.correction(
                 shares, count, self.keys.context.plain_modulus))
         except RoundAborted as err:
-            note["aborted"] = str(err)
-            self.mask_record["aborted"].append({"epoch": epoch, "reason": str(err)})
-            raise
+            refused = "; ".join(f"institution {r['institution']}: {r['reason'][:200]}"
+                                for r in note.get("refused", []))
+            reason = str(err) + (f" (refused: {refused})" if refused else "")
+            note["aborted"] = reason
+            self.mask_record["aborted"].append({"epoch": epoch, "reason": reason})
+            if note.get("unmask_answered"):
+                # Those that answered have released their update in this sum: the same
+                # updates (a re-run recomputes them) are never unmasked in another.
+                raise RoundAborted(
+                    f"{reason}. Institutions {note['unmask_answered']} already answered for "
+                    f"survivors {survivors}: round {server_round} can complete only with the "
+                    "same survivors (a second sum of the same updates would reveal them). "
+                    "Resume (`fedface train --resume`) once they are all back, or start a new "
+                    "run with another seed", final=True) from None
+            raise RoundAborted(reason) from None
         finally:
             self.masks.next_epoch()
         return good

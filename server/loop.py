@@ -146,6 +146,8 @@ class FederatedRun:
                 good = self.strategy.settle(grid, rnd, good, cfg.round_timeout)
             except RoundAborted as err:
                 aborted.append(str(err))
+                if err.final:
+                    raise RuntimeError(f"Round {rnd}: {err}") from None
                 continue
             break
         else:

@@ -21,7 +21,13 @@ from crypto.signing import SignatureError, verify
 
 
 class RoundAborted(RuntimeError):
-    """A training exchange whose masks cannot be removed; the round runs again."""
+    """A training exchange whose masks cannot be removed. ``final``: some institutions
+    already answered its unmasking, so running it again with other survivors would be
+    refused (the round cannot complete until they are all back)."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        super().__init__(message)
+        self.final = final
 
 
 def _hex(doc: dict, name: str, what: str) -> bytes:
@@ -100,9 +106,10 @@ class MaskCoordinator:
         if advert.get("epoch") != epoch:
             raise MaskError(f"an epoch key for epoch {advert.get('epoch')!r}, epoch {epoch} was "
                             "asked")
-        who, _ = self._check_advert(advert, kind="epoch", epoch=epoch)
+        who, public = self._check_advert(advert, kind="epoch", epoch=epoch)
         if who != sender:
             raise MaskError(f"an epoch key of institution {who} sent by institution {sender}")
+        masks.agree(masks.new_key_pair()[0], public)  # a low-order key is refused here
         holder_ids, sealed = advert.get("holders"), advert.get("shares")
         expected = list(masks.holders(self.neighbours, sender))
         if holder_ids != expected or not isinstance(sealed, list) or len(sealed) != len(expected):
@@ -174,7 +181,7 @@ class MaskCoordinator:
         :class:`RoundAborted` when some cannot be rebuilt or do not match what their
         owner signed."""
         survivors, dropped = self.announced[self.epoch]
-        got: dict[tuple[str, int], list[bytes]] = {}
+        got: dict[tuple[str, int], dict[int, bytes]] = {}
         for holder, doc in sorted(replies.items()):
             for item in doc.get("shares", []):
                 try:
@@ -182,15 +189,15 @@ class MaskCoordinator:
                     share = bytes.fromhex(item["share"])
                 except (KeyError, ValueError, TypeError):
                     raise RoundAborted(f"institution {holder} returned a malformed share") from None
-                if asked in self.asked.get(holder, set()):  # only what was asked of it
-                    got.setdefault(asked, []).append(share)
+                if asked in self.asked.get(holder, set()):  # only what was asked of it,
+                    got.setdefault(asked, {}).setdefault(holder, share)  # once per holder
         seeds, keys = {}, {}
         for u in survivors:
             needed = int(self.updates[u]["mask-needed"])
             commit = self.updates[u]["mask-commit"]
             try:
                 seeds[u] = masks.combine(
-                    got.get((SELF, u), []), needed,
+                    list(got.get((SELF, u), {}).values()), needed,
                     check=lambda s, u=u, c=commit: masks.commit_self(s, self.run, self.epoch, u) == c)
             except MaskError as err:
                 raise RoundAborted(f"the self mask of institution {u} cannot be removed: {err} "
@@ -205,15 +212,18 @@ class MaskCoordinator:
             public = adverts[d]["public"]
             try:
                 keys[d] = masks.combine(
-                    got.get((EPOCH_KEY, d), []), needed,
+                    list(got.get((EPOCH_KEY, d), {}).values()), needed,
                     check=lambda k, p=public: masks.public_of(k).hex() == p)
             except MaskError as err:
                 raise RoundAborted(f"the masks of dropped institution {d} cannot be removed: {err} "
                                    f"({len(got.get((EPOCH_KEY, d), []))} of its holders answered, "
                                    f"{needed} needed; a key must match the one it signed)") from None
         publics = {u: bytes.fromhex(adverts[u]["public"]) for u in survivors}
-        return masks.correction(seeds, keys, publics, self.neighbours, survivors, run=self.run,
-                                epoch=self.epoch, count=count, t=modulus)
+        try:
+            return masks.correction(seeds, keys, publics, self.neighbours, survivors,
+                                    run=self.run, epoch=self.epoch, count=count, t=modulus)
+        except MaskError as err:
+            raise RoundAborted(f"the masks left cannot be computed: {err}") from None
 
     def next_epoch(self) -> None:
         """The exchange is over (aggregated or aborted): its shares are forgotten."""

@@ -101,7 +101,7 @@ def test_an_equivocating_server_cannot_rebuild_both_secrets_even_with_a_colluder
     got = {masks.SELF: [], masks.EPOCH_KEY: []}
     for k, docs in [(0, said_alive), (1, said_alive), (5, said_alive),
                     (2, said_dropped), (3, said_dropped), (5, said_dropped)]:
-        rec = unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k], fed.answers[k])
+        rec = unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k], fed.releases[k])
                          if k != 5 else _colluder_answers(fed, docs[k]), "s")
         for item in rec["shares"]:
             if item["owner"] == 4:
@@ -191,16 +191,16 @@ def test_a_holder_never_reveals_both_masks_of_one_institution(ceremony):
     fed = Federation(ceremony, 6)
     fed.send(fed.updates(), range(6))
     honest = fed.coord.unmask_docs(list(range(6)), fed.participants)
-    masking.unmask(fed.ctx[0], fed.keys[0], RUN, honest[0], fed.answers[0])  # b_4, b_5 shares
+    masking.unmask(fed.ctx[0], fed.keys[0], RUN, honest[0], fed.releases[0])  # b_4, b_5 shares
     # The server now says 4 and 5 dropped, to get their epoch keys from the same holder.
     lie = fed.coord.unmask_docs([0, 1, 2, 3], fed.participants)
     with pytest.raises(MaskError, match="second, different announcement"):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, lie[0], fed.answers[0])
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, lie[0], fed.releases[0])
     # A share request that contradicts the announcement it comes with is refused too.
     mixed = dict(honest[1])
     mixed["shares"] = [{"kind": masks.EPOCH_KEY, "owner": 3, "blob": "00"}]
     with pytest.raises(MaskError, match="calls a survivor"):
-        masking.unmask(fed.ctx[1], fed.keys[1], RUN, mixed, fed.answers[1])
+        masking.unmask(fed.ctx[1], fed.keys[1], RUN, mixed, fed.releases[1])
 
 
 def test_the_server_cannot_shrink_the_group_that_protects_an_institution(ceremony):
@@ -211,13 +211,13 @@ def test_the_server_cannot_shrink_the_group_that_protects_an_institution(ceremon
     small = fed.coord.train_doc(0, [0, 3])
     small["participants"] = [0, 3]
     with pytest.raises(MaskError, match="2 of this institution's share holders take part"):
-        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, small, SHAPE, fed.t, 1)
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, small, SHAPE, fed.t, 1, "update")
     fed.send(fed.updates(), range(4))
     doc = {"epoch": fed.coord.epoch, "survivors": [0, 3], "dropped": [1, 2], "shares": []}
     with pytest.raises(MaskError, match="keeps 2 of this institution's 4 share holders"):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, doc, fed.answers[0])
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, doc, fed.releases[0])
     with pytest.raises(MaskError, match="second mask setup"):
-        masking.setup(fed.ctx[0], fed.keys[0], RUN, fed.coord.setup_doc(0))
+        masking.setup(fed.ctx[0], fed.keys[0], RUN, fed.coord.setup_doc(0), MaskSettings())
 
 
 def test_telling_each_holder_another_story_does_not_expose_an_update(ceremony):
@@ -233,7 +233,7 @@ def test_telling_each_holder_another_story_does_not_expose_an_update(ceremony):
         doc = fed.coord.unmask_docs(survivors, fed.participants)[holder]
         try:
             rec = unpack_doc(masking.unmask(fed.ctx[holder], fed.keys[holder], RUN, doc,
-                                            fed.answers[holder]), "s")
+                                            fed.releases[holder]), "s")
         except MaskError as err:
             assert holder == 0 and "share holders among the survivors" in str(err)
             continue
@@ -244,20 +244,47 @@ def test_telling_each_holder_another_story_does_not_expose_an_update(ceremony):
     assert len(keys_of[1]) + 1 < fed.coord.settings.needed(4)
 
 
-def test_a_round_is_never_unmasked_for_two_sets_that_differ_by_one(ceremony):
-    """A server that fakes an abort after the sum of round 1, re-runs round 1 without
-    institution 5 and subtracts: each holder refuses a second survivor set of the same
-    round that differs by one institution (by two or more it is a sum of several)."""
+def test_an_update_is_never_unmasked_in_two_sums(ceremony):
+    """A server that fakes an abort after the sum of round 1 and has it run again
+    without institution 5 (or without 5 and a colluder) would subtract the two sums.
+    Training is deterministic given its inputs, so the re-run recomputes the same
+    updates: each institution refuses to unmask its update in a second, different sum
+    (the record outlives the run), and answers the same survivors again."""
+    from client.masking import MaskReleased
+
     fed = Federation(ceremony, 6)
-    fed.unmask(fed.send(fed.updates(), range(6), server_round=1))
-    cts = fed.send(fed.updates(), range(5), server_round=1)  # "re-run" without 5
-    with pytest.raises(MaskError, match="differ by institution \\[5\\] alone"):
-        fed.unmask(cts)
-    fed.coord.next_epoch()  # the server gives up on that exchange
-    fed.rekey(range(6))
-    xs = fed.updates()  # a re-run without two institutions is a sum of two: answered
-    assert np.array_equal(fed.unmask(fed.send(xs, range(4), server_round=1)), _sum(xs, range(4)))
-    assert fed.answers[0] == {"1": [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3]]}
+    xs = fed.updates()
+    assert np.array_equal(fed.unmask(fed.send(xs, range(6), server_round=1)), _sum(xs, range(6)))
+    for without in ([5], [4, 5]):
+        fed.rekey(range(6))
+        cts = fed.send(xs, [k for k in range(6) if k not in without], server_round=1)
+        with pytest.raises(MaskReleased, match="already unmasked in the sum of \\[0, 1, 2, 3, 4, 5\\]"):
+            fed.unmask(cts)
+        fed.coord.next_epoch()  # the server gives up on that exchange
+    fed.rekey(range(6))  # the same survivors again: the same sum, answered
+    assert np.array_equal(fed.unmask(fed.send(xs, range(6), server_round=1)), _sum(xs, range(6)))
+    # The record lives in the institution's state folder, across runs and sessions.
+    path = fed.ctx[0].state["he-mask-releases"]["json"]
+    assert '"sessions": ["run-under-test"]' in path and "[0, 1, 2, 3, 4, 5]" in path
+
+
+def test_a_mask_session_is_joined_once(ceremony, tmp_path):
+    from client.masking import Releases
+
+    fed = Federation(ceremony, 3)
+    record = Releases(fed.ctx[0], tmp_path / "mask_releases.json")
+    masking.run_advert(fed.ctx[0], fed.keys[0], "run.s1", record)
+    again = Releases(fed.ctx[0], tmp_path / "mask_releases.json")  # a restarted node
+    assert "run.s1" in again.sessions
+    with pytest.raises(MaskError, match="was joined before"):
+        masking.run_advert(fed.ctx[0], fed.keys[0], "run.s1", again)
+    from flwr.app import Context, RecordDict
+
+    ctx = Context(run_id=1, node_id=9, node_config={}, state=RecordDict(), run_config={})
+    masking.run_advert(ctx, fed.keys[1], "run.s2", Releases(ctx, None))
+    with pytest.raises(MaskError, match="run config says degree 0"):
+        masking.setup(ctx, fed.keys[1], "run.s2", {**fed.coord.setup_doc(1),
+                                                   "settings": {"degree": 1}}, MaskSettings())
 
 
 def test_an_earlier_session_s_keys_are_not_accepted(ceremony):
@@ -268,13 +295,13 @@ def test_an_earlier_session_s_keys_are_not_accepted(ceremony):
     doc = new.coord.train_doc(0, [0, 1, 2])
     replay = dict(doc, epoch_keys=old.coord.train_doc(0, [0, 1, 2])["epoch_keys"])
     with pytest.raises(MaskError, match="another run or epoch"):
-        masking.mask_update(new.ctx[0], new.keys[0], "run.session-b", replay, SHAPE, new.t, 1)
+        masking.mask_update(new.ctx[0], new.keys[0], "run.session-b", replay, SHAPE, new.t, 1, "update")
 
 
 def test_a_key_asked_twice_is_the_same_and_an_update_under_another_is_refused(ceremony):
     fed = Federation(ceremony, 3)
     doc = fed.coord.train_doc(0, [0, 1, 2])
-    _, meta, rec = masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1)
+    _, meta, rec = masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1, "update")
     a = masking.advertise(fed.ctx[0], fed.keys[0], RUN, 2)
     assert masking.advertise(fed.ctx[0], fed.keys[0], RUN, 2)["doc"] == a["doc"]
     with pytest.raises(MaskError, match="other than the one this server handed"):
@@ -288,7 +315,7 @@ def test_one_wrong_share_among_enough_does_not_stop_the_round(ceremony):
     cts = fed.send(xs, range(6))
     docs = fed.coord.unmask_docs(list(range(6)), fed.participants)
     replies = {k: unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k],
-                                            fed.answers[k]), "s") for k in range(6)}
+                                            fed.releases[k]), "s") for k in range(6)}
     for item in replies[0]["shares"]:  # holder 0 lies about every share it holds
         item["share"] = bytes(len(bytes.fromhex(item["share"]))).hex()
     replies[1]["shares"].append({"kind": masks.SELF, "owner": 2, "share": "00" * 52})  # unasked
@@ -310,7 +337,7 @@ def test_a_wrong_announcement_is_refused_with_the_reason(ceremony, survivors, dr
     fed.send(fed.updates(), range(4))
     doc = {"epoch": fed.coord.epoch, "survivors": survivors, "dropped": dropped, "shares": []}
     with pytest.raises(MaskError, match=match):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, doc, fed.answers[0])
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, doc, fed.releases[0])
 
 
 def test_a_server_made_or_replayed_key_is_refused(ceremony):
@@ -322,11 +349,11 @@ def test_a_server_made_or_replayed_key_is_refused(ceremony):
     forged = dict(doc, epoch_keys=dict(doc["epoch_keys"]))
     forged["epoch_keys"]["1"] = dict(doc["epoch_keys"]["1"], public=public.hex())
     with pytest.raises(MaskError, match="does not verify"):
-        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, forged, SHAPE, fed.t, 1)
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, forged, SHAPE, fed.t, 1, "update")
     other = Federation(ceremony, 3, run="another-run")
     replay = dict(doc, epoch_keys=other.coord.train_doc(0, [0, 1, 2])["epoch_keys"])
     with pytest.raises(MaskError, match="another run or epoch"):
-        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, replay, SHAPE, fed.t, 1)
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, replay, SHAPE, fed.t, 1, "update")
     # The server refuses a key signed for another run, too.
     with pytest.raises(MaskError, match="does not verify"):
         fed.coord.take_epoch_advert(1, {**other.coord.epoch_adverts[1][1], "epoch": 1,
@@ -342,12 +369,12 @@ def test_a_tampered_or_misaddressed_share_does_not_verify(ceremony):
     blob[-1] ^= 1
     bad["shares"][0]["blob"] = bytes(blob).hex()
     with pytest.raises(MaskError, match="does not verify"):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, bad, fed.answers[0])
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, bad, fed.releases[0])
     # Holder 1's share handed to holder 0: sealed to another holder, it does not open.
     wrong = fed.coord.unmask_docs([0, 1, 2], fed.participants)[1]["shares"][2]
     misaddressed = dict(doc, shares=[wrong])
     with pytest.raises(MaskError, match="does not verify"):
-        masking.unmask(fed.ctx[0], fed.keys[0], RUN, misaddressed, fed.answers[0])
+        masking.unmask(fed.ctx[0], fed.keys[0], RUN, misaddressed, fed.releases[0])
 
 
 def test_shares_that_rebuild_something_else_abort_the_round(ceremony):
@@ -357,7 +384,7 @@ def test_shares_that_rebuild_something_else_abort_the_round(ceremony):
     xs = fed.updates()
     cts = fed.send(xs, range(3))
     docs = fed.coord.unmask_docs([0, 1, 2], fed.participants)
-    replies = {k: unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k], fed.answers[k]), "s")
+    replies = {k: unpack_doc(masking.unmask(fed.ctx[k], fed.keys[k], RUN, docs[k], fed.releases[k]), "s")
                for k in range(3)}
     share = bytearray(bytes.fromhex(replies[0]["shares"][0]["share"]))
     share[-1] ^= 1
@@ -371,16 +398,16 @@ def test_shares_that_rebuild_something_else_abort_the_round(ceremony):
 def test_an_institution_masks_once_per_epoch_and_only_with_a_neighbour(ceremony):
     fed = Federation(ceremony, 3)
     doc = fed.coord.train_doc(0, [0, 1, 2])
-    masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1)
+    masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1, "update")
     with pytest.raises(MaskError, match="mask twice"):
-        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1)
+        masking.mask_update(fed.ctx[0], fed.keys[0], RUN, doc, SHAPE, fed.t, 1, "update")
     with pytest.raises(MaskError, match="share holders take part"):
         masking.mask_update(fed.ctx[1], fed.keys[1], RUN, dict(doc, participants=[1]), SHAPE,
-                            fed.t, 1)
+                            fed.t, 1, "update")
     with pytest.raises(MaskError, match="no mask key"):
-        masking.mask_update(fed.ctx[2], fed.keys[2], RUN, dict(doc, epoch=7), SHAPE, fed.t, 1)
+        masking.mask_update(fed.ctx[2], fed.keys[2], RUN, dict(doc, epoch=7), SHAPE, fed.t, 1, "update")
     with pytest.raises(MaskError, match="did not join"):
-        masking.mask_update(fed.ctx[2], fed.keys[2], "a-third-run", doc, SHAPE, fed.t, 1)
+        masking.mask_update(fed.ctx[2], fed.keys[2], "a-third-run", doc, SHAPE, fed.t, 1, "update")
 
 
 def test_settings_and_wire_format_refuse_bad_input():
