@@ -75,7 +75,8 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
     server_app = build_server_app(overrides, progress=progress, result=result, resume=resume)
     client_app = build_client_app(overrides)
     backend = {"client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"logging_level": "ERROR", "log_to_driver": not quiet}}
+               "init_args": {"logging_level": "ERROR", "log_to_driver": not quiet,
+                             "include_dashboard": False}}
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

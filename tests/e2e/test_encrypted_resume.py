@@ -1,5 +1,6 @@
-"""Encrypted runs checkpoint and resume: paused and resumed through the CLI, the run ends
-bit for bit where the uninterrupted one does; the checkpoint holds ciphertexts and
+"""Encrypted runs checkpoint and resume: paused and resumed through the CLI, the run (with
+DP-SGD: the institutions' private randomness replays too) ends bit for bit where the
+uninterrupted one does; the checkpoint holds ciphertexts and
 metadata only; a checkpoint of another key ceremony, and an institution state of another
 run, are refused with the reason."""
 
@@ -45,13 +46,16 @@ _RUNS: dict = {}  # the runs below, made once for the module's tests
 
 @pytest.fixture
 def runs(small_cfg, keys, tmp_path_factory):
-    """An uninterrupted 2-round encrypted run ("full") and the same run paused after round 1
-    ("stopped", with the same institutions' secrets), both through `fedface train`."""
+    """An uninterrupted 2-round encrypted DP-SGD run ("full") and the same run paused
+    after round 1 ("stopped", with the same institutions' secrets), both through
+    `fedface train`. (DP-SGD: the resumed run also replays each institution's private
+    randomness, its noise and sampling, bit for bit.)"""
     if _RUNS.get("keys") == keys:
         return _RUNS["root"]
     root = tmp_path_factory.mktemp("runs")
     sets = [a for k, v in small_cfg.items() for a in ("--set", f"{k.replace('_', '-')}={v}")]
-    args = [*sets, "--he-keys", str(keys), "--cache-dir", str(root / "cache")]
+    args = [*sets, "--set", "dp-epsilon=8.0", "--set", "batch-size=16", "--he-keys", str(keys),
+            "--cache-dir", str(root / "cache")]
     _train([*args, "--out", str(root / "full")])
     (root / "stopped" / "clients").mkdir(parents=True)
     for f in (root / "full" / "clients").glob("*_randomness.key"):  # the same institutions
@@ -92,6 +96,7 @@ def test_a_paused_encrypted_run_resumes_bit_for_bit(runs, keys):
     _train(["--resume", str(stopped)])
     doc = json.loads((stopped / "metrics.json").read_text())
     assert doc["resumed_after_round"] == 1 and [r["round"] for r in doc["rounds"]] == [1, 2]
+    assert all(r["dp"]["epsilon_max"] > 0 for r in doc["rounds"])  # DP-SGD ran in both
     (rejoin,) = doc["encryption"]["rejoins"]
     assert rejoin["joined"] == 3 and rejoin["lagging"] == [] and rejoin["after_round"] == 1
     # The committed aggregates of both rounds decrypt to the same sums ...
