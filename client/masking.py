@@ -168,6 +168,19 @@ def setup(context: Context, keys: ClientKeys, run: str, doc: dict,
     return advertise(context, keys, run, _int(doc.get("epoch"), "the epoch"))
 
 
+def _sealed_shares(state: dict, me: int, secret: bytes, holder_ids, needed: int, *, kind: str,
+                   run: str, epoch: int) -> list[str]:
+    """Shamir shares of ``secret`` (``needed`` of them rebuild it), each sealed to its
+    holder under this institution's run key (hex, in ``holder_ids`` order)."""
+    shares = masks.share_secret(secret, holder_ids, needed)
+    own_run = bytes.fromhex(state["run_private"])
+    publics = {**state["run_publics"], str(me): state["run_public"]}
+    return [masks.seal_share(shares[h], own_run_private=own_run,
+                             holder_run_public=bytes.fromhex(publics[str(h)]), kind=kind,
+                             run=run, epoch=epoch, owner=me, holder=h).hex()
+            for h in holder_ids]
+
+
 def advertise(context: Context, keys: ClientKeys, run: str, epoch: int) -> ConfigRecord:
     """A fresh epoch key: its signed public half, and Shamir shares of its private half
     sealed to each holder (neighbours and this institution)."""
@@ -183,13 +196,8 @@ def advertise(context: Context, keys: ClientKeys, run: str, epoch: int) -> Confi
     me, settings = keys.sender, MaskSettings(**state["settings"])
     private, public = masks.new_key_pair()
     holder_ids = masks.holders({me: state["neighbours"]}, me)
-    shares = masks.share_secret(private, holder_ids, settings.needed(len(holder_ids)))
-    own_run = bytes.fromhex(state["run_private"])
-    publics = {**state["run_publics"], str(me): state["run_public"]}
-    sealed = [masks.seal_share(shares[h], own_run_private=own_run,
-                               holder_run_public=bytes.fromhex(publics[str(h)]), kind=EPOCH_KEY,
-                               run=run, epoch=epoch, owner=me, holder=h).hex()
-              for h in holder_ids]
+    sealed = _sealed_shares(state, me, private, holder_ids, settings.needed(len(holder_ids)),
+                            kind=EPOCH_KEY, run=run, epoch=epoch)
     signature = sign(keys.sign_key, masks.advert_message("epoch", run, me, epoch, public))
     advert = {"sender": me, "epoch": epoch, "public": public.hex(), "sig": signature.hex(),
               "holders": list(holder_ids), "shares": sealed}
@@ -243,13 +251,8 @@ def mask_update(context: Context, keys: ClientKeys, run: str, doc: dict, shape: 
     count = int(shape[0]) * int(shape[1])
     mask = masks.mask_of(me, seed, bytes.fromhex(private), peers, run=run, epoch=epoch,
                          count=count, t=modulus).reshape(shape)
-    shares = masks.share_secret(seed, holder_ids, needed)
-    own_run = bytes.fromhex(state["run_private"])
-    publics = {**state["run_publics"], str(me): state["run_public"]}
-    sealed = [masks.seal_share(shares[h], own_run_private=own_run,
-                               holder_run_public=bytes.fromhex(publics[str(h)]), kind=SELF,
-                               run=run, epoch=epoch, owner=me, holder=h).hex()
-              for h in holder_ids]
+    sealed = _sealed_shares(state, me, seed, holder_ids, needed, kind=SELF, run=run,
+                            epoch=epoch)
     state["used"] = sorted(set(state["used"]) | {epoch})  # forward secrecy: key dropped below
     state["rounds"][str(epoch)] = {"participants": participants, "round": int(server_round),
                                    "update": str(update)}

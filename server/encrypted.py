@@ -246,11 +246,7 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         self._new_mask_session(config)
         replies = self._query(grid, nodes, RecordDict({ARRAYS: arrays, CONFIG: config}), timeout)
         excluded, counts = self._bind(nodes, replies)
-        if len(counts) < min(self.min_train_nodes, len(nodes)) or not counts:
-            reasons = "; ".join(f"node {e['node']}: {e['reason'][:200]}" for e in excluded[:5])
-            raise RuntimeError(f"Encrypted run cannot start: {len(counts)} of {len(nodes)} "
-                               f"institutions joined, min-train-nodes={self.min_train_nodes}. "
-                               f"{reasons}")
+        self._check_joined(counts, nodes, excluded, "Encrypted run cannot start", "joined")
         self.weight_ref = max(counts) if self.weighted_by_key == NUM_EXAMPLES else 0
         self.summary = self.summary_record(record_numpy(arrays), {
             "nodes": len(nodes), "joined": len(counts), "join_excluded": excluded,
@@ -275,11 +271,8 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
         replies = self._query(grid, nodes, RecordDict({CONFIG: config}), timeout)
         lagging = {self.bound[n] for n in self.lagging if n in self.bound}  # the senders
         excluded, counts = self._bind(nodes, replies)
-        if len(counts) < min(self.min_train_nodes, len(nodes)) or not counts:
-            reasons = "; ".join(f"node {e['node']}: {e['reason'][:200]}" for e in excluded[:5])
-            raise RuntimeError(f"Encrypted run {self.run_id} cannot resume: {len(counts)} of "
-                               f"{len(nodes)} institutions rejoined, min-train-nodes="
-                               f"{self.min_train_nodes}. {reasons}")
+        self._check_joined(counts, nodes, excluded,
+                           f"Encrypted run {self.run_id} cannot resume", "rejoined")
         held = {int(m.metadata.src_node_id): int(m.content[METRICS].get(HE_ROUND, -1))
                 for m in replies if not m.has_error() and METRICS in m.content.metric_records}
         self.lagging = {n for n in self.members
@@ -291,6 +284,15 @@ class EncryptedFedAvg(Lifecycle, FedAvg):
             "senders": {str(n): k for n, k in sorted(self.bound.items())}})
         self._start_masks(grid, replies, timeout)
         return {"encryption": self.summary}
+
+    def _check_joined(self, counts: list[int], nodes: list[int], excluded: list[dict],
+                      what: str, verb: str) -> None:
+        """Refuse to go on with fewer members than ``min-train-nodes`` (the reasons of the
+        first five excluded nodes in the error)."""
+        if len(counts) < min(self.min_train_nodes, len(nodes)) or not counts:
+            reasons = "; ".join(f"node {e['node']}: {e['reason'][:200]}" for e in excluded[:5])
+            raise RuntimeError(f"{what}: {len(counts)} of {len(nodes)} institutions {verb}, "
+                               f"min-train-nodes={self.min_train_nodes}. {reasons}")
 
     def _bind(self, nodes: list[int], replies: list[Message]) -> tuple[list[dict], list[int]]:
         """Verify the join proofs of ``replies``: bind each node to the ceremony index it
