@@ -72,18 +72,6 @@ def _open(server, env, **kw):
 
 
 @pytest.fixture(scope="module")
-def ceremony(tmp_path_factory):
-    d = tmp_path_factory.mktemp("he") / "keys"
-    init_keys(d, clients=N)
-    return d
-
-
-@pytest.fixture(scope="module")
-def clients(ceremony):
-    return [load_client_keys(ceremony, k) for k in range(N)]
-
-
-@pytest.fixture(scope="module")
 def server(ceremony):
     return load_server_keys(ceremony)
 

@@ -16,20 +16,13 @@ import pytest
 
 from client import masking
 from crypto import masks
-from crypto.keys import init_keys
 from crypto.masks import MaskError, MaskSettings, pack_doc, unpack_doc
 from fedface.runner import MaskedFederation
 from server.masking import RoundAborted
 
+N = 6  # institutions of the ceremony (conftest.py)
 RUN = "run-under-test"
 SHAPE = (1, 4096)
-
-
-@pytest.fixture(scope="module")
-def ceremony(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("keys")
-    init_keys(folder, 6)
-    return folder
 
 
 class Federation(MaskedFederation):

@@ -58,18 +58,6 @@ COUNTS = {"num_examples": 10, "train_steps": 3}
 
 
 @pytest.fixture(scope="module")
-def ceremony(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sig") / "keys"
-    init_keys(d, clients=N)
-    return d
-
-
-@pytest.fixture(scope="module")
-def clients(ceremony):
-    return [load_client_keys(ceremony, k) for k in range(N)]
-
-
-@pytest.fixture(scope="module")
 def server_folder(ceremony, tmp_path_factory):
     """What the server is handed: a copy of DIR/server/ and nothing else."""
     d = tmp_path_factory.mktemp("coordinator") / "he"
