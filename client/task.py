@@ -63,7 +63,8 @@ def _load_cached(path: str, mtime: float, anonymize: tuple) -> ClientData:
 
 
 def load_client_data(context: Context, data_dir: str, cfg: RunConfig | None = None) -> ClientData:
-    """This node's data, anonymized once (and cached) when ``cfg.anonymize`` says so.
+    """This node's data, anonymized once (and cached) when ``cfg.anonymize`` says so; with
+    ``cfg.share_unlearnable`` a protected copy is written beside it once (training unchanged).
 
     Deployment: ``--node-config "data-path=..."`` names the institution's own prepared
     file (``client.npz``). Simulation: the server's prepared folder and this node's
@@ -81,6 +82,10 @@ def load_client_data(context: Context, data_dir: str, cfg: RunConfig | None = No
         raise FileNotFoundError(f"Client data {path} is missing: prepare it with `fedface "
                                 "prepare --clients 1` on this node")
     cfg = cfg if cfg is not None else client_config(context, None)
+    if cfg.share_unlearnable != "off":  # a protected copy to hand over; training is unchanged
+        from fedface.unlearnable.share import share_protected_copy
+
+        share_protected_copy(path, cfg)
     anonymize = (cfg.anonymize, cfg.anonymize_preset, cfg.anonymize_options)
     return _load_cached(str(path), os.path.getmtime(path), anonymize)
 

@@ -77,6 +77,7 @@ def train_epochs(
     batches=None,
     forward=None,
     on_empty=None,
+    augmentation=None,
 ) -> TrainResult:
     """Train ``backbone`` and ``head`` on aligned chips with cross-entropy on margin logits.
 
@@ -84,8 +85,9 @@ def train_epochs(
     ----------
     backbone, head : nn.Module
         Modified in place.
-    images : np.ndarray
-        uint8 chips (N, H, W, 3).
+    images : np.ndarray or torch.Tensor
+        uint8 chips (N, H, W, 3), or model inputs already made (float (N, 3, H, W) in
+        [-1, 1], e.g. chips plus an unlearnable noise).
     labels : np.ndarray
         Labels 0..C-1 matching the head's classes.
     epochs, batch_size : int
@@ -116,6 +118,10 @@ def train_epochs(
     on_empty : callable, optional
         Called for an empty batch (DP-SGD's Poisson sampling can draw nobody): the noise-
         only step of :meth:`fedface.privacy.PrivateTraining.empty_step`.
+    augmentation : callable, optional
+        ``augmentation(x, generator)`` transforms each batch of inputs; default
+        :func:`augment` (flip and shift). ``lambda x, g: x`` trains on the inputs as they
+        are; an adversarial-training step fits here too.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -129,7 +135,7 @@ def train_epochs(
     anchor = ([p.detach().clone() for p in backbone.parameters()] if proximal_mu > 0 else None)
     backbone.train()
     head.train()
-    x_all = to_tensor(images)
+    x_all = images if isinstance(images, torch.Tensor) else to_tensor(images)
     y_all = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     n = len(x_all)
     bs = min(batch_size, n)
@@ -143,6 +149,7 @@ def train_epochs(
     decoupled = forward is not None and anchor is not None
     batches = batches or shuffled
     forward = forward or (lambda x, y: head(backbone(x), y))
+    augmentation = augmentation or augment
 
     def proximal_step() -> None:
         """FedProx's pull towards the round's start, outside the private gradient."""
@@ -161,7 +168,7 @@ def train_epochs(
                     proximal_step()
                     steps += 1
                 continue
-            x = augment(x_all[idx], gen)
+            x = augmentation(x_all[idx], gen)
             y = y_all[idx]
             loss = F.cross_entropy(forward(x, y), y)
             if anchor is not None and not decoupled:

@@ -22,7 +22,7 @@ import os
 
 import typer
 
-from fedface.cli import anonymize, bench, data, deploy, keys, models, templates, train
+from fedface.cli import anonymize, bench, data, deploy, keys, models, templates, train, unlearnable
 from fedface.cli.common import UserErrorGroup
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command()(data.prepare)
 app.command("eval")(models.evaluate)
 app.command()(models.models)
 app.command()(anonymize.anonymize)
+app.command()(unlearnable.unlearnable)
 
 
 def main() -> None:

@@ -165,6 +165,34 @@ def bench_templates(
         bench.markdown)
 
 
+@bench_app.command("unlearnable")
+def bench_unlearnable(
+    json_path: JsonOpt,
+    lfw: Annotated[Path, typer.Option(help="LFW root (pairsDevTest.txt inside).")] =
+        Path("../shared/data/lfw"),
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="40 people, at most 20 images each, fewer iterations (a few minutes).")] = False,
+    surrogate: Annotated[str, typer.Option(help="Backbone the noise is made against.")] =
+        "tinyface",
+    other: Annotated[str, typer.Option(help="A different backbone the adversary trains.")] =
+        "mobilefacenet",
+    image_size: Annotated[int, typer.Option(help="Chip side.")] = 48,
+) -> None:
+    """Unlearnable examples measured: top-1 of recognizers trained on protected vs clean
+    images of the same LFW people (surrogate and another architecture), verification on
+    pairsDevTest, every counter-measure as a row (grayscale, JPEG 10/50, augmentation,
+    adversarial training, 20 % clean), seconds per image, perturbation, SSIM and PSNR; a
+    markdown table beside the JSON."""
+    from fedface.errors import UserError
+    from fedface.unlearnable import bench
+
+    if not (lfw / "lfw-deepfunneled").is_dir():
+        raise UserError(f"LFW not found ({lfw / 'lfw-deepfunneled'} is missing): pass --lfw")
+    run_bench_with_table(json_path, lambda: bench.bench_unlearnable(
+        lfw, quick=quick, surrogate=surrogate, other=other, image_size=image_size,
+        log=console.print), bench.markdown)
+
+
 @bench_app.command("deploy")
 def bench_deploy(
     json_path: JsonOpt,

@@ -21,13 +21,15 @@ from fedface.config.anonymize import anonymize_problems
 from fedface.config.base import FlatConfig
 from fedface.config.encryption import encryption_problems
 from fedface.config.privacy import privacy_problems
+from fedface.config.unlearnable import share_problems
 
 DEFAULT_CACHE_ENV = "FEDFACE_CACHE"
 # Names of server.strategies.STRATEGIES (a test keeps the two equal; the core does not
 # import the server package).
 STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedprox", "pfm")
 # Settings that change where and how a run is kept, not what any round computes.
-OPERATIONAL_FIELDS = ("out", "cache_dir", "round_timeout", "eval_every", "pause_after", "resume")
+OPERATIONAL_FIELDS = ("out", "cache_dir", "round_timeout", "eval_every", "pause_after", "resume",
+                      "share_unlearnable")
 # How updates travel, not what a round computes: masks cancel exactly in the sum, so a
 # masked run computes what the unmasked run computes (same private seeds).
 TRANSPORT_FIELDS = ("he_masks", "he_mask_threshold", "he_mask_degree")
@@ -168,6 +170,11 @@ class RunConfig(FlatConfig):
     anonymize_options : str
         Method options as ``key=value,...`` (e.g. ``k=10``; cloak needs
         ``surrogate=/path/model.pt``).
+    share_unlearnable : str
+        ``off`` (default), ``sample`` or ``class``: every institution also writes, once, a
+        copy of its training images protected with error-minimizing noise (beside its
+        data, ``<data>.unlearnable-<mode>/``) to hand over outside the federation; what it
+        trains on is unchanged (see ``fedface unlearnable``).
     rounds, local_epochs : int
         Federated rounds and local epochs per round (centralized: rounds x local_epochs
         epochs).
@@ -250,6 +257,7 @@ class RunConfig(FlatConfig):
     anonymize: str = "none"
     anonymize_preset: str = "medium"
     anonymize_options: str = ""
+    share_unlearnable: str = "off"
     rounds: int = 10
     local_epochs: int = 2
     fraction_train: float = 1.0
@@ -309,7 +317,7 @@ class RunConfig(FlatConfig):
                 f"min_train_nodes={self.min_train_nodes} > num_clients={self.num_clients}"
             )
         return (problems + privacy_problems(self) + encryption_problems(self)
-                + anonymize_problems(self))
+                + anonymize_problems(self) + share_problems(self))
 
     @property
     def encrypted(self) -> bool:

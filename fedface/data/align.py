@@ -54,6 +54,7 @@ __all__ = [
     "ORL_FALLBACK_BOX",
     "AlignConfig",
     "FaceAligner",
+    "chip_affine",
 ]
 
 #: Bump when the chips produced for the same file and config change; it is part of the cache key.
@@ -168,6 +169,26 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def chip_affine(details: Any) -> np.ndarray:
+    """The 2x3 map from chip pixel ``(col, row, 1)`` to image coordinates of a
+    ``dlib.chip_details``: ``dlib.extract_image_chip`` puts chip pixel ``(0, 0)`` on the
+    rectangle's top-left corner, ``(cols - 1, 0)`` on its top-right and
+    ``(cols - 1, rows - 1)`` on its bottom-right, each rotated by ``angle`` about the
+    rectangle's centre."""
+    r = details.rect
+    cx, cy = (r.left() + r.right()) / 2.0, (r.top() + r.bottom()) / 2.0
+    c, s = math.cos(details.angle), math.sin(details.angle)
+
+    def rot(x: float, y: float) -> np.ndarray:
+        dx, dy = x - cx, y - cy
+        return np.array([cx + c * dx - s * dy, cy + s * dx + c * dy])
+
+    tl, tr, br = rot(r.left(), r.top()), rot(r.right(), r.top()), rot(r.right(), r.bottom())
+    cols, rows = max(int(details.cols) - 1, 1), max(int(details.rows) - 1, 1)
+    lin = np.stack([(tr - tl) / cols, (br - tr) / rows], axis=1)
+    return np.hstack([lin, tl[:, None]])
+
+
 class FaceAligner:
     """Align faces with dlib; see the module docstring for statuses, fallback and cache.
 
@@ -242,9 +263,31 @@ class FaceAligner:
         Returns ``(chip, status)``: ``chip`` is ``(size, size, 3)`` uint8 RGB, or ``None`` when
         status is ``"skipped"``.
         """
+        chip, _affine, status = self.align_with_geometry(image)
+        return chip, status
+
+    def align_with_geometry(self, image: np.ndarray
+                            ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+        """:meth:`align`, and where the chip came from: ``(chip, affine, status)``.
+
+        ``affine`` is the 2x3 map from chip pixel ``(col, row, 1)`` to image coordinates that
+        dlib sampled the chip with (``None`` when skipped): ``cv2.warpAffine(x, affine, (w, h))``
+        carries anything drawn on the chip back into the image (what
+        :mod:`fedface.unlearnable` does with its noise).
+        """
         import dlib
 
         image = _as_rgb_uint8(image)
+        details, status = self._locate(image)
+        if details is None:
+            return None, None, status
+        chip = self._finish(dlib.extract_image_chip(image, details))
+        return chip, chip_affine(details), status
+
+    def _locate(self, image: np.ndarray) -> tuple[Any, str]:
+        """The ``dlib.chip_details`` of the face to align and its status (see the module)."""
+        import dlib
+
         h, w = image.shape[:2]
         cfg = self.config
         boxes = self._detect(image)
@@ -254,7 +297,7 @@ class FaceAligner:
                 round(left), round(top), round(right) - 1, round(bottom) - 1
             )
             shape = self.predictor(image, rect)
-            return self._chip_from_shape(image, shape), "detected"
+            return dlib.get_face_chip_details(shape, cfg.size, cfg.padding), "detected"
         if cfg.policy == "skip":
             return None, "skipped"
 
@@ -275,19 +318,11 @@ class FaceAligner:
             if lo <= ratio <= hi and shift <= _FALLBACK_MAX_SHIFT and (
                 abs(details.angle) <= _FALLBACK_MAX_ANGLE
             ):
-                return self._chip_from_shape(image, shape), "fallback_landmarks"
+                return details, "fallback_landmarks"
 
         half = side / 2.0
         box = dlib.drectangle(cx - half, cy - half, cx + half, cy + half)
-        chip = dlib.extract_image_chip(
-            image, dlib.chip_details(box, dlib.chip_dims(cfg.size, cfg.size))
-        )
-        return self._finish(chip), "fallback"
-
-    def _chip_from_shape(self, image: np.ndarray, shape: Any) -> np.ndarray:
-        import dlib
-
-        return self._finish(dlib.get_face_chip(image, shape, self.config.size, self.config.padding))
+        return dlib.chip_details(box, dlib.chip_dims(cfg.size, cfg.size)), "fallback"
 
     def _finish(self, chip: np.ndarray) -> np.ndarray:
         chip = np.asarray(chip, dtype=np.uint8)
