@@ -27,6 +27,15 @@ def _tree(root, people=3, per=4, size=40):
     return root
 
 
+class _Stop(Exception):
+    """Stands for a run killed after its first iteration."""
+
+
+def _interrupt(what, done, total):
+    if what == "min-min iterations" and done == 1:
+        raise _Stop
+
+
 def _digest(root):
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
@@ -73,15 +82,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
     cfg = NoiseConfig(**{**FAST, "max_iterations": 3})
     whole = protect_tree(src, tmp_path / "whole", cfg, cache_dir=tmp_path / "c1")
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(what, done, total):
-        if what == "min-min iterations" and done == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        protect_tree(src, tmp_path / "out", cfg, cache_dir=tmp_path / "c2", progress=interrupt)
+    with pytest.raises(_Stop):
+        protect_tree(src, tmp_path / "out", cfg, cache_dir=tmp_path / "c2", progress=_interrupt)
     partial = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert partial["complete"] is False
     state = list((tmp_path / "c2").rglob("state.pt"))
@@ -195,15 +197,8 @@ def test_changed_input_is_never_resumed_or_passed_off_as_done(tmp_path):
     src, dst = _tree(tmp_path / "in"), tmp_path / "out"
     cfg = NoiseConfig(**{**FAST, "max_iterations": 3})
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(what, done, total):
-        if what == "min-min iterations" and done == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        protect_tree(src, dst, cfg, progress=interrupt)
+    with pytest.raises(_Stop):
+        protect_tree(src, dst, cfg, progress=_interrupt)
     extra = next((src / "id_00002").glob("*.png"))
     (src / "id_00002" / "added.png").write_bytes(extra.read_bytes())
     seen = []
