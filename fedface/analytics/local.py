@@ -22,7 +22,6 @@ import sqlalchemy as sa
 from fedface.analytics.query import (
     And,
     Between,
-    Compare,
     In,
     Not,
     Or,

@@ -6,6 +6,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from fedface.analytics.local import answer, local_statistics, open_table
 from fedface.analytics.query import QueryError, Schema, parse
@@ -97,7 +98,7 @@ def test_a_sqlite_file_with_several_tables_needs_the_name_and_is_never_written(t
         open_table(path)
     site = open_table(path, table="faces")
     assert local_statistics(site, parse("count"))[()]["count"] == 10
-    with pytest.raises(Exception):  # read-only: the site's data cannot be altered
+    with pytest.raises(sa.exc.OperationalError, match="readonly"):  # the data cannot change
         with site.engine.begin() as conn:
             conn.execute(site.table.delete())
     assert path.read_bytes() == before
