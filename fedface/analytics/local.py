@@ -31,7 +31,7 @@ from fedface.analytics.query import (
     validate,
 )
 
-__all__ = ["SiteTable", "answer", "local_statistics", "open_table"]
+__all__ = ["Figure", "SiteTable", "answer", "figures", "local_statistics", "open_table"]
 
 _SQL_TYPES = {"integer": sa.Integer, "real": sa.Float, "categorical": sa.String}
 
@@ -171,29 +171,55 @@ def _condition(c, t: sa.Table):
             ">": col.__gt__, ">=": col.__ge__}[c.op](c.value)
 
 
-def _terms(spec: QuerySpec, t: sa.Table) -> list[tuple[str, Any]]:
-    """``(name, SQL expression)`` of every figure the query needs (each a sum over rows)."""
-    terms: list[tuple[str, Any]] = [("count", sa.func.count())]
+@dataclass(frozen=True)
+class Figure:
+    """One sum over a group's rows that a query needs: ``kind`` is ``count`` (rows),
+    ``n`` (non-empty cells of ``column``), ``sum``, ``sumsq`` or ``bin`` (rows in bin
+    ``index`` of ``edges``)."""
+
+    kind: str
+    column: str | None = None
+    edges: tuple[float, ...] = ()
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.kind == "count":
+            return "count"
+        if self.kind == "bin":
+            return f"bin:{self.column}:{','.join(f'{e:g}' for e in self.edges)}:{self.index}"
+        return f"{self.kind}:{self.column}"
+
+
+def figures(spec: QuerySpec) -> list[Figure]:
+    """Every figure ``spec`` needs, once each, in a fixed order (rows counted first)."""
+    out = [Figure("count")]
     for a in spec.aggregates:
         if a.column is None:
             continue
-        col = t.c[a.column]
         if a.op in ("sum", "mean", "variance"):
-            terms += [(f"n:{a.column}", sa.func.count(col)),
-                      (f"sum:{a.column}", sa.func.coalesce(sa.func.sum(col), 0))]
+            out += [Figure("n", a.column), Figure("sum", a.column)]
             if a.op == "variance":
-                terms.append((f"sumsq:{a.column}", sa.func.coalesce(sa.func.sum(col * col), 0)))
+                out.append(Figure("sumsq", a.column))
         else:
-            e = a.edges
-            for i in range(len(e) - 1):
-                inside = col < e[i + 1] if i < len(e) - 2 else col <= e[i + 1]
-                terms.append((f"bin:{a.column}:{e[0]}-{e[-1]}/{len(e)}:{i}",
-                              sa.func.coalesce(sa.func.sum(sa.case(
-                                  (sa.and_(col >= e[i], inside), 1), else_=0)), 0)))
-    seen: dict[str, Any] = {}
-    for name, expr in terms:
-        seen.setdefault(name, expr)
-    return list(seen.items())
+            out += [Figure("bin", a.column, a.edges, i) for i in range(len(a.edges) - 1)]
+    return list(dict.fromkeys(out))
+
+
+def _expression(f: Figure, t: sa.Table):
+    if f.kind == "count":
+        return sa.func.count()
+    col = t.c[f.column]
+    if f.kind == "n":
+        return sa.func.count(col)
+    if f.kind == "sum":
+        return sa.func.coalesce(sa.func.sum(col), 0)
+    if f.kind == "sumsq":
+        return sa.func.coalesce(sa.func.sum(col * col), 0)
+    e, i = f.edges, f.index
+    inside = col < e[i + 1] if i < len(e) - 2 else col <= e[i + 1]  # the last bin is closed
+    return sa.func.coalesce(sa.func.sum(sa.case((sa.and_(col >= e[i], inside), 1), else_=0)),
+                            0)
 
 
 def local_statistics(site: SiteTable, spec: QuerySpec) -> dict[tuple, dict[str, float]]:
@@ -201,7 +227,7 @@ def local_statistics(site: SiteTable, spec: QuerySpec) -> dict[tuple, dict[str, 
     is the tuple of group-by values, ``()`` without group-by). Validated first."""
     validate(spec, site.schema)
     t = site.table
-    terms = _terms(spec, t)
+    terms = [(f.name, _expression(f, t)) for f in figures(spec)]
     groups = [t.c[g] for g in spec.group_by]
     stmt = sa.select(*groups, *(expr.label(f"f{i}") for i, (_, expr) in enumerate(terms))
                      ).select_from(t)
@@ -213,34 +239,34 @@ def local_statistics(site: SiteTable, spec: QuerySpec) -> dict[tuple, dict[str, 
     with site.engine.connect() as conn:
         for row in conn.execute(stmt):
             key = tuple(row[: len(groups)])
-            figures = {name: row[len(groups) + i] or 0 for i, (name, _) in enumerate(terms)}
-            if figures["count"]:
-                out[key] = figures
+            got = {name: row[len(groups) + i] or 0 for i, (name, _) in enumerate(terms)}
+            if got["count"]:
+                out[key] = got
     return out
 
 
-def answer(spec: QuerySpec, figures: dict[str, float]) -> dict[str, Any]:
+def answer(spec: QuerySpec, values: dict[str, float]) -> dict[str, Any]:
     """The statistics of one group from its (summed) figures: counts and sums as they are,
     means and (sample) variances from sums and sums of squares, histograms, and quantiles
     read from the histogram by linear interpolation within a bin."""
     out: dict[str, Any] = {}
     for a in spec.aggregates:
         if a.op == "count":
-            out["count"] = int(figures["count"])
+            out["count"] = int(values["count"])
             continue
         c = a.column
         if a.op in ("sum", "mean", "variance"):
-            n, s = figures[f"n:{c}"], figures[f"sum:{c}"]
+            n, s = values[f"n:{c}"], values[f"sum:{c}"]
             if a.op == "sum":
                 out[f"sum({c})"] = s
             elif a.op == "mean":
                 out[f"mean({c})"] = s / n if n else None
             else:
-                ss = figures[f"sumsq:{c}"]
+                ss = values[f"sumsq:{c}"]
                 out[f"variance({c})"] = (ss - s * s / n) / (n - 1) if n > 1 else None
             continue
         e = a.edges
-        bins = [int(figures[f"bin:{c}:{e[0]}-{e[-1]}/{len(e)}:{i}"]) for i in range(len(e) - 1)]
+        bins = [int(values[Figure("bin", c, e, i).name]) for i in range(len(e) - 1)]
         if a.op == "histogram":
             out[f"histogram({c})"] = {"edges": list(e), "counts": bins}
         else:
