@@ -38,6 +38,17 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, sync: b
     return path
 
 
+def hash_file(path: str | Path, h=None):
+    """``h`` (default a new SHA-256) updated with the bytes of ``path``, read in 1 MiB blocks."""
+    import hashlib
+
+    h = h if h is not None else hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text."""
     return atomic_write(path, lambda fh: fh.write(text.encode()))

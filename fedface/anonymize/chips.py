@@ -14,7 +14,6 @@ perturbs each chip against the surrogate model named by ``surrogate=PATH``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from fedface.anonymize.boxes import Box
 from fedface.anonymize.registry import build_method, resolve_options
+from fedface.io import hash_file
 
 __all__ = ["CHIPS_VERSION", "anonymize_chips", "anonymized_client_data", "chip_face_box"]
 
@@ -58,10 +58,7 @@ def anonymize_chips(chips: np.ndarray, method: str, preset: str = "medium",
 
 
 def _key(path: Path, cfg) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    h = hash_file(path)
     h.update(json.dumps([CHIPS_VERSION, cfg.anonymize, cfg.anonymize_preset,
                          sorted(resolve_options(cfg.anonymize, cfg.anonymize_preset,
                                                 cfg.anonymize_options).items())],

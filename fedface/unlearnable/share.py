@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedface.errors import UserError
-from fedface.io import atomic_write_text
+from fedface.io import atomic_write_text, hash_file
 from fedface.unlearnable.files import MANIFEST, MANIFEST_VERSION, protect_chips, read_manifest
 from fedface.unlearnable.noise import NoiseConfig
 
@@ -35,14 +35,6 @@ def share_dir(path: str | Path, mode: str) -> Path:
     """Where the protected copy of the data file ``path`` goes."""
     path = Path(path)
     return path.with_name(f"{path.stem}.unlearnable-{mode}")
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def share_protected_copy(path: str | Path, cfg) -> Path | None:
@@ -65,7 +57,7 @@ def _share(path: str, _mtime: float, mode: str, image_size: int, backbone: str, 
     src = Path(path)
     config = NoiseConfig(mode=mode, image_size=image_size, surrogate=backbone, seed=seed)
     out = share_dir(src, mode)
-    digest = _digest(src)
+    digest = hash_file(src).hexdigest()
     settings = {"noise": config.to_dict(), "source_sha256": digest}
     old = read_manifest(out) if out.exists() else None
     if old is not None and old.get("complete") and old.get("settings") == settings:

@@ -1,6 +1,8 @@
 """The aligner's chip geometry."""
 
 import numpy as np
+
+
 def test_the_chip_geometry_is_the_landmark_transform(lfw_root):
     """``align_with_geometry``'s chip -> image map equals the 5-point transform the
     anonymizers use (one geometry), and the chip is ``align``'s chip."""
