@@ -18,6 +18,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import analytics as analytics_site
 from client.mods import ClientMods, typed_errors
 from client.privacy import DPSGDRound, released_count
 from client.task import (
@@ -55,8 +56,10 @@ from fedface.protocol import (
 from fedface.training import make_optimizer, train_epochs, verify_pairs
 
 
-def build_client_app(overrides: dict | None = None) -> ClientApp:
-    """A ClientApp whose settings are Flower's run_config updated by ``overrides``."""
+def build_client_app(overrides: dict | None = None, analytics: dict | None = None) -> ClientApp:
+    """A ClientApp whose settings are Flower's run_config updated by ``overrides``;
+    ``analytics`` holds a site's analytics defaults (:class:`client.analytics.SiteSettings`;
+    its node config wins)."""
     mods = ClientMods(overrides)
     app = ClientApp(mods=[typed_errors])
 
@@ -127,6 +130,12 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         answers them (:meth:`client.mods.ClientMods.encryption`); none reach this."""
         raise ValueError("query messages are part of encrypted aggregation, which this "
                          "run does not use")
+
+    @app.query(analytics_site.ACTION)
+    def analytics_query(msg: Message, context: Context) -> Message:
+        """One step of an encrypted analytics query (:mod:`client.analytics`)."""
+        site = analytics_site.SiteSettings.of(context, analytics)
+        return Message(content=analytics_site.handle(context, site, msg.content), reply_to=msg)
 
     return app
 

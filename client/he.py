@@ -97,8 +97,14 @@ def _keys(path: str, sender: int, mtime: float) -> ClientKeys:
 def client_keys(cfg: RunConfig, context: Context) -> ClientKeys:
     """This node's keys: node config ``he-keys`` / ``he-sender`` (deployment), else the
     run's ``he-keys`` folder and the partition id (simulation)."""
+    return node_keys(context, cfg.he_keys)
+
+
+def node_keys(context: Context, default_folder: str) -> ClientKeys:
+    """This node's ceremony keys: node config ``he-keys`` / ``he-sender``, else
+    ``default_folder`` and the partition id (what encrypted training and analytics read)."""
     node = context.node_config
-    path = Path(str(node.get(NODE_HE_KEYS, cfg.he_keys)))
+    path = Path(str(node.get(NODE_HE_KEYS, default_folder)))
     if NODE_HE_SENDER in node:
         sender = int(node[NODE_HE_SENDER])
     elif NODE_PARTITION_ID in node:
@@ -108,8 +114,7 @@ def client_keys(cfg: RunConfig, context: Context) -> ClientKeys:
                          "institution's index in the key ceremony (its folder "
                          "institutions/client_K)")
     stamp = os.path.getmtime(path) if path.exists() else 0.0
-    keys = _keys(str(path), sender, stamp)
-    return keys
+    return _keys(str(path), sender, stamp)
 
 
 def _state(context: Context) -> ConfigRecord:

@@ -11,7 +11,9 @@ untouched when its capability is off. Per handler, outermost first:
 - evaluate: ``typed_errors`` -> ``encryption`` -> ``dp_release`` -> local scoring. The
   aggregate is decrypted first (always, to stay in step), then, under DP, no model
   reaches the scoring.
-- query: ``typed_errors`` -> ``encryption`` (join, catch-up, release).
+- query: ``typed_errors`` -> ``encryption`` (join, catch-up, release);
+- query.analytics: ``typed_errors`` -> :func:`client.analytics.handle` (a site's side of
+  an encrypted analytics query).
 
 ``typed_errors`` turns an exception into ``Message(Error(code, reason), reply_to=msg)``
 with a code of :mod:`fedface.protocol` (:data:`ERROR_CODES`) and the exception's text.
@@ -43,6 +45,8 @@ from client.privacy import (
 )
 from client.task import client_config, client_id, load_client_data
 from crypto.masks import MaskError, MaskSettings
+from fedface.analytics.privacy import BudgetExhausted
+from fedface.analytics.query import QueryError
 from fedface.anonymize.ksame import NotEnoughFacesError
 from fedface.config import RunConfig
 from fedface.privacy import PrivacyBudgetExhausted, PrivacyConfigError
@@ -59,6 +63,8 @@ from fedface.protocol import (
     ERR_MASK_RELEASED,
     ERR_OUT_OF_SYNC,
     ERR_PRIVACY_REFUSED,
+    ERR_QUERY_BUDGET,
+    ERR_QUERY_REFUSED,
     ERR_RELEASE_REFUSED,
     FV_PREFIX,
     HE_CATCH_UP,
@@ -93,6 +99,8 @@ ERROR_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
     ((he.ReleaseRefused, he.AggregateRefused), ERR_RELEASE_REFUSED),
     (masking.MaskReleased, ERR_MASK_RELEASED),
     (MaskError, ERR_MASK_REFUSED),
+    (BudgetExhausted, ERR_QUERY_BUDGET),
+    (QueryError, ERR_QUERY_REFUSED),
 )
 
 

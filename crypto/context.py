@@ -82,9 +82,11 @@ class HEContext:
     """SEAL objects for one parameter set, with or without the secret key."""
 
     def __init__(self, params: HEParams, secret_key_path: str | Path | None = None, *,
-                 secret_key: bytes | None = None) -> None:
+                 secret_key: bytes | None = None, public_key: bytes | None = None) -> None:
         """``secret_key`` (bytes, as read and checked by :mod:`crypto.keys`) or
-        ``secret_key_path``: a context that can encrypt and decrypt; neither: the server's."""
+        ``secret_key_path``: a context that can encrypt and decrypt; ``public_key`` (bytes of
+        :meth:`public_key_bytes`): one that can encrypt to its owner and nothing else
+        (asymmetric BFV, the analytics querier's key); none: the server's."""
         self.params = params
         parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
         parms.set_poly_modulus_degree(params.poly_modulus_degree)
@@ -101,6 +103,19 @@ class HEContext:
         self._tmp = tempfile.TemporaryDirectory(prefix="fedface-he-",
                                                 dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self._secret = None
+        self._public = None
+        if public_key is not None:
+            self._public = seal.PublicKey()
+            path = self._path("public.key")
+            with open(path, "wb") as f:
+                f.write(bytes(public_key))
+            try:
+                self._public.load(self.seal, path)
+            except (RuntimeError, ValueError) as err:
+                raise BadCiphertext(f"not a public key for these parameters ({err}): the "
+                                    "querier's key was damaged or made for other parameters"
+                                    ) from None
+            self._public_encryptor = seal.Encryptor(self.seal, self._public)
         if secret_key is not None:
             # SEAL loads from a path: the bytes already checked go through this context's
             # own owner-only folder (not the key file again, which could have changed).
@@ -130,6 +145,30 @@ class HEContext:
         ctx = cls(params)
         seal.KeyGenerator(ctx.seal).secret_key().save(str(path))
 
+    @classmethod
+    def fresh(cls, params: HEParams) -> HEContext:
+        """A context with a secret key generated in memory and never written anywhere but
+        this context's own owner-only folder (the analytics querier's key, one per query);
+        :meth:`public_key_bytes` is what it hands out."""
+        ctx = cls(params)
+        keygen = seal.KeyGenerator(ctx.seal)
+        ctx._secret = keygen.secret_key()
+        ctx._encryptor = seal.Encryptor(ctx.seal, ctx._secret)
+        ctx._decryptor = seal.Decryptor(ctx.seal, ctx._secret)
+        ctx._public = seal.PublicKey()
+        keygen.create_public_key(ctx._public)
+        ctx._public_encryptor = seal.Encryptor(ctx.seal, ctx._public)
+        return ctx
+
+    def public_key_bytes(self) -> bytes:
+        """The public key (what a site encrypts its reply with)."""
+        if self._public is None:
+            raise MissingSecretKey("this context holds no public key")
+        path = self._path("public.out")
+        self._public.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
     @property
     def has_secret_key(self) -> bool:
         return self._secret is not None
@@ -145,8 +184,11 @@ class HEContext:
         return os.path.join(self._tmp.name, name)
 
     def encrypt(self, slots: np.ndarray) -> list[bytes]:
-        """Encrypt rows of ``slots`` (uint64, shape (k, n), values < t): seeded ciphertexts."""
-        self._need_secret("encrypt")
+        """Encrypt rows of ``slots`` (uint64, shape (k, n), values < t): seeded ciphertexts
+        under the secret key, or full ciphertexts under the public key when the context
+        holds one (it then never uses a secret key it may also hold)."""
+        if self._public is None:
+            self._need_secret("encrypt")
         slots = np.asarray(slots, dtype=np.uint64)
         if slots.ndim != 2 or slots.shape[1] != self.params.slots:
             raise ValueError(f"slots of shape {slots.shape}: expected (k, {self.params.slots})")
@@ -157,7 +199,12 @@ class HEContext:
         for row in slots:
             pt = seal.Plaintext()
             self.encoder.encode(row.tolist(), pt)
-            self._encryptor.encrypt_symmetric(pt).save(path)
+            if self._public is not None:
+                ct = seal.Ciphertext()
+                self._public_encryptor.encrypt(pt, ct)
+                ct.save(path)
+            else:
+                self._encryptor.encrypt_symmetric(pt).save(path)
             with open(path, "rb") as f:
                 out.append(f.read())
         return out

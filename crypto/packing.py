@@ -163,3 +163,37 @@ def spec_digest(state: dict[str, np.ndarray], keys: list[str]) -> str:
 
     blob = ";".join(f"{k}:{tuple(np.asarray(state[k]).shape)}" for k in keys)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- integers
+#: Signed 64-bit integers travel as four 16-bit limbs (two's complement), one code each:
+#: limbs add without carrying into each other, and the total is read back modulo 2^64.
+LIMB_BITS = 16
+LIMBS = 4
+
+
+def integer_layout(length: int, max_senders: int, slots: int, plain_bits: int) -> Layout:
+    """The layout of ``length`` signed 64-bit integers summed over up to ``max_senders``
+    senders (exact while the true total stays within int64)."""
+    return make_layout(length * LIMBS, bits=LIMB_BITS, clip=1.0, max_clients=max_senders,
+                       max_multiplier=1, slots=slots, plain_bits=plain_bits)
+
+
+def pack_integers(values: np.ndarray, layout: Layout) -> np.ndarray:
+    """int64 values -> slot matrix (their limbs, :func:`pack`)."""
+    u = np.asarray(values, dtype=np.int64).ravel().view(np.uint64)
+    if u.size * LIMBS != layout.length:
+        raise ValueError(f"{u.size} integers do not match the layout ({layout.length // LIMBS})")
+    limbs = np.stack([(u >> np.uint64(LIMB_BITS * j)) & np.uint64(2**LIMB_BITS - 1)
+                      for j in range(LIMBS)], axis=1)
+    return pack(limbs.reshape(-1), layout)
+
+
+def unpack_integers(slots: np.ndarray, layout: Layout) -> list[int]:
+    """Summed slot matrix -> the signed totals (Python integers)."""
+    limbs = unpack(np.asarray(slots, dtype=np.uint64), layout).reshape(-1, LIMBS)
+    out = []
+    for row in limbs.tolist():
+        v = sum(int(x) << (LIMB_BITS * j) for j, x in enumerate(row)) % 2**64
+        out.append(v - 2**64 if v >= 2**63 else v)
+    return out

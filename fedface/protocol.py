@@ -110,6 +110,8 @@ ERR_KEY_MISMATCH = 4104  # the server holds another key ceremony's keys
 ERR_RELEASE_REFUSED = 4105  # a release it will not make (before the end, one update)
 ERR_MASK_REFUSED = 4106  # a mask message it will not use (crypto.masks: the reason says)
 ERR_MASK_RELEASED = 4107  # its update was unmasked in another sum already: never twice
+ERR_QUERY_REFUSED = 4108  # an analytics query the site cannot or will not answer (schema, key, ...)
+ERR_QUERY_BUDGET = 4109  # an analytics query that would overspend the site's privacy budget
 
 # Node config keys (``flower-supernode --node-config "k=v ..."``; the simulation sets the
 # partition ones).
@@ -125,9 +127,13 @@ NODE_HE_KEYS = "he-keys"  # the institution's key folder (encrypted runs)
 NODE_HE_SENDER = "he-sender"  # its index in the key ceremony
 NODE_ANONYMIZE = "anonymize"  # the site's own anonymizer: applied whatever the run says
 NODE_ANONYMIZE_PRESET = "anonymize-preset"  # and its strength
+NODE_ANALYTICS_TABLE = "analytics-table"  # the site's table for analytics queries (CSV, SQLite)
+NODE_ANALYTICS_BUDGET = "analytics-budget"  # epsilon the site spends on queries, all together
+NODE_ANALYTICS_EXACT = "analytics-exact"  # whether it answers queries without DP noise
 NODE_CONFIG_KEYS = (NODE_PARTITION_ID, NODE_NUM_PARTITIONS, NODE_DATA_PATH, NODE_STATE_DIR,
                     NODE_DP_EPSILON, NODE_DP_DELTA, NODE_DP_UNIT, NODE_FEDERATION_SIZE,
-                    NODE_HE_KEYS, NODE_HE_SENDER, NODE_ANONYMIZE, NODE_ANONYMIZE_PRESET)
+                    NODE_HE_KEYS, NODE_HE_SENDER, NODE_ANONYMIZE, NODE_ANONYMIZE_PRESET,
+                    NODE_ANALYTICS_TABLE, NODE_ANALYTICS_BUDGET, NODE_ANALYTICS_EXACT)
 
 
 @dataclass

@@ -56,8 +56,6 @@ def resume_config(out_dir: str, **changes) -> RunConfig:
 def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bool = True,
                    resume: bool = False) -> dict:
     """A federated run of ``cfg.num_clients`` simulated institutions on this machine."""
-    from flwr.simulation import run_simulation as flwr_run_simulation
-
     from client.app import build_client_app
     from fedface.privacy import check_privacy
     from server.app import build_server_app
@@ -74,7 +72,22 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
     overrides = cfg.to_run_config()
     server_app = build_server_app(overrides, progress=progress, result=result, resume=resume)
     client_app = build_client_app(overrides)
-    backend = {"client_resources": {"num_cpus": cfg.num_cpus_per_client, "num_gpus": 0.0},
+    _simulate(server_app, client_app, cfg.num_clients, cfg.num_cpus_per_client, quiet)
+    if isinstance(result.get("error"), Exception):
+        raise result["error"]
+    if not result:
+        raise RuntimeError(
+            "The federated run ended without results: see the Flower log above "
+            "(re-run with --verbose for the clients' output)"
+        )
+    return result
+
+
+def _simulate(server_app, client_app, supernodes: int, num_cpus: float, quiet: bool) -> None:
+    """Flower's simulation engine on this machine, its log quiet unless asked."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    backend = {"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
                "init_args": {"logging_level": "ERROR", "log_to_driver": not quiet,
                              "include_dashboard": False}}
     flwr_logger = logging.getLogger("flwr")
@@ -87,17 +100,70 @@ def run_simulation(cfg: RunConfig, progress: ProgressFn | None = None, quiet: bo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             flwr_run_simulation(server_app=server_app, client_app=client_app,
-                                num_supernodes=cfg.num_clients, backend_config=backend)
+                                num_supernodes=supernodes, backend_config=backend)
     finally:
         flwr_logger.setLevel(level)
+
+
+def run_query_simulation(querier, verify_keys: dict, sites: int, site_defaults: dict, *,
+                         exclude_refusing: bool = False, quiet: bool = True):
+    """One encrypted analytics query across ``sites`` simulated institutions (Flower's
+    simulation engine, fedface's ServerApp and ClientApp); returns the
+    :class:`server.analytics.QueryResult`. ``site_defaults`` are the sites' settings
+    (:class:`client.analytics.SiteSettings`: ``table`` with ``{partition}``, ``keys``,
+    ``state_dir``, ``budget``, ``exact``)."""
+    from client.app import build_client_app
+    from server.app import build_query_server_app
+
+    result: dict = {}
+    server_app = build_query_server_app(querier, verify_keys, result, sites=sites,
+                                        exclude_refusing=exclude_refusing)
+    _simulate(server_app, build_client_app(analytics=site_defaults), sites, 1.0, quiet)
     if isinstance(result.get("error"), Exception):
         raise result["error"]
-    if not result:
-        raise RuntimeError(
-            "The federated run ended without results: see the Flower log above "
-            "(re-run with --verbose for the clients' output)"
-        )
-    return result
+    if "result" not in result:
+        raise RuntimeError("the query ended without an answer: see the Flower log above "
+                           "(re-run with --verbose)")
+    return result["result"]
+
+
+def run_query_in_process(querier, verify_keys: dict, sites: int, site_defaults: dict, *,
+                         exclude_refusing: bool = False):
+    """The same query with the sites answering in this process, one after another (no
+    Flower transport): what ``fedface query --in-process`` and ``fedface bench query`` run.
+    Each site has its own node context, settings and keys, exactly as in a run."""
+    from flwr.app import Context, RecordDict
+
+    from client.analytics import SiteSettings
+    from server.analytics import in_process_transport, run_query
+
+    contexts = {k + 1: Context(run_id=1, node_id=k + 1, node_config={"partition-id": k},
+                               state=RecordDict(), run_config={}) for k in range(sites)}
+    settings = {n: SiteSettings.of(c, site_defaults) for n, c in contexts.items()}
+    return run_query(querier, verify_keys, in_process_transport(contexts, settings),
+                     sorted(contexts), exclude_refusing=exclude_refusing)
+
+
+def ask_query(spec, schema, keys_dir, sites: int, site_defaults: dict, *,
+              engine: str = "simulation", text: str = "", exclude_refusing: bool = False,
+              quiet: bool = True, **query):
+    """One encrypted analytics query: a :class:`server.analytics.Querier` (a fresh key,
+    signed with the ceremony's server key in ``keys_dir``) asks ``sites`` institutions
+    through ``engine`` (``simulation``: Flower's engine; ``in-process``: the sites' handler
+    called directly). ``query`` holds the querier's settings (epsilon, delta, min_cell,
+    frac_bits, settings, max_sites). Returns the :class:`server.analytics.QueryResult`."""
+    from crypto.keys import load_server_keys
+    from server.analytics import Querier
+
+    server = load_server_keys(keys_dir)
+    querier = Querier(spec, schema, server.sign_key, text=text, **query)
+    if engine == "in-process":
+        return run_query_in_process(querier, server.verify_keys, sites, site_defaults,
+                                    exclude_refusing=exclude_refusing)
+    if engine != "simulation":
+        raise ValueError(f"engine {engine!r}: use simulation or in-process")
+    return run_query_simulation(querier, server.verify_keys, sites, site_defaults,
+                                exclude_refusing=exclude_refusing, quiet=quiet)
 
 
 def run_centralized(cfg: RunConfig, progress: ProgressFn | None = None) -> dict:

@@ -50,3 +50,44 @@ def build_server_app(overrides: dict | None = None, progress: ProgressFn | None 
 
 
 app = build_server_app()
+
+
+def build_query_server_app(querier, verify_keys: dict, result: dict, *, sites: int = 0,
+                           exclude_refusing: bool = False, wait: float = 60.0,
+                           timeout: float = 120.0) -> ServerApp:
+    """A ServerApp that runs one encrypted analytics query (:func:`server.analytics.run_query`)
+    over every connected node and puts the :class:`~server.analytics.QueryResult` in
+    ``result["result"]`` (or the exception in ``result["error"]``).
+
+    Parameters
+    ----------
+    querier : server.analytics.Querier
+        The query and its fresh key (made in the caller's process: the secret key stays there).
+    verify_keys : dict
+        The sites' public signing keys (the ceremony's server bundle).
+    sites : int
+        Nodes to wait for (up to ``wait`` seconds) before asking; 0: those connected.
+    """
+    import time
+
+    from server.analytics import QueryFailed, flower_transport, run_query
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            deadline = time.monotonic() + wait
+            nodes = sorted(grid.get_node_ids())
+            while sites and len(nodes) < sites and time.monotonic() < deadline:
+                time.sleep(0.5)
+                nodes = sorted(grid.get_node_ids())
+            if not nodes:
+                raise QueryFailed("no site is connected: start the SuperNodes first")
+            result["result"] = run_query(querier, verify_keys, flower_transport(grid, timeout),
+                                         nodes, exclude_refusing=exclude_refusing)
+        except Exception as err:
+            result["error"] = err
+            raise
+
+    return app

@@ -206,10 +206,13 @@ def figures(spec: QuerySpec) -> list[Figure]:
     return list(dict.fromkeys(out))
 
 
-def _expression(f: Figure, t: sa.Table):
+def _expression(f: Figure, t: sa.Table, clip: dict | None = None):
     if f.kind == "count":
         return sa.func.count()
     col = t.c[f.column]
+    if clip and f.column in clip and f.kind in ("sum", "sumsq"):
+        lo, hi = clip[f.column]  # SQLite's scalar min/max: the value clipped to [lo, hi]
+        col = sa.func.max(lo, sa.func.min(hi, col))
     if f.kind == "n":
         return sa.func.count(col)
     if f.kind == "sum":
@@ -222,12 +225,15 @@ def _expression(f: Figure, t: sa.Table):
                             0)
 
 
-def local_statistics(site: SiteTable, spec: QuerySpec) -> dict[tuple, dict[str, float]]:
+def local_statistics(site: SiteTable, spec: QuerySpec, clip: dict | None = None
+                     ) -> dict[tuple, dict[str, float]]:
     """``{group key: {figure: value}}`` of ``spec`` on ``site`` (exact sums; the group key
-    is the tuple of group-by values, ``()`` without group-by). Validated first."""
+    is the tuple of group-by values, ``()`` without group-by). Validated first. ``clip``
+    (column -> (low, high)) clips summed values first (what bounds a row's weight under
+    differential privacy)."""
     validate(spec, site.schema)
     t = site.table
-    terms = [(f.name, _expression(f, t)) for f in figures(spec)]
+    terms = [(f.name, _expression(f, t, clip)) for f in figures(spec)]
     groups = [t.c[g] for g in spec.group_by]
     stmt = sa.select(*groups, *(expr.label(f"f{i}") for i, (_, expr) in enumerate(terms))
                      ).select_from(t)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["AGGREGATES", "Aggregate", "And", "Between", "Compare", "In", "Not", "Or",
-           "QueryError", "QuerySpec", "Schema", "parse", "validate"]
+           "QueryError", "QuerySpec", "Schema", "load_schema", "parse", "validate"]
 
 AGGREGATES = ("count", "sum", "mean", "variance", "histogram", "quantiles")
 NUMERIC = ("integer", "real")
@@ -400,15 +400,92 @@ def parse(text: str) -> QuerySpec:
 
 @dataclass(frozen=True)
 class Schema:
-    """A site's declared columns: ``{name: "integer" | "real" | "categorical"}``."""
+    """Declared columns: ``{name: "integer" | "real" | "categorical"}``.
+
+    The federation's schema (what the querier declares and every site must match) also
+    lists the values of categorical columns (``categories``: the groups a group-by fills,
+    fixed before any site computes) and the range of numeric ones (``ranges``: values are
+    clipped to it under differential privacy, so that one row moves a sum by a bounded
+    amount). A site's own schema, read from its table, has neither.
+    """
 
     columns: dict[str, str]
+    categories: dict[str, tuple] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.columns.items() if v not in TYPES}
         if bad:
             raise QueryError(f"schema: column types must be one of {', '.join(TYPES)}; got "
                              + ", ".join(f"{k}: {v!r}" for k, v in bad.items()))
+        problems = [f"values of {c!r}: it is not a categorical column of the schema"
+                    for c in self.categories if self.columns.get(c) != "categorical"]
+        problems += [f"range of {c!r}: it is not a numeric column of the schema"
+                     for c in self.ranges if self.columns.get(c) not in NUMERIC]
+        problems += [f"range of {c!r}: [{lo}, {hi}] must be two numbers, low <= high"
+                     for c, (lo, hi) in self.ranges.items()
+                     if not (_is_number(lo) and _is_number(hi) and lo <= hi)]
+        if problems:
+            raise QueryError("schema: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str = "schema") -> Schema:
+        """``{"columns": {name: type, or {"type": t, "values": [...], "range": [lo, hi]}}}``."""
+        cols = doc.get("columns") if isinstance(doc, dict) else None
+        if not isinstance(cols, dict) or not cols:
+            raise QueryError(f"{where}: expected an object {{\"columns\": {{name: type, ...}}}}")
+        columns, categories, ranges = {}, {}, {}
+        for name, d in cols.items():
+            d = {"type": d} if isinstance(d, str) else d
+            if not isinstance(d, dict) or not isinstance(d.get("type"), str):
+                raise QueryError(f"{where}: column {name!r} must be a type name or an object "
+                                 "with a 'type'")
+            columns[name] = d["type"]
+            if "values" in d:
+                if not isinstance(d["values"], list) or not d["values"]:
+                    raise QueryError(f"{where}: the values of {name!r} must be a non-empty list")
+                categories[name] = tuple(d["values"])
+            if "range" in d:
+                r = d["range"]
+                if not (isinstance(r, list) and len(r) == 2):
+                    raise QueryError(f"{where}: the range of {name!r} must be [low, high]")
+                ranges[name] = (r[0], r[1])
+        return cls(columns, categories, ranges)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name, kind in self.columns.items():
+            d: dict[str, Any] = {"type": kind}
+            if name in self.categories:
+                d["values"] = list(self.categories[name])
+            if name in self.ranges:
+                d["range"] = list(self.ranges[name])
+            out[name] = d
+        return {"columns": out}
+
+    def mismatches(self, site: Schema) -> list[str]:
+        """How a site's table differs from this declared schema (empty: it fits)."""
+        out = [f"it lacks the column {c!r}" for c in self.columns if c not in site.columns]
+        out += [f"its column {c!r} is {site.columns[c]}, declared {k}"
+                for c, k in self.columns.items()
+                if c in site.columns and site.columns[c] != k
+                and not (k == "real" and site.columns[c] == "integer")]
+        return out
+
+
+def load_schema(path) -> Schema:
+    """A schema from a JSON file (:meth:`Schema.from_dict`)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QueryError(f"schema file {path} does not exist") from None
+    except ValueError as err:
+        raise QueryError(f"schema file {path} is not valid JSON ({err})") from None
+    return Schema.from_dict(doc, where=str(path))
 
 
 def _columns_of(c) -> list:

@@ -9,6 +9,8 @@
 - ``anonymize``: faces in images and videos (:mod:`fedface.cli.anonymize`);
 - ``templates``: protected face templates in a store (:mod:`fedface.cli.templates`);
 - ``deploy``: provision and run a deployment across hospitals (:mod:`fedface.cli.deploy`);
+- ``unlearnable``: error-minimizing noise on an identity folder (:mod:`fedface.cli.unlearnable`);
+- ``query``: encrypted statistics across institutions (:mod:`fedface.cli.analytics`);
 - the tables of a run's summary: :mod:`fedface.cli.summary`; what the commands share
   (console, options, ``--set``): :mod:`fedface.cli.common`.
 
@@ -22,7 +24,18 @@ import os
 
 import typer
 
-from fedface.cli import anonymize, bench, data, deploy, keys, models, templates, train, unlearnable
+from fedface.cli import (
+    analytics,
+    anonymize,
+    bench,
+    data,
+    deploy,
+    keys,
+    models,
+    templates,
+    train,
+    unlearnable,
+)
 from fedface.cli.common import UserErrorGroup
 
 app = typer.Typer(
@@ -41,6 +54,7 @@ app.command("eval")(models.evaluate)
 app.command()(models.models)
 app.command()(anonymize.anonymize)
 app.command()(unlearnable.unlearnable)
+app.command()(analytics.query)
 
 
 def main() -> None:

@@ -216,3 +216,28 @@ def bench_deploy(
     run_bench_with_table(json_path, lambda: bench.run(
         json_path.parent / "deploy_work", app_dir, quick=quick, encrypted=encrypted,
         log=console.print), bench.markdown)
+
+
+@bench_app.command("query")
+def bench_query(
+    json_path: JsonOpt,
+    sizes: Annotated[str, typer.Option(help="Comma-separated numbers of sites.")] = "3,10,50",
+    repeats: Annotated[int, typer.Option(help="Timed runs per size (median reported).")] = 5,
+    flower_sites: Annotated[int, typer.Option(
+        help="Sites of the extra run through Flower's simulation engine (0: none).")] = 3,
+) -> None:
+    """Encrypted analytics queries against the same query in plaintext, side by side:
+    seconds, bytes and the ratio at each federation size, the answers checked equal; one
+    DP row (10 sites, epsilon 1) and one run through Flower's simulation engine; a
+    markdown table beside the JSON."""
+    from fedface.analytics import bench
+    from fedface.errors import UserError
+
+    try:
+        ns = tuple(int(x) for x in sizes.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--sizes {sizes!r}: give numbers of sites, e.g. 3,10,50") from None
+    if not ns or min(ns) < 2 or repeats < 1:
+        raise UserError("--sizes needs two or more sites each, --repeats at least 1")
+    run_bench_with_table(json_path, lambda: bench.bench_query(
+        ns, repeats=repeats, flower_sites=flower_sites, log=console.print), bench.markdown)
