@@ -27,9 +27,8 @@ The site's table is opened read-only and never written.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,24 +54,30 @@ from fedface.analytics.privacy import (
 )
 from fedface.analytics.query import QueryError, QuerySpec, Schema, validate
 from fedface.analytics.vector import Layout
+from fedface.analytics.wire import (
+    KEY,
+    KIND,
+    PURPOSE,
+    QUERY,
+    REPLY,
+    SHARES,
+    STEP,
+    VERSION,
+    canonical,
+    key_id,
+    query_digest,
+)
+from fedface.io import hash_file
 from fedface.protocol import (
     NODE_ANALYTICS_BUDGET,
     NODE_ANALYTICS_EXACT,
+    NODE_ANALYTICS_MAX_DELTA,
     NODE_ANALYTICS_TABLE,
     NODE_PARTITION_ID,
     NODE_STATE_DIR,
 )
 
-ACTION = "analytics"  # message type "query.analytics"
-STEP = "analytics-step"  # config record: {"doc": {"step": ..., ...}}
-QUERY = "analytics-query"  # config record: the signed query (join)
-KEY = "analytics-key"  # array record: the querier's public key (join)
-REPLY = "analytics-reply"  # array record: the site's envelope (compute)
-SHARES = "analytics-shares"  # config record: sealed shares (compute) or opened ones (unmask)
 STATE = "analytics-state"
-KIND = "analytics-reply"  # envelope kind
-PURPOSE = "fedface-analytics-query"
-VERSION = 1
 
 
 class QueryRefused(QueryError):
@@ -95,14 +100,23 @@ class SiteSettings:
     budget : float
         Epsilon it spends on DP queries, all together (``analytics-budget``).
     exact : bool
-        Whether it answers queries without noise (``analytics-exact``).
+        Whether it answers queries without noise (``analytics-exact``; off unless the site
+        says so: an exact total of two sites, or grouped by site, is their own figures).
+        An exact answer from a table is released in one sum of sites only.
+    max_delta : float
+        The largest delta of a DP query it answers (``analytics-max-delta``).
+    max_age : float
+        Seconds a signed query stays valid after it was issued (a replay after that is
+        refused even where the site's state was lost).
     """
 
     table: str = ""
     keys: str = ""
     state_dir: str = ""
     budget: float = 10.0
-    exact: bool = True
+    exact: bool = False
+    max_delta: float = 1e-5
+    max_age: float = 3600.0
 
     @classmethod
     def of(cls, context: Context, defaults: dict | None = None) -> SiteSettings:
@@ -111,12 +125,13 @@ class SiteSettings:
         part = str(node.get(NODE_PARTITION_ID, context.node_id))
         table = str(node.get(NODE_ANALYTICS_TABLE, d.get("table", ""))).replace("{partition}", part)
         state = str(node.get(NODE_STATE_DIR, d.get("state_dir", ""))).replace("{partition}", part)
-        exact = node.get(NODE_ANALYTICS_EXACT, d.get("exact", True))
+        exact = node.get(NODE_ANALYTICS_EXACT, d.get("exact", False))
         if isinstance(exact, str):
             exact = exact.strip().lower() in ("1", "true", "yes")
         return cls(table=table, keys=str(d.get("keys", "")), state_dir=state,
                    budget=float(node.get(NODE_ANALYTICS_BUDGET, d.get("budget", 10.0))),
-                   exact=bool(exact))
+                   exact=bool(exact),
+                   max_delta=float(node.get(NODE_ANALYTICS_MAX_DELTA, d.get("max_delta", 1e-5))))
 
     def releases_path(self, sender: int) -> Path | None:
         return Path(self.state_dir) / f"analytics-releases-{sender}.json" if self.state_dir else None
@@ -127,23 +142,16 @@ class SiteSettings:
         return SiteBudget(Path(self.state_dir) / f"analytics-budget-{sender}.json", self.budget)
 
 
-def canonical(doc: dict) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-
-
-def key_id(public_key: bytes) -> str:
-    """The querier key's name in every header: a hash of the public key."""
-    return hashlib.sha256(b"fedface/analytics/key|" + bytes(public_key)).hexdigest()[:32]
-
-
-def query_digest(doc: dict) -> str:
-    return hashlib.sha256(canonical(doc)).hexdigest()
-
-
-def read_query(doc: dict, signature: bytes, public_key: bytes, server_key) -> dict:
-    """The query, once its signature (the ceremony's server key) and key are checked."""
+def read_query(doc: dict, signature: bytes, public_key: bytes, querier_key,
+               max_age: float = 3600.0) -> dict:
+    """The query, once its signature (the ceremony's querier key), its key and its age are
+    checked."""
+    if querier_key is None:
+        raise QueryRefused("this site's key ceremony names no analytics querier (made before "
+                           "queries existed): rotate the ceremony (`fedface keys rotate`) and "
+                           "install the new folders")
     try:
-        verify(server_key, bytes(signature), canonical(doc), "the querier's query")
+        verify(querier_key, bytes(signature), canonical(doc), "the querier's query")
     except SignatureError:
         raise QueryRefused("the query's signature does not verify against the key ceremony's "
                            "server key: not made by the federation's querier, or altered on "
@@ -155,6 +163,14 @@ def read_query(doc: dict, signature: bytes, public_key: bytes, server_key) -> di
         raise QueryRefused("the public key that came with the query is not the one the querier "
                            "signed (swapped on the way, or a stale key of another query); "
                            "refused")
+    session, query = str(doc.get("session", "")), str(doc.get("query", ""))
+    if not query or not session.endswith("/" + query):
+        raise QueryRefused(f"session {session!r} does not belong to query {query!r}: refused")
+    age = time.time() - float(doc.get("issued", 0))
+    if not -300 <= age <= max_age:
+        raise QueryRefused(f"the query was issued {age:.0f} s ago; this site answers queries "
+                           f"issued within {max_age:.0f} s (a replay, or the clocks differ): "
+                           "ask again")
     return doc
 
 
@@ -183,8 +199,11 @@ def join(context: Context, keys: ClientKeys, site: SiteSettings, content: Record
     if KEY not in content.array_records:
         raise QueryRefused("the query came without the querier's public key")
     public = content.array_records[KEY]["key"].numpy().tobytes()
-    doc = read_query(doc, signature, public, keys.server_verify_key)
+    doc = read_query(doc, signature, public, keys.querier_verify_key, site.max_age)
     spec, schema, layout, params = _layouts(doc)
+    if not site.state_dir:
+        raise QueryRefused(f"site {keys.sender} keeps no state folder (set its state-dir): its "
+                           "privacy ledger and the record of what it released live there")
     if not site.table:
         raise QueryRefused("this site has no analytics table: set its node config "
                            "analytics-table=PATH (a CSV or SQLite file)")
@@ -199,27 +218,29 @@ def join(context: Context, keys: ClientKeys, site: SiteSettings, content: Record
     # the declared types (SQLite compares an integer column with real bounds as numbers)
     table = SiteTable(table.engine, table.table, Schema(dict(schema.columns)))
     validate(spec, table.schema)
-    epsilon = float(doc["epsilon"])
+    epsilon, delta = float(doc["epsilon"]), float(doc["delta"])
     if epsilon <= 0 and not site.exact:
         raise QueryRefused(f"site {keys.sender} answers only queries with differential privacy "
                            "(its analytics-exact is false): ask again with an epsilon")
     if epsilon > 0:
+        if delta > site.max_delta:
+            raise QueryRefused(f"delta {delta:g} is above this site's analytics-max-delta "
+                               f"{site.max_delta:g}: ask with a smaller delta")
         budget = site.budget_of(keys.sender)
-        if budget is None:
-            raise QueryRefused(f"site {keys.sender} keeps no privacy ledger (set its state-dir): "
-                               "it cannot answer a DP query")
         left = site.budget - budget.spent
         if epsilon > left + 1e-12:
             raise BudgetExhausted(f"privacy budget spent: site {keys.sender} has epsilon {left:.3g} "
                                   f"of {site.budget:.3g} left, this query asks {epsilon:.3g}; "
                                   "refused here")
-        sensitivities(layout, schema.ranges)  # refuses a summed column without a range
+        _noise_plan(doc, layout, schema)  # refuses ranges the noise cannot cover
     clip = dict(schema.ranges) if epsilon > 0 else None
     vector = layout.encode(local_statistics(table, spec, clip))
+    _check_room(vector, doc, "its figures")
     releases = masking.Releases(context, site.releases_path(keys.sender))
     advert = masking.run_advert(context, keys, doc["session"], releases)
     context.state[STATE] = pack_doc({"query": doc, "public": public.hex(),
-                                     "vector": [int(v) for v in vector]})
+                                     "vector": [int(v) for v in vector],
+                                     "table": hash_file(site.table).hexdigest()})
     return RecordDict({SHARES: pack_doc({"sender": keys.sender, "advert": unpack_doc(advert, "")})})
 
 
@@ -229,6 +250,30 @@ def setup(context: Context, keys: ClientKeys, content: RecordDict) -> RecordDict
     rec = masking.setup(context, keys, doc["session"], step.get("mask", {}),
                         MaskSettings(**doc["settings"]))
     return RecordDict({SHARES: rec})
+
+
+LAM_MAX = 1e18  # numpy's Poisson draws stop near 9.2e18
+
+
+def _noise_plan(doc: dict, layout: Layout, schema: Schema) -> tuple[np.ndarray, float]:
+    """Per-coordinate sensitivities and the Skellam ``mu`` of a DP query, computed by the
+    site itself (never taken from the querier); a range too wide to draw noise for is
+    refused before anything is charged."""
+    units, moved = sensitivities(layout, schema.ranges)
+    mu = calibrate(float(doc["epsilon"]), float(doc["delta"]), moved)
+    if mu * float(np.max(units)) ** 2 > LAM_MAX:
+        raise QueryRefused("a declared range is too wide for DP noise on its sum of squares "
+                           f"at {doc['frac_bits']} fixed-point bits: narrow the range, lower "
+                           "frac-bits, or ask the mean instead of the variance")
+    return units, mu
+
+
+def _check_room(vector: np.ndarray, doc: dict, what: str) -> None:
+    """Refuse values whose sum over ``max_sites`` sites could leave int64."""
+    room = (2**63 - 1) // int(doc["max_sites"])
+    if vector.size and int(np.max(np.abs(vector.astype(object)))) > room:
+        raise QueryRefused(f"{what} exceed what {doc['max_sites']} sites can sum without "
+                           "overflow: narrow the declared ranges or lower frac-bits")
 
 
 def noise_shares(doc: dict, participants: list[int]) -> int:
@@ -244,31 +289,37 @@ def compute(context: Context, keys: ClientKeys, site: SiteSettings, content: Rec
     _, schema, layout, params = _layouts(doc)
     step = unpack_doc(content.config_records.get(STEP), "analytics step")
     mask_doc = step.get("mask", {})
-    participants = sorted(int(p) for p in mask_doc.get("participants", []))
     vector = np.asarray(state["vector"], dtype=np.int64)
     epsilon, delta = float(doc["epsilon"]), float(doc["delta"])
-    if epsilon > 0:
-        units, moved = sensitivities(layout, schema.ranges)
-        mu = calibrate(epsilon, delta, moved)  # the site's own calibration, not the querier's
-        site.budget_of(keys.sender).charge(doc["query"], epsilon, delta)  # before it leaves
-        rng = np.random.default_rng(secrets.randbits(128))
-        vector = vector + skellam_noise(rng, units, mu, noise_shares(doc, participants))
-        update = f"{query_digest(doc)}|dp"  # fresh noise: each release charged on its own
-    else:  # exact: the same query on the same table is the same vector, released once
-        update = hashlib.sha256(canonical(doc["spec"]) + vector.tobytes()).hexdigest()
     ctx = HEContext(params, public_key=bytes.fromhex(state["public"]))
     packing = integer_layout(layout.size, int(doc["max_sites"]), params.slots, params.plain_bits)
-    slots = pack_integers(vector, packing)
     t = ctx.plain_modulus
-    mask, meta, shares = masking.mask_update(context, keys, doc["session"], mask_doc, slots.shape,
-                                             t, int(mask_doc.get("epoch", 0)), update)
+    if epsilon > 0:  # fresh noise: each release charged on its own
+        update = f"{query_digest(doc)}|dp"
+    else:  # exact: what this table gives is released in one sum of sites, whatever asked
+        update = f"exact|{state['table']}"
+    shape = (packing.ciphertexts, params.slots)
+    # the masks first: mask_update checks the participants (and removes repeated ones)
+    mask, meta, shares = masking.mask_update(context, keys, doc["session"], mask_doc, shape, t,
+                                             int(mask_doc.get("epoch", 0)), update)
+    participants = list(meta["mask-participants"])
+    if len(participants) > int(doc["max_sites"]):
+        raise QueryRefused(f"{len(participants)} participants, the query's packing holds "
+                           f"{doc['max_sites']}: refused (the sum could overflow)")
+    shares_count = noise_shares(doc, participants) if epsilon > 0 else 0
+    if epsilon > 0:
+        units, mu = _noise_plan(doc, layout, schema)
+        site.budget_of(keys.sender).charge(doc["query"], query_digest(doc), epsilon, delta)
+        rng = np.random.default_rng(secrets.randbits(128))
+        vector = vector + skellam_noise(rng, units, mu, shares_count)
+        _check_room(vector, doc, "its noisy figures")
+    slots = pack_integers(vector, packing)
     chunks = ctx.encrypt(masks.add_mod(slots, mask, t))
     env = seal_envelope(KIND, chunks, sign_key=keys.sign_key, fingerprint=doc["key"],
                         generation=0, params=params.to_dict(), run=doc["session"],
                         server_round=int(mask_doc.get("epoch", 0)), sender=keys.sender,
                         layout=packing.to_dict(), spec=query_digest(doc),
-                        meta={**meta, "query": doc["query"], "noise-shares":
-                              noise_shares(doc, participants) if epsilon > 0 else 0})
+                        meta={**meta, "query": doc["query"], "noise-shares": shares_count})
     return RecordDict({REPLY: to_record(env), SHARES: shares})
 
 
@@ -277,7 +328,7 @@ def unmask(context: Context, keys: ClientKeys, site: SiteSettings, content: Reco
     doc = state["query"]
     step = unpack_doc(content.config_records.get(STEP), "analytics step")
     mask_doc = step.get("mask", {})
-    survivors = mask_doc.get("survivors", [])
+    survivors = set(mask_doc.get("survivors", []))
     rounds = unpack_doc(context.state.get(masking.STATE), "mask state").get("rounds", {})
     mine = rounds.get(str(mask_doc.get("epoch")), {}).get("participants", [])
     if float(doc["epsilon"]) > 0 and len(survivors) < noise_shares(doc, mine):
@@ -288,15 +339,15 @@ def unmask(context: Context, keys: ClientKeys, site: SiteSettings, content: Reco
     return RecordDict({SHARES: masking.unmask(context, keys, doc["session"], mask_doc, releases)})
 
 
-STEPS = {"join": join, "setup": lambda c, k, s, m: setup(c, k, m), "compute": compute,
+HANDLERS = {"join": join, "setup": lambda c, k, s, m: setup(c, k, m), "compute": compute,
          "unmask": unmask}
 
 
 def handle(context: Context, site: SiteSettings, content: RecordDict) -> RecordDict:
     """Answer one step of a query (what the ClientApp's ``query.analytics`` runs)."""
     step = unpack_doc(content.config_records.get(STEP), "analytics step").get("step")
-    if step not in STEPS:
+    if step not in HANDLERS:
         raise QueryRefused(f"unknown analytics step {step!r}: expected one of "
-                           f"{', '.join(STEPS)}")
+                           f"{', '.join(HANDLERS)}")
     keys = node_keys(context, site.keys)
-    return STEPS[step](context, keys, site, content)
+    return HANDLERS[step](context, keys, site, content)

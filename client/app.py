@@ -33,6 +33,7 @@ from client.task import (
     set_threads,
     validation_pairs,
 )
+from fedface.analytics.wire import ACTION as ANALYTICS_ACTION
 from fedface.momentum import momentum_of, seed_momentum
 from fedface.protocol import (
     ARRAYS,
@@ -131,7 +132,7 @@ def build_client_app(overrides: dict | None = None, analytics: dict | None = Non
         raise ValueError("query messages are part of encrypted aggregation, which this "
                          "run does not use")
 
-    @app.query(analytics_site.ACTION)
+    @app.query(ANALYTICS_ACTION)
     def analytics_query(msg: Message, context: Context) -> Message:
         """One step of an encrypted analytics query (:mod:`client.analytics`)."""
         site = analytics_site.SiteSettings.of(context, analytics)

@@ -12,6 +12,11 @@ SEAL layer underneath it.
 The server builds an :class:`HEContext` from the parameters alone (no key at all): it
 can load, add and scale ciphertexts and nothing else; :meth:`HEContext.decrypt` there
 raises :class:`MissingSecretKey`.
+
+Analytics queries use BFV asymmetrically: the querier makes a key pair per query
+(:meth:`HEContext.fresh`) and hands out only :meth:`HEContext.public_key_bytes`; a site's
+context built with ``public_key=`` encrypts to the querier (full, unseeded ciphertexts)
+and can decrypt nothing.
 """
 
 from __future__ import annotations

@@ -14,9 +14,13 @@
                                                every public signing key, and no secret
                                                key: the server can add, never decrypt
     DIR/server/sign.key                        the server's own Ed25519 private key
+    DIR/querier/sign.key                       the analytics querier's Ed25519 private key:
+                                               sites answer only queries it signed
 
 (K = 000 .. N-1, three digits.) Institution K is handed ``DIR/institutions/client_K/``
-and nothing else; the server ``DIR/server/``. In simulation both sides read DIR itself
+and nothing else; the server ``DIR/server/``; the analyst who asks encrypted analytics
+queries ``DIR/querier/`` (not the server: a query names the key its answer is encrypted
+under, so whoever signs queries can read answers). In simulation both sides read DIR itself
 (:func:`load_client_keys` picks ``institutions/client_K``); in a deployment a node's
 ``he-keys`` names its own folder.
 
@@ -70,6 +74,8 @@ BUNDLE_FILE = "bundle.json"
 SIGN_FILE = "sign.key"
 SIGN_PUBLIC = "sign_public"  # bundle field: {"0": hex, ..., "server": hex}
 SERVER = "server"  # the server's entry in SIGN_PUBLIC (and an aggregate's sender)
+QUERIER = "querier"  # the analytics querier's entry in SIGN_PUBLIC
+QUERIER_DIR = "querier"
 MAC_FILE = "mac.key"  # the former HMAC layout (refused: rotate)
 _MAC_FIELDS = ("server_mac", "client_macs")  # its bundle fields
 
@@ -126,7 +132,7 @@ def _public_keys(bundle: dict, path: Path) -> tuple[dict[int, Ed25519PublicKey],
                              "again from the key ceremony's folder")
     keys: dict[int, Ed25519PublicKey] = {}
     for name, text in table.items():
-        if name == SERVER:
+        if name in (SERVER, QUERIER):
             continue
         if not name.isdigit():
             raise KeyBundleError(f"{path}: {SIGN_PUBLIC} entry {name!r} is neither an "
@@ -177,6 +183,7 @@ class ClientKeys:
     verify_keys: dict[int, Ed25519PublicKey]
     server_verify_key: Ed25519PublicKey
     clients: int = 0  # institutions in the ceremony (its key.json's ``clients``)
+    querier_verify_key: Ed25519PublicKey | None = None  # None: a ceremony without a querier
 
 
 @dataclass
@@ -222,6 +229,7 @@ def init_keys(out: str | Path, clients: int, params: HEParams | None = None,
     fp = fingerprint_of(params, secret, generation)
     signers = {str(k): new_signing_key() for k in range(clients)}
     signers[SERVER] = new_signing_key()
+    signers[QUERIER] = new_signing_key()
     public = {"scheme": params.scheme, "params": params.to_dict(), "generation": generation,
               "fingerprint": fp, "clients": clients,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -239,6 +247,9 @@ def init_keys(out: str | Path, clients: int, params: HEParams | None = None,
     _write_private(out / SERVER_DIR / BUNDLE_FILE, json.dumps(server_bundle, indent=1).encode())
     write_signing_key(out / SERVER_DIR / SIGN_FILE, signers[SERVER])
     os.chmod(out / SERVER_DIR, 0o700)
+    (out / QUERIER_DIR).mkdir(exist_ok=True, mode=0o700)
+    write_signing_key(out / QUERIER_DIR / SIGN_FILE, signers[QUERIER])
+    os.chmod(out / QUERIER_DIR, 0o700)
     (out / KEY_FILE).write_text(json.dumps(public, indent=1))
     return public
 
@@ -248,7 +259,9 @@ def handout(folder: str | Path) -> list[tuple[str, Path]]:
     folder = Path(folder)
     n = int(describe_keys(folder)["clients"])
     return ([(f"institution {k} (he-sender={k})", institution_dir(folder, k)) for k in range(n)]
-            + [("the server (no secret key)", folder / SERVER_DIR)])
+            + [("the server (no secret key)", folder / SERVER_DIR)]
+            + ([("the analytics querier (signs queries; no secret key)", folder / QUERIER_DIR)]
+               if (folder / QUERIER_DIR).is_dir() else []))
 
 
 def signers(desc: dict) -> list[tuple[str, str, str]]:
@@ -259,13 +272,16 @@ def signers(desc: dict) -> list[tuple[str, str, str]]:
     if not isinstance(table, dict):
         return []
     rows = []
-    for name in sorted((n for n in table if n != SERVER), key=int) + [SERVER]:
+    for name in sorted((n for n in table if n not in (SERVER, QUERIER)), key=int) + [SERVER,
+                                                                                     QUERIER]:
         if name not in table:
             continue
         fp = key_fingerprint(public_from_hex(table[name], f"{SIGN_PUBLIC}[{name!r}]",
                                              error=KeyBundleError))
         if name == SERVER:
             rows.append(("the server", fp, f"{SERVER_DIR}/{SIGN_FILE}"))
+        elif name == QUERIER:
+            rows.append(("the analytics querier", fp, f"{QUERIER_DIR}/{SIGN_FILE}"))
         else:
             rows.append((f"institution {name}", fp,
                          f"{INSTITUTIONS_DIR}/client_{int(name):03d}/{SIGN_FILE}"))
@@ -280,7 +296,7 @@ def rotate_keys(folder: str | Path) -> dict:
     gen = int(current["generation"])
     retired = folder / "retired" / f"gen-{gen}"
     retired.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for name in (KEY_FILE, INSTITUTIONS_DIR, CLIENT_DIR, SERVER_DIR):
+    for name in (KEY_FILE, INSTITUTIONS_DIR, CLIENT_DIR, SERVER_DIR, QUERIER_DIR):
         if (folder / name).exists():
             shutil.move(str(folder / name), str(retired / name))
     return init_keys(folder, int(current["clients"]), HEParams(**current["params"]),
@@ -351,7 +367,29 @@ def load_client_keys(folder: str | Path, sender: int) -> ClientKeys:
     return ClientKeys(context=HEContext(params, secret_key=secret), fingerprint=fp,
                       generation=int(bundle["generation"]), sender=sender, sign_key=own,
                       verify_keys=verify_keys, server_verify_key=server_key,
-                      clients=int(bundle.get("clients", 0)))
+                      clients=int(bundle.get("clients", 0)),
+                      querier_verify_key=_querier_public(bundle, d / BUNDLE_FILE))
+
+
+def _querier_public(bundle: dict, path: Path) -> Ed25519PublicKey | None:
+    text = bundle.get(SIGN_PUBLIC, {}).get(QUERIER)
+    if text is None:
+        return None
+    return public_from_hex(text, f"{path} public signing key of the querier", error=KeyBundleError)
+
+
+def load_querier_key(folder: str | Path) -> Ed25519PrivateKey:
+    """The analytics querier's private signing key (``DIR/querier/sign.key``, or a copy of
+    that folder beside its ``key.json``), checked against the ceremony's public key."""
+    folder = Path(folder)
+    desc = describe_keys(folder)
+    public = _querier_public(desc, folder / KEY_FILE)
+    if public is None:
+        raise KeyBundleError(f"the key ceremony in {folder} names no analytics querier (made "
+                             f"before queries existed): run `fedface keys rotate {folder}` and "
+                             "hand out the new folders")
+    d = folder / QUERIER_DIR if (folder / QUERIER_DIR).is_dir() else folder
+    return _own_key(d / SIGN_FILE, public, "the analytics querier")
 
 
 def load_server_keys(folder: str | Path) -> ServerKeys:

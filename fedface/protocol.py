@@ -130,10 +130,12 @@ NODE_ANONYMIZE_PRESET = "anonymize-preset"  # and its strength
 NODE_ANALYTICS_TABLE = "analytics-table"  # the site's table for analytics queries (CSV, SQLite)
 NODE_ANALYTICS_BUDGET = "analytics-budget"  # epsilon the site spends on queries, all together
 NODE_ANALYTICS_EXACT = "analytics-exact"  # whether it answers queries without DP noise
+NODE_ANALYTICS_MAX_DELTA = "analytics-max-delta"  # the largest delta of a DP query it answers
 NODE_CONFIG_KEYS = (NODE_PARTITION_ID, NODE_NUM_PARTITIONS, NODE_DATA_PATH, NODE_STATE_DIR,
                     NODE_DP_EPSILON, NODE_DP_DELTA, NODE_DP_UNIT, NODE_FEDERATION_SIZE,
                     NODE_HE_KEYS, NODE_HE_SENDER, NODE_ANONYMIZE, NODE_ANONYMIZE_PRESET,
-                    NODE_ANALYTICS_TABLE, NODE_ANALYTICS_BUDGET, NODE_ANALYTICS_EXACT)
+                    NODE_ANALYTICS_TABLE, NODE_ANALYTICS_BUDGET, NODE_ANALYTICS_EXACT,
+                    NODE_ANALYTICS_MAX_DELTA)
 
 
 @dataclass

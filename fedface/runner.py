@@ -127,6 +127,36 @@ def run_query_simulation(querier, verify_keys: dict, sites: int, site_defaults: 
     return result["result"]
 
 
+def in_process_transport(contexts: dict, settings: dict, drop=None, tamper=None, outgoing=None):
+    """Sites answering in this process (node id -> its Context and
+    :class:`client.analytics.SiteSettings`), one after another, through their real handler
+    (:func:`client.analytics.handle`): a :data:`server.analytics.Transport`. ``drop(step,
+    node)`` makes a node silent at a step; ``tamper(step, node, reply)`` and
+    ``outgoing(step, node, content)`` play the network (or a server) on the way back and
+    out."""
+    from client.analytics import handle
+    from crypto.masks import unpack_doc
+    from fedface.analytics.wire import STEP
+
+    def transport(docs: dict) -> dict:
+        out = {}
+        for node, content in docs.items():
+            step = unpack_doc(content.config_records[STEP], "step")["step"]
+            if drop is not None and drop(step, node):
+                continue
+            if outgoing is not None:
+                content = outgoing(step, node, content)
+            try:
+                reply = handle(contexts[node], settings[node], content)
+            except Exception as err:  # noqa: BLE001 - a site's refusal is its reply
+                out[node] = f"{type(err).__name__}: {err}"
+                continue
+            out[node] = tamper(step, node, reply) if tamper is not None else reply
+        return out
+
+    return transport
+
+
 def run_query_in_process(querier, verify_keys: dict, sites: int, site_defaults: dict, *,
                          exclude_refusing: bool = False):
     """The same query with the sites answering in this process, one after another (no
@@ -135,7 +165,7 @@ def run_query_in_process(querier, verify_keys: dict, sites: int, site_defaults: 
     from flwr.app import Context, RecordDict
 
     from client.analytics import SiteSettings
-    from server.analytics import in_process_transport, run_query
+    from server.analytics import run_query
 
     contexts = {k + 1: Context(run_id=1, node_id=k + 1, node_config={"partition-id": k},
                                state=RecordDict(), run_config={}) for k in range(sites)}
@@ -148,15 +178,15 @@ def ask_query(spec, schema, keys_dir, sites: int, site_defaults: dict, *,
               engine: str = "simulation", text: str = "", exclude_refusing: bool = False,
               quiet: bool = True, **query):
     """One encrypted analytics query: a :class:`server.analytics.Querier` (a fresh key,
-    signed with the ceremony's server key in ``keys_dir``) asks ``sites`` institutions
+    signed with the ceremony's querier key in ``keys_dir``) asks ``sites`` institutions
     through ``engine`` (``simulation``: Flower's engine; ``in-process``: the sites' handler
     called directly). ``query`` holds the querier's settings (epsilon, delta, min_cell,
     frac_bits, settings, max_sites). Returns the :class:`server.analytics.QueryResult`."""
-    from crypto.keys import load_server_keys
+    from crypto.keys import load_querier_key, load_server_keys
     from server.analytics import Querier
 
     server = load_server_keys(keys_dir)
-    querier = Querier(spec, schema, server.sign_key, text=text, **query)
+    querier = Querier(spec, schema, load_querier_key(keys_dir), text=text, **query)
     if engine == "in-process":
         return run_query_in_process(querier, server.verify_keys, sites, site_defaults,
                                     exclude_refusing=exclude_refusing)

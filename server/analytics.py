@@ -4,7 +4,8 @@
 Two roles, two objects, so that neither holds what the other must not:
 
 - :class:`Querier` (the analyst): makes a fresh BFV key pair for each query, signs the
-  query with the ceremony's server key, and decrypts *one* thing: the total that
+  query with the ceremony's querier key (which the server does not hold: it cannot ask a
+  query of its own and read the answer), and decrypts *one* thing: the total that
   :func:`run_query` hands back, after checking it is under this query's key. Its secret
   key never leaves the object.
 - the server (:func:`run_query`, with :class:`server.masking.MaskCoordinator`): routes the
@@ -15,13 +16,14 @@ Two roles, two objects, so that neither holds what the other must not:
   more than the sum.
 
 The steps travel through a ``transport``: :func:`flower_transport` (the ServerApp's
-grid, ``query.analytics`` messages) or :func:`in_process_transport` (the sites' handler
-called directly, for the benchmark and the tests). Either way the sites run
-:func:`client.analytics.handle`.
+grid, ``query.analytics`` messages) or :func:`fedface.runner.in_process_transport` (the
+sites' handler called directly, for the benchmark and the tests). Either way the sites
+run :func:`client.analytics.handle`.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -29,15 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
-from client import analytics as site
 from crypto.context import HEContext, HEParams
 from crypto.envelope import EnvelopeError, open_envelope
 from crypto.masks import MaskError, MaskSettings, pack_doc, unpack_doc
 from crypto.packing import Layout as Packing
 from crypto.packing import integer_layout, unpack_integers
 from crypto.signing import sign
+from fedface.analytics import wire
 from fedface.analytics.local import answer
 from fedface.analytics.privacy import calibrate, sensitivities, suppress
 from fedface.analytics.query import QueryError, QuerySpec, Schema, validate
@@ -66,7 +68,7 @@ def content_bytes(content: RecordDict) -> int:
 def step_content(step: str, **parts) -> RecordDict:
     """A step's message: ``{"step": ...}`` and the parts the site reads."""
     extra = parts.pop("records", {})
-    return RecordDict({site.STEP: pack_doc({"step": step, **parts}), **extra})
+    return RecordDict({wire.STEP: pack_doc({"step": step, **parts}), **extra})
 
 
 @dataclass
@@ -83,6 +85,7 @@ class QueryResult:
     delta: float = 0.0
     min_cell: int = 0
     fixed_point_error: float = 0.0
+    count_noise_std: float = 0.0
     seconds: float = 0.0
     bytes: int = 0
     query: str = ""
@@ -100,6 +103,7 @@ class QueryResult:
                 "sites": self.sites, "excluded": {str(k): v for k, v in self.excluded.items()},
                 "dropped": self.dropped, "epsilon": self.epsilon, "delta": self.delta,
                 "min_cell": self.min_cell, "fixed_point_error": self.fixed_point_error,
+                "count_noise_std": round(self.count_noise_std, 3),
                 "seconds": round(self.seconds, 4), "bytes": self.bytes}
 
 
@@ -114,7 +118,8 @@ class Querier:
         The federation's declared schema: types, the categories a group-by fills, the
         ranges that bound a row's weight under differential privacy.
     sign_key : Ed25519PrivateKey
-        The ceremony's server key: sites answer only queries it signed.
+        The ceremony's querier key (``DIR/querier/sign.key``, not the server's): sites
+        answer only queries it signed.
     epsilon, delta : float
         Differential privacy of the released statistics (``epsilon=0``: exact answers).
     min_cell : int
@@ -147,24 +152,26 @@ class Querier:
         elif self.epsilon < 0:
             raise QueryError(f"epsilon={epsilon}: use a positive number, or 0 for no noise")
         self.settings = settings or MaskSettings()
+        self.max_sites = int(max_sites)
         self.params = params
         self.packing = integer_layout(self.layout.size, max_sites, params.slots, params.plain_bits)
         self.query_id = secrets.token_hex(8)
         self.session = f"{run}/{self.query_id}"
         self._he = HEContext.fresh(params)  # the secret key never leaves this object
         self.public_key = self._he.public_key_bytes()
-        self.key_id = site.key_id(self.public_key)
-        self.doc = {"purpose": site.PURPOSE, "version": site.VERSION, "session": self.session,
+        self.key_id = wire.key_id(self.public_key)
+        self.doc = {"purpose": wire.PURPOSE, "version": wire.VERSION, "session": self.session,
                     "query": self.query_id, "spec": spec.to_dict(), "schema": schema.to_dict(),
                     "params": params.to_dict(), "key": self.key_id, "frac_bits": int(frac_bits),
                     "max_sites": int(max_sites), "epsilon": self.epsilon, "delta": self.delta,
-                    "settings": self.settings.to_dict(), "issued": int(time.time())}
-        self.signature = sign(sign_key, site.canonical(self.doc))
+                    "settings": self.settings.to_dict(), "min_cell": self.min_cell,
+                    "issued": int(time.time())}
+        self.signature = sign(sign_key, wire.canonical(self.doc))
 
     def join_records(self) -> dict:
         """The signed query and the public key (the join step's records)."""
-        return {site.QUERY: pack_doc({**self.doc, "signature": self.signature.hex()}),
-                site.KEY: ArrayRecord({"key": Array(np.frombuffer(self.public_key,
+        return {wire.QUERY: pack_doc({**self.doc, "signature": self.signature.hex()}),
+                wire.KEY: ArrayRecord({"key": Array(np.frombuffer(self.public_key,
                                                                   np.uint8).copy())})}
 
     def release(self, chunks: list[bytes], key: str, sites: list[int]) -> QueryResult:
@@ -177,7 +184,8 @@ class Querier:
         totals = np.asarray(unpack_integers(slots, self.packing), dtype=object)
         values = self.layout.decode(totals)
         groups = {k: answer(self.spec, v) for k, v in values.items()}
-        kept, dropped = suppress(groups, self.min_cell)
+        kept, dropped = suppress(groups, {k: v["count"] for k, v in values.items()},
+                                 self.min_cell)
         real = sum(1 for s in self.layout.scales if s > 1)
         err = len(sites) * 0.5 / max(self.layout.scales) if real else 0.0
         return QueryResult(spec=self.spec, groups=kept, suppressed=dropped, sites=list(sites),
@@ -216,7 +224,7 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
             excluded[node] = r
             continue
         try:
-            d = unpack_doc(r.config_records.get(site.SHARES), "join reply")
+            d = unpack_doc(r.config_records.get(wire.SHARES), "join reply")
             sender = int(d["sender"])
             adverts[sender], node_of[sender] = d["advert"], node
         except (MaskError, KeyError, TypeError, ValueError):
@@ -235,26 +243,32 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
                     for s in coord.members})
     for s in coord.members:
         r = replies.get(node_of[s])
-        if r is None or isinstance(r, str):
-            continue  # it drops before masking: not a participant
+        if r is None or isinstance(r, str):  # it drops before masking: not a participant
+            excluded[node_of[s]] = r if isinstance(r, str) else "no answer to the mask setup"
+            continue
         try:
-            coord.take_epoch_advert(s, unpack_doc(r.config_records.get(site.SHARES), "key"),
+            coord.take_epoch_advert(s, unpack_doc(r.config_records.get(wire.SHARES), "key"),
                                     coord.epoch)
         except MaskError as err:
             excluded[node_of[s]] = str(err)
     participants = coord.participants()
+    if len(participants) > querier.max_sites:
+        raise QueryFailed(f"{len(participants)} sites take part, the query's packing holds "
+                          f"{querier.max_sites}: ask again with a larger max-sites")
     replies = send({node_of[s]: step_content("compute", mask=coord.train_doc(s, participants))
                     for s in participants})
     cts, dropped, shape = {}, [], None
     for s in participants:
         r = replies.get(node_of[s])
         if r is None or isinstance(r, str):
+            if isinstance(r, str):
+                excluded[node_of[s]] = r
             dropped.append(s)
             continue
         try:
-            if site.REPLY not in r.array_records:
+            if wire.REPLY not in r.array_records:
                 raise EnvelopeError("the reply holds no envelope")
-            env = open_envelope(r.array_records[site.REPLY], kind=site.KIND,
+            env = open_envelope(r.array_records[wire.REPLY], kind=wire.KIND,
                                 fingerprint=querier.key_id, verify_keys=verify_keys,
                                 run=session, server_round=coord.epoch)
             if env.header["sender"] != s:
@@ -263,7 +277,7 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
             if Packing.from_dict(env.header["layout"]) != querier.packing or \
                     env.meta.get("query") != querier.query_id:
                 raise EnvelopeError("the envelope answers another query or layout")
-            coord.take_update(s, env.meta, unpack_doc(r.config_records.get(site.SHARES),
+            coord.take_update(s, env.meta, unpack_doc(r.config_records.get(wire.SHARES),
                                                       "shares"), participants)
         except (EnvelopeError, MaskError) as err:
             excluded[node_of[s]] = f"reply rejected: {err}"
@@ -276,8 +290,14 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
         raise QueryFailed(f"{len(survivors)} site(s) sent a usable reply: no sum to release")
     docs = coord.unmask_docs(survivors, participants)
     replies = send({node_of[s]: step_content("unmask", mask=docs[s]) for s in survivors})
-    shares = {s: unpack_doc(replies[node_of[s]].config_records.get(site.SHARES), "shares")
-              for s in survivors if not isinstance(replies.get(node_of[s], ""), str)}
+    shares = {}
+    for s in survivors:
+        r = replies.get(node_of[s])
+        if isinstance(r, RecordDict):
+            try:
+                shares[s] = unpack_doc(r.config_records.get(wire.SHARES), "shares")
+            except MaskError as err:
+                excluded[node_of[s]] = f"unmask reply rejected: {err}"
     he = HEContext(querier.params)  # the public parameters only
     try:
         corr = coord.correction(shares, shape[0] * shape[1], he.plain_modulus)
@@ -292,33 +312,12 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
     result = querier.release(total, querier.key_id, survivors)
     result.excluded = excluded
     result.dropped = sorted(dropped)
+    if querier.epsilon > 0:  # each survivor added Sk(mu / shares) to every count
+        shares = querier.settings.needed(len(participants))
+        result.count_noise_std = math.sqrt(2 * querier.mu * len(survivors) / shares)
     result.seconds = time.perf_counter() - t0
     result.bytes = nbytes
     return result
-
-
-def in_process_transport(contexts: dict[int, Context], settings: dict[int, site.SiteSettings],
-                         drop: Callable[[str, int], bool] | None = None,
-                         tamper: Callable[[str, int, RecordDict], RecordDict] | None = None
-                         ) -> Transport:
-    """Sites answering in this process (node id -> its Context and settings). ``drop(step,
-    node)`` makes a node silent; ``tamper(step, node, reply)`` plays the network."""
-
-    def transport(docs: dict[int, RecordDict]) -> dict[int, RecordDict | str]:
-        out = {}
-        for node, content in docs.items():
-            step = unpack_doc(content.config_records[site.STEP], "step")["step"]
-            if drop is not None and drop(step, node):
-                continue
-            try:
-                reply = site.handle(contexts[node], settings[node], content)
-            except Exception as err:  # noqa: BLE001 - a site's refusal is its reply
-                out[node] = f"{type(err).__name__}: {err}"
-                continue
-            out[node] = tamper(step, node, reply) if tamper is not None else reply
-        return out
-
-    return transport
 
 
 def flower_transport(grid, timeout: float = 120.0) -> Transport:
@@ -327,7 +326,7 @@ def flower_transport(grid, timeout: float = 120.0) -> Transport:
     from flwr.app import MessageType
 
     def transport(docs: dict[int, RecordDict]) -> dict[int, RecordDict | str]:
-        msgs = [grid.create_message(content=c, message_type=f"{MessageType.QUERY}.{site.ACTION}",
+        msgs = [grid.create_message(content=c, message_type=f"{MessageType.QUERY}.{wire.ACTION}",
                                     dst_node_id=n, group_id="analytics")
                 for n, c in docs.items()]
         out = {}

@@ -77,7 +77,8 @@ def bench_query(sizes: tuple[int, ...] = (3, 10, 50), repeats: int = 5, query: s
                     want, plain_bytes = _plain(spec, schema, tables)
                     t1 = time.perf_counter()
                     site = {**paths, "state_dir": str(Path(tmp) / f"state{n}-{eps}-{r}" /
-                                                      "site-{partition}"), "budget": 1e9}
+                                                      "site-{partition}"), "budget": 1e9,
+                            "exact": True}
                     res = ask_query(spec, schema, paths["keys"], n, site, engine="in-process",
                                     text=query, epsilon=eps, min_cell=0)
                     t2 = time.perf_counter()
@@ -99,7 +100,8 @@ def bench_query(sizes: tuple[int, ...] = (3, 10, 50), repeats: int = 5, query: s
         if flower_sites:
             paths = prepare_workdir(Path(tmp) / f"fed{flower_sites}", flower_sites, rows=rows)
             schema = load_schema(paths["schema"])
-            site = {**paths, "state_dir": str(Path(tmp) / "flower" / "site-{partition}")}
+            site = {**paths, "state_dir": str(Path(tmp) / "flower" / "site-{partition}"),
+                    "exact": True}
             t0 = time.perf_counter()
             res = ask_query(spec, schema, paths["keys"], flower_sites, site, engine="simulation",
                             text=query, min_cell=0)

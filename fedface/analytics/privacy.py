@@ -167,22 +167,28 @@ class SiteBudget:
     def spent(self) -> float:
         return float(sum(e["epsilon"] for e in self._read()["entries"]))
 
-    def charge(self, query: str, epsilon: float, delta: float) -> float:
-        """Record ``epsilon`` for ``query`` (once per query id), or raise
-        :class:`BudgetExhausted`; returns what is left."""
+    def charge(self, query: str, digest: str, epsilon: float, delta: float) -> float:
+        """Record ``epsilon`` (and ``delta``) for ``query`` (its signed document hashes to
+        ``digest``), or raise :class:`BudgetExhausted`; returns what is left. The same
+        query is charged once; its id reused for another document is refused."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             doc = self._read()
             spent = sum(e["epsilon"] for e in doc["entries"])
-            if any(e["query"] == query for e in doc["entries"]):
+            seen = [e for e in doc["entries"] if e["query"] == query]
+            if seen and seen[0].get("digest") == digest:
                 return self.total - spent
+            if seen:
+                raise BudgetExhausted(f"query id {query} was answered before for another query "
+                                      "document: refused (a reused id must not get fresh noise "
+                                      "for free)")
             if spent + epsilon > self.total + 1e-12:
                 raise BudgetExhausted(
                     f"privacy budget spent: this site has used epsilon {spent:.3g} of "
                     f"{self.total:.3g}, and this query asks {epsilon:.3g} more; refused here "
                     "(the site's analytics-budget decides)")
-            doc["entries"].append({"query": query, "epsilon": float(epsilon),
+            doc["entries"].append({"query": query, "digest": digest, "epsilon": float(epsilon),
                                    "delta": float(delta), "time": time.time()})
             from fedface.io import atomic_write_text
 
@@ -190,15 +196,16 @@ class SiteBudget:
         return self.total - spent - epsilon
 
 
-def suppress(groups: dict[tuple, dict[str, Any]], min_cell: int) -> tuple[dict, list]:
-    """Released statistics with small cells blanked: groups whose count is below
-    ``min_cell`` are dropped (listed in the second value), histogram bins below it become
-    ``None``."""
+def suppress(groups: dict[tuple, dict[str, Any]], counts: dict[tuple, float], min_cell: int
+             ) -> tuple[dict, list]:
+    """Released statistics with small cells blanked: groups whose (noisy) row count in
+    ``counts`` is below ``min_cell`` are dropped (listed in the second value), histogram
+    bins below it become ``None``."""
     if min_cell <= 0:
         return groups, []
     kept, dropped = {}, []
     for key, stats in groups.items():
-        if stats.get("count", min_cell) < min_cell:
+        if counts.get(key, 0) < min_cell:
             dropped.append(key)
             continue
         out = dict(stats)

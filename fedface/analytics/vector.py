@@ -74,7 +74,12 @@ class Layout:
                                  "declared categories do not list: declare it, or filter it "
                                  "out with where")
             for j, (f, scale) in enumerate(zip(self.figures, self.scales, strict=True)):
-                out[index[key], j] = int(round(float(values[f.name]) * scale))
+                v = values[f.name]  # integers stay exact (a float holds 53 bits)
+                code = v if isinstance(v, int) and scale == 1 else round(float(v) * scale)
+                if not -2**63 < code < 2**63:
+                    raise QueryError(f"{f.name} of group {key!r} ({v}) does not fit 64 bits: "
+                                     "narrow the query or lower frac-bits")
+                out[index[key], j] = code
         return out.reshape(-1)
 
     def decode(self, total: np.ndarray) -> dict[tuple, dict[str, float]]:

@@ -70,6 +70,9 @@ def print_result(doc: dict) -> None:
         console.print(f"[yellow]excluded[/] node {node}: ", why, markup=True)
     if doc["dropped"]:
         console.print(f"dropped after masking (masks recovered): sites {doc['dropped']}")
+    if doc["count_noise_std"]:
+        console.print(f"DP noise on each count (and histogram bin): standard deviation "
+                      f"{doc['count_noise_std']:.3g}")
     if doc["fixed_point_error"]:
         console.print(f"fixed-point error of sums of real columns: at most "
                       f"{doc['fixed_point_error']:.2g}")

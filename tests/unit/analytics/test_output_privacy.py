@@ -68,22 +68,39 @@ def test_sensitivities_follow_the_declared_ranges():
 
 def test_budget_is_charged_once_per_query_and_refuses_overspending(tmp_path):
     b = SiteBudget(tmp_path / "ledger.json", total=2.0)
-    assert b.charge("q1", 1.5, 1e-6) == pytest.approx(0.5)
-    assert b.charge("q1", 1.5, 1e-6) == pytest.approx(0.5)  # the same query: not twice
+    assert b.charge("q1", "d1", 1.5, 1e-6) == pytest.approx(0.5)
+    assert b.charge("q1", "d1", 1.5, 1e-6) == pytest.approx(0.5)  # the same query: not twice
+    with pytest.raises(BudgetExhausted, match="another query document"):  # id reused
+        b.charge("q1", "d2", 0.1, 1e-6)
     with pytest.raises(BudgetExhausted, match="used epsilon 1.5 of 2.*asks 1 more"):
-        b.charge("q2", 1.0, 1e-6)
+        b.charge("q2", "d3", 1.0, 1e-6)
     assert SiteBudget(tmp_path / "ledger.json", 2.0).spent == pytest.approx(1.5)
+    entry = json.loads((tmp_path / "ledger.json").read_text())["entries"][0]
+    assert entry["delta"] == 1e-6 and entry["digest"] == "d1"
     (tmp_path / "ledger.json").write_text("{broken")
     with pytest.raises(BudgetExhausted, match="unreadable"):
-        b.charge("q3", 0.1, 1e-6)
+        b.charge("q3", "d4", 0.1, 1e-6)
 
 
-def test_small_cells_are_blanked():
-    groups = {("a",): {"count": 3, "h": {"edges": [0, 1, 2], "counts": [1, 2]}},
-              ("b",): {"count": 40, "h": {"edges": [0, 1, 2], "counts": [38, 2]}}}
-    kept, dropped = suppress(groups, 5)
+def test_small_cells_are_blanked_whatever_the_query_asks():
+    groups = {("a",): {"mean(x)": 0.3, "h": {"edges": [0, 1, 2], "counts": [1, 2]}},
+              ("b",): {"mean(x)": 0.5, "h": {"edges": [0, 1, 2], "counts": [38, 2]}}}
+    counts = {("a",): 3, ("b",): 40}  # the decoded row counts, asked for or not
+    kept, dropped = suppress(groups, counts, 5)
     assert dropped == [("a",)] and kept[("b",)]["h"]["counts"] == [38, None]
-    assert suppress(groups, 0) == (groups, [])
+    assert suppress(groups, counts, 0) == (groups, [])
+
+
+def test_the_calibration_is_close_to_the_gaussian_limit():
+    """An independent check of the formula: for large mu, Skellam's Renyi DP tends to the
+    Gaussian mechanism's with variance 2 mu (alpha * moved / (4 mu)); the classic
+    Gaussian bound sigma = sqrt(2 ln(1.25/delta)) * sqrt(moved) / epsilon (Dwork and Roth)
+    is looser, so the calibrated noise must lie below it and above a tenth of it."""
+    import math
+    eps, delta, moved = 0.8, 1e-6, 3
+    sigma = math.sqrt(2 * calibrate(eps, delta, moved))
+    classic = math.sqrt(2 * math.log(1.25 / delta)) * math.sqrt(moved) / eps
+    assert 0.3 * classic < sigma < classic
 
 
 def test_schema_round_trips_and_names_what_is_wrong(tmp_path):

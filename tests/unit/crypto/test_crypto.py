@@ -17,6 +17,7 @@ from crypto.keys import (
     describe_keys,
     init_keys,
     load_client_keys,
+    load_querier_key,
     load_server_keys,
     rotate_keys,
 )
@@ -98,11 +99,11 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
     files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
     assert files == [f"institutions/client_{k:03d}/{f}" for k in range(3)
                      for f in ("bundle.json", "secret.key", "sign.key")] + [
-        "key.json", "server/bundle.json", "server/sign.key"]
+        "key.json", "querier/sign.key", "server/bundle.json", "server/sign.key"]
     for f in files:
         if f != "key.json":  # key.json is the public description
             assert _mode(d / f) == 0o600, f
-    for folder in (d, d / "institutions", d / "server",
+    for folder in (d, d / "institutions", d / "server", d / "querier",
                    *(d / "institutions" / f"client_{k:03d}" for k in range(3))):
         assert _mode(folder) == 0o700, folder
 
@@ -125,8 +126,11 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
         assert {k: public_hex(v) for k, v in c.verify_keys.items()} == dict(enumerate(own))
         assert public_hex(c.server_verify_key) == public_hex(sk.sign_key)
     assert key["sign_public"] == cb["sign_public"] == sb["sign_public"]
+    querier = public_hex(load_querier_key(d))
+    assert querier not in own and querier != public_hex(sk.sign_key)
     assert key["sign_public"] == {**{str(k): h for k, h in enumerate(own)},
-                                  "server": public_hex(sk.sign_key)}
+                                  "server": public_hex(sk.sign_key), "querier": querier}
+    assert all(public_hex(c.querier_verify_key) == querier for c in ck)
     assert [c.sender for c in ck] == [0, 1, 2]
     assert cb["sender"] == 1
     with pytest.raises(KeyBundleError, match="no keys of institution 3"):
@@ -134,7 +138,7 @@ def test_ceremony_writes_owner_only_files_and_one_fingerprint(tmp_path):
 
     # the public description holds no secret, whichever folder it is read from
     secrets_hex = [(d / f).read_text().split()[-1] for f in files if f.endswith("sign.key")]
-    assert len(secrets_hex) == 4 and all(len(h) == 64 for h in secrets_hex)
+    assert len(secrets_hex) == 5 and all(len(h) == 64 for h in secrets_hex)
     secret_key = (d / "institutions" / "client_000" / "secret.key").read_bytes()
     assert all((d / "institutions" / f"client_{k:03d}" / "secret.key").read_bytes() == secret_key
                for k in range(3))  # one secret key, shared by the institutions

@@ -297,7 +297,8 @@ def test_the_former_hmac_layout_is_refused_with_the_rotate_hint(tmp_path):
     assert "server_mac" not in describe_keys(d / "server")  # no MAC key is ever shown
     # the hint works: rotation makes signing key pairs and retires the old generation
     desc = rotate_keys(d)
-    assert desc["generation"] == 2 and set(desc["sign_public"]) == {"0", "1", "server"}
+    assert desc["generation"] == 2 and set(desc["sign_public"]) == {"0", "1", "server",
+                                                                              "querier"}
     assert (d / "retired" / "gen-1" / "server" / "bundle.json").exists()
     keys = load_client_keys(d, 1)
     assert public_hex(load_server_keys(d).verify_keys[1]) == public_hex(keys.sign_key)
@@ -353,16 +354,16 @@ def test_descriptions_and_keys_show_name_the_signers_and_no_private_key(ceremony
     from fedface.cli import app
 
     privates = [_private_hex(p) for p in sorted(ceremony.rglob("sign.key"))]
-    assert len(privates) == N + 1
+    assert len(privates) == N + 2  # the institutions', the server's and the querier's
     for where in (ceremony, ceremony / "server", ceremony / "institutions" / "client_001"):
         text = json.dumps(describe_keys(where))
         assert not any(p in text for p in privates), where
     rows = signers(describe_keys(ceremony))
     assert [who for who, _, _ in rows] == ["institution 0", "institution 1", "institution 2",
-                                           "the server"]
+                                           "the server", "the analytics querier"]
     assert rows[1] == ("institution 1", key_fingerprint(clients[1].sign_key),
                        "institutions/client_001/sign.key")
-    assert rows[-1][2] == "server/sign.key"
+    assert rows[-2][2] == "server/sign.key" and rows[-1][2] == "querier/sign.key"
     res = CliRunner().invoke(app, ["keys", "show", str(ceremony)], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     for _, fp, private in rows:
