@@ -193,10 +193,6 @@ class Querier:
                            min_cell=self.min_cell, fixed_point_error=err, query=self.text)
 
 
-def _reason(reply) -> str | None:
-    return reply if isinstance(reply, str) else None
-
-
 def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: list[int], *,
               exclude_refusing: bool = False) -> QueryResult:
     """The server's side: join, mask setup, compute, unmask; the total to the querier.
