@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 
-from fedface.config import RunConfig
+from fedface.config import RunConfig, own_part
 from fedface.data.partition import verification_pairs
 from fedface.data.prepare import ClientData
 from fedface.io import atomic_write, load_torch
@@ -44,7 +44,8 @@ def client_config(context: Context, overrides: dict | None) -> RunConfig:
         raise ValueError(f"node config key(s) {', '.join(unknown)} are not ones fedface knows "
                          f"(known: {', '.join(NODE_CONFIG_KEYS)}): fix the SuperNode's "
                          "--node-config")
-    cfg = RunConfig.from_run_config(dict(context.run_config), **(overrides or {}))
+    cfg = RunConfig.from_run_config(own_part(RunConfig, dict(context.run_config)),
+                                    **(overrides or {}))
     if NODE_ANONYMIZE in node:
         cfg = cfg.replace(anonymize=str(node[NODE_ANONYMIZE]),
                           anonymize_preset=str(node.get(NODE_ANONYMIZE_PRESET, "medium")))

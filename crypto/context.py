@@ -165,6 +165,18 @@ class HEContext:
         ctx._public_encryptor = seal.Encryptor(ctx.seal, ctx._public)
         return ctx
 
+    def secret_key_bytes(self) -> bytes:
+        """The secret key's bytes (to keep in an owner-only file: the querier's, for a query
+        answered later)."""
+        self._need_secret("export the secret key")
+        path = self._path("secret.out")
+        self._secret.save(path)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            os.unlink(path)
+
     def public_key_bytes(self) -> bytes:
         """The public key (what a site encrypts its reply with)."""
         if self._public is None:

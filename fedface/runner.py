@@ -105,26 +105,26 @@ def _simulate(server_app, client_app, supernodes: int, num_cpus: float, quiet: b
         flwr_logger.setLevel(level)
 
 
-def run_query_simulation(querier, verify_keys: dict, sites: int, site_defaults: dict, *,
+def run_query_simulation(request, verify_keys: dict, sites: int, site_defaults: dict, *,
                          exclude_refusing: bool = False, quiet: bool = True):
-    """One encrypted analytics query across ``sites`` simulated institutions (Flower's
-    simulation engine, fedface's ServerApp and ClientApp); returns the
-    :class:`server.analytics.QueryResult`. ``site_defaults`` are the sites' settings
-    (:class:`client.analytics.SiteSettings`: ``table`` with ``{partition}``, ``keys``,
-    ``state_dir``, ``budget``, ``exact``)."""
+    """One encrypted analytics query (its public :class:`server.analytics.QueryRequest`)
+    across ``sites`` simulated institutions (Flower's simulation engine, fedface's ServerApp
+    and ClientApp); returns the :class:`server.analytics.EncryptedTotal`. ``site_defaults``
+    are the sites' settings (:class:`client.analytics.SiteSettings`: ``table`` with
+    ``{partition}``, ``keys``, ``state_dir``, ``budget``, ``exact``)."""
     from client.app import build_client_app
     from server.app import build_query_server_app
 
     result: dict = {}
-    server_app = build_query_server_app(querier, verify_keys, result, sites=sites,
+    server_app = build_query_server_app(request, verify_keys, result, sites=sites,
                                         exclude_refusing=exclude_refusing)
     _simulate(server_app, build_client_app(analytics=site_defaults), sites, 1.0, quiet)
     if isinstance(result.get("error"), Exception):
         raise result["error"]
-    if "result" not in result:
+    if "total" not in result:
         raise RuntimeError("the query ended without an answer: see the Flower log above "
                            "(re-run with --verbose)")
-    return result["result"]
+    return result["total"]
 
 
 def in_process_transport(contexts: dict, settings: dict, drop=None, tamper=None, outgoing=None):
@@ -157,11 +157,12 @@ def in_process_transport(contexts: dict, settings: dict, drop=None, tamper=None,
     return transport
 
 
-def run_query_in_process(querier, verify_keys: dict, sites: int, site_defaults: dict, *,
+def run_query_in_process(request, verify_keys: dict, sites: int, site_defaults: dict, *,
                          exclude_refusing: bool = False):
     """The same query with the sites answering in this process, one after another (no
     Flower transport): what ``fedface query --in-process`` and ``fedface bench query`` run.
-    Each site has its own node context, settings and keys, exactly as in a run."""
+    Each site has its own node context, settings and keys, exactly as in a run. Returns
+    the :class:`server.analytics.EncryptedTotal`."""
     from flwr.app import Context, RecordDict
 
     from client.analytics import SiteSettings
@@ -170,7 +171,7 @@ def run_query_in_process(querier, verify_keys: dict, sites: int, site_defaults: 
     contexts = {k + 1: Context(run_id=1, node_id=k + 1, node_config={"partition-id": k},
                                state=RecordDict(), run_config={}) for k in range(sites)}
     settings = {n: SiteSettings.of(c, site_defaults) for n, c in contexts.items()}
-    return run_query(querier, verify_keys, in_process_transport(contexts, settings),
+    return run_query(request, verify_keys, in_process_transport(contexts, settings),
                      sorted(contexts), exclude_refusing=exclude_refusing)
 
 
@@ -188,12 +189,14 @@ def ask_query(spec, schema, keys_dir, sites: int, site_defaults: dict, *,
     server = load_server_keys(keys_dir)
     querier = Querier(spec, schema, load_querier_key(keys_dir), text=text, **query)
     if engine == "in-process":
-        return run_query_in_process(querier, server.verify_keys, sites, site_defaults,
-                                    exclude_refusing=exclude_refusing)
-    if engine != "simulation":
+        total = run_query_in_process(querier.request, server.verify_keys, sites, site_defaults,
+                                     exclude_refusing=exclude_refusing)
+    elif engine == "simulation":
+        total = run_query_simulation(querier.request, server.verify_keys, sites, site_defaults,
+                                     exclude_refusing=exclude_refusing, quiet=quiet)
+    else:
         raise ValueError(f"engine {engine!r}: use simulation or in-process")
-    return run_query_simulation(querier, server.verify_keys, sites, site_defaults,
-                                exclude_refusing=exclude_refusing, quiet=quiet)
+    return querier.release(total)
 
 
 def run_centralized(cfg: RunConfig, progress: ProgressFn | None = None) -> dict:

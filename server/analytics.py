@@ -23,11 +23,14 @@ run :func:`client.analytics.handle`.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,6 +110,130 @@ class QueryResult:
                 "seconds": round(self.seconds, 4), "bytes": self.bytes}
 
 
+@dataclass
+class QueryRequest:
+    """What the querier hands the server: the signed query and the public key, no secret.
+    In a deployment it travels as a file (:meth:`save`, ``flwr run . -c
+    analytics-request=PATH``); everything the server and the sites need is derived from
+    the signed document."""
+
+    doc: dict
+    signature: bytes
+    public_key: bytes
+    text: str = ""
+
+    @property
+    def key_id(self) -> str:
+        return self.doc["key"]
+
+    @property
+    def session(self) -> str:
+        return self.doc["session"]
+
+    @property
+    def query_id(self) -> str:
+        return self.doc["query"]
+
+    @property
+    def params(self) -> HEParams:
+        return HEParams(**self.doc["params"])
+
+    @property
+    def settings(self) -> MaskSettings:
+        return MaskSettings(**self.doc["settings"])
+
+    @property
+    def max_sites(self) -> int:
+        return int(self.doc["max_sites"])
+
+    @property
+    def spec(self) -> QuerySpec:
+        return QuerySpec.from_dict(self.doc["spec"])
+
+    @property
+    def schema(self) -> Schema:
+        return Schema.from_dict(self.doc["schema"])
+
+    @property
+    def layout(self) -> Layout:
+        spec, schema = self.spec, self.schema
+        return Layout.build(spec, schema, {g: list(schema.categories.get(g, ()))
+                                           for g in spec.group_by}, int(self.doc["frac_bits"]))
+
+    @property
+    def packing(self) -> Packing:
+        p = self.params
+        return integer_layout(self.layout.size, self.max_sites, p.slots, p.plain_bits)
+
+    def join_records(self) -> dict:
+        """The signed query and the public key (the join step's records)."""
+        return {wire.QUERY: pack_doc({**self.doc, "signature": self.signature.hex()}),
+                wire.KEY: ArrayRecord({"key": Array(np.frombuffer(self.public_key,
+                                                                  np.uint8).copy())})}
+
+    def to_json(self) -> str:
+        return json.dumps({"doc": self.doc, "signature": self.signature.hex(),
+                           "public_key": base64.b64encode(self.public_key).decode(),
+                           "text": self.text}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "query request") -> QueryRequest:
+        try:
+            d = json.loads(text)
+            req = cls(doc=dict(d["doc"]), signature=bytes.fromhex(d["signature"]),
+                      public_key=base64.b64decode(d["public_key"]), text=str(d.get("text", "")))
+            _ = req.layout  # the document must describe a query
+        except (ValueError, KeyError, TypeError) as err:
+            raise QueryFailed(f"{where} is not a query request ({err}): make one with "
+                              "`fedface query-request`") from None
+        if wire.key_id(req.public_key) != req.key_id:
+            raise QueryFailed(f"{where}: the public key is not the one the query names")
+        return req
+
+
+@dataclass
+class EncryptedTotal:
+    """What the server hands back: the sum of the sites' ciphertexts, its masks removed,
+    still under the querier's key; and who is in it. It holds nothing the server could
+    read, and travels as a file in a deployment (:meth:`to_json`)."""
+
+    query: str
+    key: str
+    chunks: list[bytes]
+    sites: list[int]
+    participants: int
+    excluded: dict[int, str] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"query": self.query, "key": self.key,
+                           "chunks": [base64.b64encode(c).decode() for c in self.chunks],
+                           "sites": self.sites, "participants": self.participants,
+                           "excluded": {str(k): v for k, v in self.excluded.items()},
+                           "dropped": self.dropped, "seconds": self.seconds,
+                           "bytes": self.bytes}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "encrypted total") -> EncryptedTotal:
+        try:
+            d = json.loads(text)
+            return cls(query=str(d["query"]), key=str(d["key"]),
+                       chunks=[base64.b64decode(c) for c in d["chunks"]],
+                       sites=[int(s) for s in d["sites"]], participants=int(d["participants"]),
+                       excluded={int(k): str(v) for k, v in d.get("excluded", {}).items()},
+                       dropped=[int(x) for x in d.get("dropped", [])],
+                       seconds=float(d.get("seconds", 0)), bytes=int(d.get("bytes", 0)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise QueryFailed(f"{where} is not an encrypted query total ({err}): it is the "
+                              "analytics-total.json a query run writes") from None
+
+
+REQUEST_FILE = "request.json"
+SECRET_FILE = "querier-secret.key"
+
+
 class Querier:
     """The analyst's side of one query.
 
@@ -141,61 +268,105 @@ class Querier:
         validate(spec, schema)
         if min_cell < 0:
             raise QueryError(f"min-cell={min_cell}: use 0 (no suppression) or more")
-        self.spec, self.schema, self.text = spec, schema, text
-        self.epsilon, self.delta, self.min_cell = float(epsilon), float(delta), int(min_cell)
-        self.layout = Layout.build(spec, schema, {g: list(schema.categories.get(g, ()))
-                                                  for g in spec.group_by}, frac_bits)
+        if epsilon < 0:
+            raise QueryError(f"epsilon={epsilon}: use a positive number, or 0 for no noise")
+        layout = Layout.build(spec, schema, {g: list(schema.categories.get(g, ()))
+                                             for g in spec.group_by}, frac_bits)
+        if epsilon > 0:
+            sensitivities(layout, schema.ranges)  # a summed column without a range: refused
+        integer_layout(layout.size, max_sites, params.slots, params.plain_bits)
+        query_id = secrets.token_hex(8)
+        self._he = HEContext.fresh(params)  # the secret key never leaves this object
+        public = self._he.public_key_bytes()
+        doc = {"purpose": wire.PURPOSE, "version": wire.VERSION, "session": f"{run}/{query_id}",
+               "query": query_id, "spec": spec.to_dict(), "schema": schema.to_dict(),
+               "params": params.to_dict(), "key": wire.key_id(public),
+               "frac_bits": int(frac_bits), "max_sites": int(max_sites),
+               "epsilon": float(epsilon), "delta": float(delta),
+               "settings": (settings or MaskSettings()).to_dict(), "min_cell": int(min_cell),
+               "issued": int(time.time())}
+        self.request = QueryRequest(doc, sign(sign_key, wire.canonical(doc)), public, text)
+        self._derive()
+
+    def _derive(self) -> None:
+        r = self.request
+        self.spec, self.schema, self.text = r.spec, r.schema, r.text
+        self.layout, self.packing, self.settings = r.layout, r.packing, r.settings
+        self.epsilon, self.delta = float(r.doc["epsilon"]), float(r.doc["delta"])
+        self.min_cell, self.key_id = int(r.doc["min_cell"]), r.key_id
         self.mu = 0.0
         if self.epsilon > 0:
-            _, moved = sensitivities(self.layout, schema.ranges)
+            _, moved = sensitivities(self.layout, self.schema.ranges)
             self.mu = calibrate(self.epsilon, self.delta, moved)
-        elif self.epsilon < 0:
-            raise QueryError(f"epsilon={epsilon}: use a positive number, or 0 for no noise")
-        self.settings = settings or MaskSettings()
-        self.max_sites = int(max_sites)
-        self.params = params
-        self.packing = integer_layout(self.layout.size, max_sites, params.slots, params.plain_bits)
-        self.query_id = secrets.token_hex(8)
-        self.session = f"{run}/{self.query_id}"
-        self._he = HEContext.fresh(params)  # the secret key never leaves this object
-        self.public_key = self._he.public_key_bytes()
-        self.key_id = wire.key_id(self.public_key)
-        self.doc = {"purpose": wire.PURPOSE, "version": wire.VERSION, "session": self.session,
-                    "query": self.query_id, "spec": spec.to_dict(), "schema": schema.to_dict(),
-                    "params": params.to_dict(), "key": self.key_id, "frac_bits": int(frac_bits),
-                    "max_sites": int(max_sites), "epsilon": self.epsilon, "delta": self.delta,
-                    "settings": self.settings.to_dict(), "min_cell": self.min_cell,
-                    "issued": int(time.time())}
-        self.signature = sign(sign_key, wire.canonical(self.doc))
 
-    def join_records(self) -> dict:
-        """The signed query and the public key (the join step's records)."""
-        return {wire.QUERY: pack_doc({**self.doc, "signature": self.signature.hex()}),
-                wire.KEY: ArrayRecord({"key": Array(np.frombuffer(self.public_key,
-                                                                  np.uint8).copy())})}
+    # ------------------------------------------------------------------ a deployment
+    def save(self, folder: str | Path) -> Path:
+        """``folder/request.json`` (public: hand it to the server) and
+        ``folder/querier-secret.key`` (owner-only: it decrypts this query's answer)."""
+        from crypto.keyfile import write_private
 
-    def release(self, chunks: list[bytes], key: str, sites: list[int]) -> QueryResult:
-        """Decrypt the total of ``sites`` (under ``key``, which must be this query's) into
-        the released statistics."""
-        if key != self.key_id:
-            raise QueryFailed(f"the total is under key {key}, this query's key is {self.key_id}: "
-                              "a stale key of another query; refused")
-        slots = self._he.decrypt(chunks)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(folder / SECRET_FILE, self._he.secret_key_bytes())
+        (folder / REQUEST_FILE).write_text(self.request.to_json())
+        return folder / REQUEST_FILE
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Querier:
+        """The querier of a saved request (its secret key read back, checked against the
+        request's public key)."""
+        from crypto.keyfile import KeyFileError, read_private
+
+        folder = Path(folder)
+        path = folder / REQUEST_FILE
+        if not path.is_file():
+            raise QueryFailed(f"{folder} holds no {REQUEST_FILE}: make it with "
+                              "`fedface query-request`")
+        request = QueryRequest.from_json(path.read_text(), str(path))
+        try:
+            secret = read_private(folder / SECRET_FILE, "querier secret key", KeyFileError,
+                                  missing="it is made with the request; without it the "
+                                  "answer cannot be read")
+        except KeyFileError as err:
+            raise QueryFailed(str(err)) from None
+        self = cls.__new__(cls)
+        self._he = HEContext(request.params, secret_key=secret)
+        self.request = request
+        self._derive()
+        return self
+
+    # ------------------------------------------------------------------ the answer
+    def release(self, total: EncryptedTotal) -> QueryResult:
+        """Decrypt the total (which must be under this query's key) into the released
+        statistics."""
+        if total.key != self.key_id or total.query != self.request.query_id:
+            raise QueryFailed(f"the total is of query {total.query} under key {total.key}; this "
+                              f"is query {self.request.query_id} with key {self.key_id}: a "
+                              "stale key or another query's total; refused")
+        slots = self._he.decrypt(total.chunks)
         totals = np.asarray(unpack_integers(slots, self.packing), dtype=object)
         values = self.layout.decode(totals)
         groups = {k: answer(self.spec, v) for k, v in values.items()}
         kept, dropped = suppress(groups, {k: v["count"] for k, v in values.items()},
                                  self.min_cell)
         real = sum(1 for s in self.layout.scales if s > 1)
-        err = len(sites) * 0.5 / max(self.layout.scales) if real else 0.0
-        return QueryResult(spec=self.spec, groups=kept, suppressed=dropped, sites=list(sites),
-                           epsilon=self.epsilon, delta=self.delta if self.epsilon else 0.0,
-                           min_cell=self.min_cell, fixed_point_error=err, query=self.text)
+        err = len(total.sites) * 0.5 / max(self.layout.scales) if real else 0.0
+        noise = 0.0
+        if self.epsilon > 0:  # each site in the sum added Sk(mu / shares) to every count
+            shares = self.settings.needed(total.participants)
+            noise = math.sqrt(2 * self.mu * len(total.sites) / shares)
+        return QueryResult(spec=self.spec, groups=kept, suppressed=dropped,
+                           sites=list(total.sites), excluded=dict(total.excluded),
+                           dropped=list(total.dropped), epsilon=self.epsilon,
+                           delta=self.delta if self.epsilon else 0.0, min_cell=self.min_cell,
+                           fixed_point_error=err, count_noise_std=noise,
+                           seconds=total.seconds, bytes=total.bytes, query=self.text)
 
 
-def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: list[int], *,
-              exclude_refusing: bool = False) -> QueryResult:
-    """The server's side: join, mask setup, compute, unmask; the total to the querier.
+def run_query(request: QueryRequest, verify_keys: dict, transport: Transport, nodes: list[int],
+              *, exclude_refusing: bool = False) -> EncryptedTotal:
+    """The server's side: join, mask setup, compute, unmask; the encrypted total, for the
+    querier to decrypt (the server holds the public request only).
 
     Sites that refuse the query (another schema, no table, no budget, ...) make it fail,
     naming each, unless ``exclude_refusing``. A site that drops once masks are set is
@@ -212,8 +383,8 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
         nbytes += sum(content_bytes(r) for r in replies.values() if not isinstance(r, str))
         return replies
 
-    session = querier.session
-    replies = send({n: step_content("join", records=querier.join_records()) for n in nodes})
+    session, packing, params = request.session, request.packing, request.params
+    replies = send({n: step_content("join", records=request.join_records()) for n in nodes})
     excluded, adverts, node_of = {}, {}, {}
     for node, r in sorted(replies.items()):
         if isinstance(r, str):
@@ -229,7 +400,7 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
         raise QueryFailed("the query is refused by "
                           + "; ".join(f"node {n}: {why}" for n, why in excluded.items())
                           + " (fix those sites, or exclude them with --exclude-refusing)")
-    coord = MaskCoordinator(querier.settings, session, verify_keys)
+    coord = MaskCoordinator(request.settings, session, verify_keys)
     for sender, why in coord.start(adverts):
         excluded[node_of.pop(sender)] = why
     if len(coord.members) < 2:
@@ -248,9 +419,9 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
         except MaskError as err:
             excluded[node_of[s]] = str(err)
     participants = coord.participants()
-    if len(participants) > querier.max_sites:
+    if len(participants) > request.max_sites:
         raise QueryFailed(f"{len(participants)} sites take part, the query's packing holds "
-                          f"{querier.max_sites}: ask again with a larger max-sites")
+                          f"{request.max_sites}: ask again with a larger max-sites")
     replies = send({node_of[s]: step_content("compute", mask=coord.train_doc(s, participants))
                     for s in participants})
     cts, dropped, shape = {}, [], None
@@ -265,13 +436,13 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
             if wire.REPLY not in r.array_records:
                 raise EnvelopeError("the reply holds no envelope")
             env = open_envelope(r.array_records[wire.REPLY], kind=wire.KIND,
-                                fingerprint=querier.key_id, verify_keys=verify_keys,
+                                fingerprint=request.key_id, verify_keys=verify_keys,
                                 run=session, server_round=coord.epoch)
             if env.header["sender"] != s:
                 raise EnvelopeError(f"an envelope of site {env.header['sender']} in the reply of "
                                     f"site {s}")
-            if Packing.from_dict(env.header["layout"]) != querier.packing or \
-                    env.meta.get("query") != querier.query_id:
+            if Packing.from_dict(env.header["layout"]) != packing or \
+                    env.meta.get("query") != request.query_id:
                 raise EnvelopeError("the envelope answers another query or layout")
             coord.take_update(s, env.meta, unpack_doc(r.config_records.get(wire.SHARES),
                                                       "shares"), participants)
@@ -280,7 +451,7 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
             dropped.append(s)
             continue
         cts[s] = env.chunks
-        shape = (len(env.chunks), querier.params.slots)
+        shape = (len(env.chunks), params.slots)
     survivors = sorted(cts)
     if len(survivors) < 2:
         raise QueryFailed(f"{len(survivors)} site(s) sent a usable reply: no sum to release")
@@ -294,7 +465,7 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
                 shares[s] = unpack_doc(r.config_records.get(wire.SHARES), "shares")
             except MaskError as err:
                 excluded[node_of[s]] = f"unmask reply rejected: {err}"
-    he = HEContext(querier.params)  # the public parameters only
+    he = HEContext(params)  # the public parameters only
     try:
         corr = coord.correction(shares, shape[0] * shape[1], he.plain_modulus)
     except RoundAborted as err:
@@ -305,15 +476,10 @@ def run_query(querier: Querier, verify_keys: dict, transport: Transport, nodes: 
                           + " (run the query again when more sites answer)") from None
     total = he.weighted_sum([cts[s] for s in survivors], [1] * len(survivors))
     total = he.subtract_plain(total, corr.reshape(shape))
-    result = querier.release(total, querier.key_id, survivors)
-    result.excluded = excluded
-    result.dropped = sorted(dropped)
-    if querier.epsilon > 0:  # each survivor added Sk(mu / shares) to every count
-        shares = querier.settings.needed(len(participants))
-        result.count_noise_std = math.sqrt(2 * querier.mu * len(survivors) / shares)
-    result.seconds = time.perf_counter() - t0
-    result.bytes = nbytes
-    return result
+    return EncryptedTotal(query=request.query_id, key=request.key_id, chunks=total,
+                          sites=survivors, participants=len(participants), excluded=excluded,
+                          dropped=sorted(dropped), seconds=time.perf_counter() - t0,
+                          bytes=nbytes)
 
 
 def flower_transport(grid, timeout: float = 120.0) -> Transport:

@@ -162,3 +162,71 @@ def query(
 
         with user_errors(ValueError):
             console.print(f"plot: {plot_histograms(doc, plot)}")
+
+
+def query_request(
+    text: Annotated[str, typer.Argument(help="The query (text, or a JSON spec or file).")],
+    schema: Annotated[Path, typer.Option(help="The federation's declared schema (JSON).")],
+    keys: Annotated[Path, typer.Option(help=(
+        "The key ceremony's folder, or a copy of its querier/ folder with key.json: the "
+        "querier's signing key."))],
+    out: Annotated[Path, typer.Option(help=(
+        "Folder for request.json (public: give it to the coordinator) and "
+        "querier-secret.key (keep it: it opens the answer)."))] = Path("runs/query-request"),
+    epsilon: Annotated[float, typer.Option(help="DP epsilon of the answer (0: exact).")] = 0.0,
+    delta: Annotated[float, typer.Option(help="Delta of the DP guarantee.")] = 1e-6,
+    min_cell: Annotated[int, typer.Option(help="Blank cells with fewer rows.")] = 5,
+    max_sites: Annotated[int, typer.Option(help="Most sites the answer can sum.")] = 1024,
+) -> None:
+    """Prepare a query for a deployment: a fresh key pair on this machine, the signed
+    request for the coordinator (`flwr run . -c analytics-request=...`). The secret key
+    stays here; open the answer with `fedface query-open`."""
+    from crypto.keys import load_querier_key
+    from crypto.masks import MaskSettings
+    from fedface.analytics.query import QueryError, load_schema
+    from fedface.config.analytics import QueryConfig
+    from server.analytics import Querier
+
+    with user_errors(ValueError, QueryError, FileNotFoundError):
+        cfg = QueryConfig(epsilon=epsilon, delta=delta, min_cell=min_cell, max_sites=max_sites)
+        querier = Querier(read_query(text), load_schema(schema), load_querier_key(keys),
+                          epsilon=cfg.epsilon, delta=cfg.delta, min_cell=cfg.min_cell,
+                          frac_bits=cfg.frac_bits, max_sites=cfg.max_sites,
+                          settings=MaskSettings(cfg.mask_degree, cfg.mask_threshold), text=text)
+        path = querier.save(out)
+    console.print(f"request: {path} (public; valid for an hour)")
+    console.print(f"secret key: {out / 'querier-secret.key'} (keep it here; it opens the answer)")
+    console.print("copy request.json to the coordinator; there, from the project folder "
+                  "(absolute paths: Flower runs the app in a folder of its own):", soft_wrap=True)
+    console.print("  flwr run . fedface -c \"analytics-request='/ABS/request.json' "
+                  "he-keys='/ABS/coordinator/he' out='/ABS/query-out'\"", markup=False,
+                  soft_wrap=True)
+    console.print(f"then here: fedface query-open {out} analytics-total.json (copied from "
+                  "query-out/)", markup=False, soft_wrap=True)
+
+
+def query_open(
+    request: Annotated[Path, typer.Argument(help="The folder of `fedface query-request`.")],
+    total: Annotated[Path, typer.Argument(help="The analytics-total.json the query job wrote.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw the histograms to this image.")] = None,
+) -> None:
+    """Decrypt a deployed query's total with the secret key kept here, and print it."""
+    from server.analytics import EncryptedTotal, Querier, QueryFailed
+
+    with user_errors(QueryFailed, ValueError, FileNotFoundError):
+        querier = Querier.load(request)
+        if not total.is_file():
+            raise UserError(f"{total} does not exist: copy the query job's "
+                            "analytics-total.json here")
+        result = querier.release(EncryptedTotal.from_json(total.read_text(), str(total)))
+    doc = result.to_dict()
+    if json_out:
+        print(json.dumps(doc, indent=1, default=str))
+    else:
+        print_result(doc)
+    if plot is not None:
+        from fedface.analytics.plot import plot_histograms
+
+        with user_errors(ValueError):
+            console.print(f"plot: {plot_histograms(doc, plot)}")

@@ -10,7 +10,8 @@
 - ``templates``: protected face templates in a store (:mod:`fedface.cli.templates`);
 - ``deploy``: provision and run a deployment across hospitals (:mod:`fedface.cli.deploy`);
 - ``unlearnable``: error-minimizing noise on an identity folder (:mod:`fedface.cli.unlearnable`);
-- ``query``: encrypted statistics across institutions (:mod:`fedface.cli.analytics`);
+- ``query``, ``query-request``, ``query-open``: encrypted statistics across institutions,
+  simulated or deployed (:mod:`fedface.cli.analytics`);
 - the tables of a run's summary: :mod:`fedface.cli.summary`; what the commands share
   (console, options, ``--set``): :mod:`fedface.cli.common`.
 
@@ -55,6 +56,8 @@ app.command()(models.models)
 app.command()(anonymize.anonymize)
 app.command()(unlearnable.unlearnable)
 app.command()(analytics.query)
+app.command("query-request")(analytics.query_request)
+app.command("query-open")(analytics.query_open)
 
 
 def main() -> None:

@@ -61,3 +61,31 @@ class QueryConfig(FlatConfig):
         if not 2 <= self.max_sites <= 2 ** 14:
             out.append(f"max_sites={self.max_sites}: use 2..16384")
         return out
+
+
+@dataclass
+class QueryJobConfig(FlatConfig):
+    """A query submitted to a deployment (``flwr run . -c analytics-request=PATH``): the
+    ServerApp then runs that query instead of training, and writes the encrypted total to
+    ``OUT/analytics-total.json`` for the querier to open (``fedface query-open``).
+
+    Parameters
+    ----------
+    analytics_request : str (default: "")
+        The query request file (``fedface query-request``), on the coordinator; empty: a
+        training run.
+    analytics_sites : int (default: 0)
+        Sites to wait for before asking (0: those connected).
+    analytics_exclude_refusing : bool (default: False)
+        Answer with the sites that accept the query, naming the others.
+    """
+
+    WHAT = "query job settings"
+
+    analytics_request: str = ""
+    analytics_sites: int = 0
+    analytics_exclude_refusing: bool = False
+
+    def problems(self) -> list[str]:
+        return ([f"analytics_sites={self.analytics_sites}: use 0 (those connected) or more"]
+                if self.analytics_sites < 0 else [])

@@ -19,6 +19,9 @@ receives them::
         node/auth.key (secret), node/auth.pub   its node authentication key pair
         he/                        its HE bundle (the shared secret key, its own signing key)
         state/                     its privacy ledger and saved heads (made when it runs)
+    DIR/querier/                   for the analyst who asks encrypted analytics queries:
+        sign.key (secret), key.json   the querier's signing key and the ceremony's
+                                   public description (`fedface query-request --keys`)
 
 Each folder is self-contained and has a README saying what it holds and what must stay
 secret. Secrets are written owner-only (0600, folders 0700) through
@@ -47,7 +50,14 @@ import tomli_w
 
 from crypto import pki
 from crypto.keyfile import KeyFileError
-from crypto.keys import SERVER_DIR, describe_keys, init_keys, institution_dir
+from crypto.keys import (
+    KEY_FILE,
+    QUERIER_DIR,
+    SERVER_DIR,
+    describe_keys,
+    init_keys,
+    institution_dir,
+)
 from fedface.io import atomic_write_text
 
 MANIFEST = "deployment.json"
@@ -248,14 +258,14 @@ def _leftovers(out: Path) -> list[str]:
     """What a previous ``init`` left in ``out`` besides its manifest (sorted names)."""
     if not out.is_dir():
         return []
-    found = [n for n in (CA_DIR, COORDINATOR_DIR) if os.path.lexists(out / n)]
+    found = [n for n in (CA_DIR, COORDINATOR_DIR, QUERIER_DIR) if os.path.lexists(out / n)]
     return found + sorted(p.name for p in out.glob("site-*") if _is_site_leftover(p))
 
 
 def _clear(out: Path) -> None:
     """Remove a previous provisioning's folders (those ``init`` makes, nothing else); a
     link is removed itself, never followed."""
-    names = [CA_DIR, COORDINATOR_DIR, MANIFEST, ".ceremony"]
+    names = [CA_DIR, COORDINATOR_DIR, QUERIER_DIR, MANIFEST, ".ceremony"]
     names += [p.name for p in out.glob("site-*") if _is_site_leftover(p)]
     for name in names:
         p = out / name
@@ -335,6 +345,8 @@ def init_deployment(out: str | Path, sites: int, hosts: list[str] | str | None =
     try:
         he_desc = init_keys(ceremony, sites, he_params)
         shutil.move(str(ceremony / SERVER_DIR), str(coord / HE_DIR))
+        shutil.move(str(ceremony / QUERIER_DIR), str(out / QUERIER_DIR))  # the analyst's
+        shutil.copyfile(ceremony / KEY_FILE, out / QUERIER_DIR / KEY_FILE)
         nodes = {}
         for k in range(sites):
             site = _mkdir(site_dir(out, k))
@@ -371,8 +383,26 @@ def init_deployment(out: str | Path, sites: int, hosts: list[str] | str | None =
         atomic_write_text(site / SITE_FILE, json.dumps({"site": k, "superlink": superlink,
                                                         "deployment": dep_id}, indent=1))
         atomic_write_text(site / "README.md", _SITE_README.format(k=k, id=dep_id, folder=site))
+    atomic_write_text(out / QUERIER_DIR / "README.md", _QUERIER_README.format(id=dep_id))
     atomic_write_text(out / MANIFEST, text)  # last: it marks a finished provisioning
     return Provisioned(out, manifest)
+
+
+_QUERIER_README = """# Analytics querier of deployment {id}
+
+For the analyst who asks encrypted statistics across the sites, on the analyst's own
+machine (not the coordinator: a query names the key its answer is encrypted under, so
+whoever signs queries can read answers).
+
+| file | what | secret? |
+|---|---|---|
+| `sign.key` | the querier's signing key (Ed25519): sites answer only what it signed | **yes** |
+| `key.json` | the key ceremony's public description (every public signing key) | no |
+
+`fedface query-request "count group by sex" --schema SCHEMA.json --keys querier --out q`
+makes a fresh key pair for one query and the signed `q/request.json` for the coordinator;
+`fedface query-open q analytics-total.json` reads the answer the query job wrote.
+"""
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -27,7 +27,13 @@ from fedface.analytics.demo import write_demo_tables
 from fedface.analytics.local import answer, local_statistics, open_table
 from fedface.analytics.query import QueryError, load_schema, parse
 from fedface.runner import in_process_transport
-from server.analytics import ANALYTICS_PARAMS, Querier, QueryFailed, run_query
+from server.analytics import (
+    ANALYTICS_PARAMS,
+    EncryptedTotal,
+    Querier,
+    QueryFailed,
+    run_query,
+)
 
 N = 4
 
@@ -68,9 +74,9 @@ def _ask(fed, tmp_path, text, *, sites=None, drop=None, tamper=None, n=N, exclud
          site_kw=None, **qkw):
     contexts, settings = sites or _sites(fed, tmp_path, n, **(site_kw or {}))
     q = Querier(parse(text), fed["schema"], fed["querier"], min_cell=0, **qkw)
-    res = run_query(q, fed["server"].verify_keys, in_process_transport(contexts, settings, drop,
-                                                                        tamper),
-                    sorted(contexts), exclude_refusing=exclude)
+    res = q.release(run_query(q.request, fed["server"].verify_keys,
+                              in_process_transport(contexts, settings, drop, tamper),
+                              sorted(contexts), exclude_refusing=exclude))
     return q, res
 
 
@@ -212,7 +218,7 @@ def test_a_reply_replayed_from_another_query_is_rejected(fed, tmp_path):
 def test_a_replayed_query_a_swapped_key_and_a_forged_query_are_refused(fed, tmp_path):
     contexts, settings = _sites(fed, tmp_path)
     q = Querier(parse("count"), fed["schema"], fed["querier"])
-    join = RecordDict({wire.STEP: pack_doc({"step": "join"}), **q.join_records()})
+    join = RecordDict({wire.STEP: pack_doc({"step": "join"}), **q.request.join_records()})
     site.handle(contexts[1], settings[1], join)
     with pytest.raises(Exception, match="joined before"):  # the same session again
         site.handle(contexts[1], settings[1], join)
@@ -224,9 +230,10 @@ def test_a_replayed_query_a_swapped_key_and_a_forged_query_are_refused(fed, tmp_
     forged = Querier(parse("count"), fed["schema"], new_signing_key())
     with pytest.raises(QueryError, match="signature does not verify"):
         site.handle(contexts[3], settings[3], RecordDict(
-            {wire.STEP: pack_doc({"step": "join"}), **forged.join_records()}))
+            {wire.STEP: pack_doc({"step": "join"}), **forged.request.join_records()}))
     with pytest.raises(QueryFailed, match="stale key"):
-        q.release([], "0" * 32, [0, 1])
+        q.release(EncryptedTotal(query=q.request.query_id, key="0" * 32, chunks=[], sites=[0, 1],
+                                 participants=2))
 
 
 def test_a_site_with_another_schema_or_no_table_is_named(fed, tmp_path):
@@ -285,8 +292,8 @@ def test_small_cells_are_blanked(fed, tmp_path):
     text = "count, histogram(age; 18, 25, 60, 96) group by site"
     contexts, settings = _sites(fed, tmp_path)
     q = Querier(parse(text), fed["schema"], fed["querier"], min_cell=30)
-    res = run_query(q, fed["server"].verify_keys, in_process_transport(contexts, settings),
-                    sorted(contexts))
+    res = q.release(run_query(q.request, fed["server"].verify_keys,
+                              in_process_transport(contexts, settings), sorted(contexts)))
     want = _plain(fed, parse(text), list(range(N)))
     for key, stats in want.items():
         if stats["count"] < 30:
@@ -343,7 +350,7 @@ def test_a_server_repeating_participants_cannot_thin_the_noise(fed, tmp_path):
 
     contexts, settings = _sites(fed, tmp_path)
     q = Querier(parse("count"), fed["schema"], fed["querier"], epsilon=1.0, min_cell=0)
-    run_query(q, fed["server"].verify_keys,
+    run_query(q.request, fed["server"].verify_keys,
               in_process_transport(contexts, settings, tamper=record, outgoing=outgoing),
               sorted(contexts))
     assert seen == [q.settings.needed(N)] * N
@@ -354,7 +361,7 @@ def test_the_server_cannot_ask_a_query_of_its_own(fed, tmp_path):
     q = Querier(parse("count"), fed["schema"], fed["server"].sign_key)  # not the querier's key
     with pytest.raises(QueryError, match="signature does not verify"):
         site.handle(contexts[1], settings[1], RecordDict(
-            {wire.STEP: pack_doc({"step": "join"}), **q.join_records()}))
+            {wire.STEP: pack_doc({"step": "join"}), **q.request.join_records()}))
 
 
 def test_a_stale_query_and_a_large_delta_are_refused(fed, tmp_path):
@@ -362,11 +369,11 @@ def test_a_stale_query_and_a_large_delta_are_refused(fed, tmp_path):
 
     contexts, settings = _sites(fed, tmp_path)
     q = Querier(parse("count"), fed["schema"], fed["querier"])
-    q.doc["issued"] -= 7200  # signed two hours ago
-    q.signature = sign(fed["querier"], wire.canonical(q.doc))
+    q.request.doc["issued"] -= 7200  # signed two hours ago
+    q.request.signature = sign(fed["querier"], wire.canonical(q.request.doc))
     with pytest.raises(QueryError, match=r"issued 720\d s ago; .* within 3600 s"):
         site.handle(contexts[1], settings[1], RecordDict(
-            {wire.STEP: pack_doc({"step": "join"}), **q.join_records()}))
+            {wire.STEP: pack_doc({"step": "join"}), **q.request.join_records()}))
     with pytest.raises(QueryFailed, match="delta 0.01 is above this site's analytics-max-delta"):
         _ask(fed, tmp_path, "count", epsilon=1.0, delta=0.01)
 

@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 
 from crypto import pki
 from crypto.keyfile import write_private
+from crypto.keys import load_querier_key
+from crypto.signing import public_hex
 from fedface.cli import app
 from fedface.deploy.checks import (
     check_coordinator,
@@ -89,6 +91,13 @@ def test_layout_permissions_and_what_each_folder_holds(provisioned):
     assert sorted(p.name for p in (root / "coordinator/he").iterdir()) == ["bundle.json", "sign.key"]
     assert b["sign_public"] == json.loads((root / "coordinator/he/bundle.json").read_text())[
         "sign_public"]
+    # The analyst's folder: the querier's signing key (no HE secret), nowhere else.
+    assert sorted(p.name for p in (root / "querier").iterdir()) == [
+        "README.md", "key.json", "sign.key"]
+    assert (root / "querier/sign.key").stat().st_mode & 0o777 == 0o600
+    querier = load_querier_key(root / "querier")
+    assert public_hex(querier) == b["sign_public"]["querier"]
+    assert not list((root / "coordinator").rglob("querier*"))
     assert pki.check_node_key(root / "site-1/node/auth.key", root / "site-1/node/auth.pub") \
         == m["nodes"]["1"]["fingerprint"]
     # The certificate is for the coordinator's names and addresses, signed by the CA.
