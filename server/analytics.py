@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from crypto.context import HEContext, HEParams
+from crypto.context import HEContext, HEParams, MissingSecretKey
 from crypto.envelope import EnvelopeError, open_envelope
 from crypto.masks import MaskError, MaskSettings, pack_doc, unpack_doc
 from crypto.packing import Layout as Packing
@@ -182,10 +182,15 @@ class QueryRequest:
             d = json.loads(text)
             req = cls(doc=dict(d["doc"]), signature=bytes.fromhex(d["signature"]),
                       public_key=base64.b64decode(d["public_key"]), text=str(d.get("text", "")))
-            _ = req.layout  # the document must describe a query
-        except (ValueError, KeyError, TypeError) as err:
-            raise QueryFailed(f"{where} is not a query request ({err}): make one with "
-                              "`fedface query-request`") from None
+            # every field the server, the sites and the querier read, read once here
+            _ = (req.key_id, req.session, req.query_id, req.params, req.settings,
+                 req.packing, float(req.doc["epsilon"]), float(req.doc["delta"]),
+                 int(req.doc["min_cell"]))
+            if not 2 <= req.max_sites:
+                raise ValueError(f"max_sites {req.max_sites}")
+        except (ValueError, KeyError, TypeError, AttributeError, QueryError) as err:
+            raise QueryFailed(f"{where} is not a query request ({type(err).__name__}: {err}): "
+                              "make one with `fedface query-request`") from None
         if wire.key_id(req.public_key) != req.key_id:
             raise QueryFailed(f"{where}: the public key is not the one the query names")
         return req
@@ -225,9 +230,10 @@ class EncryptedTotal:
                        excluded={int(k): str(v) for k, v in d.get("excluded", {}).items()},
                        dropped=[int(x) for x in d.get("dropped", [])],
                        seconds=float(d.get("seconds", 0)), bytes=int(d.get("bytes", 0)))
-        except (ValueError, KeyError, TypeError) as err:
-            raise QueryFailed(f"{where} is not an encrypted query total ({err}): it is the "
-                              "analytics-total.json a query run writes") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise QueryFailed(f"{where} is not an encrypted query total ({type(err).__name__}: "
+                              f"{err}): it is the analytics-total.json a query run writes"
+                              ) from None
 
 
 REQUEST_FILE = "request.json"
@@ -304,11 +310,18 @@ class Querier:
         """``folder/request.json`` (public: hand it to the server) and
         ``folder/querier-secret.key`` (owner-only: it decrypts this query's answer)."""
         from crypto.keyfile import write_private
+        from fedface.io import atomic_write_text
 
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise QueryFailed(f"{folder} is a file: give a folder for the request")
+        if (folder / SECRET_FILE).exists() or (folder / REQUEST_FILE).exists():
+            raise QueryFailed(f"{folder} already holds a query request and its secret key (a "
+                              "pending query's answer needs them): choose another --out, or "
+                              "delete it once that answer is read")
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private(folder / SECRET_FILE, self._he.secret_key_bytes())
-        (folder / REQUEST_FILE).write_text(self.request.to_json())
+        atomic_write_text(folder / REQUEST_FILE, self.request.to_json())
         return folder / REQUEST_FILE
 
     @classmethod
@@ -330,7 +343,17 @@ class Querier:
         except KeyFileError as err:
             raise QueryFailed(str(err)) from None
         self = cls.__new__(cls)
-        self._he = HEContext(request.params, secret_key=secret)
+        try:
+            self._he = HEContext(request.params, secret_key=secret)
+            probe = np.arange(request.params.slots, dtype=np.uint64)[None] % 97
+            ok = HEContext(request.params, public_key=request.public_key).encrypt(probe)
+            matches = bool(np.array_equal(self._he.decrypt(ok), probe))
+        except (ValueError, MissingSecretKey):
+            matches = False
+        if not matches:
+            raise QueryFailed(f"{folder / SECRET_FILE} is not the secret key of this request "
+                              "(damaged, or of another query): the answer cannot be read with "
+                              "it")
         self.request = request
         self._derive()
         return self
@@ -343,6 +366,11 @@ class Querier:
             raise QueryFailed(f"the total is of query {total.query} under key {total.key}; this "
                               f"is query {self.request.query_id} with key {self.key_id}: a "
                               "stale key or another query's total; refused")
+        if not 2 <= len(set(total.sites)) == len(total.sites) <= total.participants or \
+                len(total.chunks) != self.packing.ciphertexts:
+            raise QueryFailed(f"the total names sites {total.sites} of {total.participants} "
+                              f"participants with {len(total.chunks)} ciphertexts (expected "
+                              f"{self.packing.ciphertexts}): malformed; refused")
         slots = self._he.decrypt(total.chunks)
         totals = np.asarray(unpack_integers(slots, self.packing), dtype=object)
         values = self.layout.decode(totals)
@@ -399,7 +427,9 @@ def run_query(request: QueryRequest, verify_keys: dict, transport: Transport, no
     if excluded and not exclude_refusing:
         raise QueryFailed("the query is refused by "
                           + "; ".join(f"node {n}: {why}" for n, why in excluded.items())
-                          + " (fix those sites, or exclude them with --exclude-refusing)")
+                          + " (fix those sites, or exclude them: --exclude-refusing, or "
+                          "analytics-exclude-refusing=true in a deployment, with a new "
+                          "request)")
     coord = MaskCoordinator(request.settings, session, verify_keys)
     for sender, why in coord.start(adverts):
         excluded[node_of.pop(sender)] = why
@@ -473,7 +503,8 @@ def run_query(request: QueryRequest, verify_keys: dict, transport: Transport, no
                     if isinstance(replies.get(node_of[s]), str)}
         raise QueryFailed(f"the masks cannot be removed, so there is no answer: {err}"
                           + (f"; sites refused: {refusals}" if refusals else "")
-                          + " (run the query again when more sites answer)") from None
+                          + " (ask again, with a new request in a deployment, when more "
+                          "sites answer)") from None
     total = he.weighted_sum([cts[s] for s in survivors], [1] * len(survivors))
     total = he.subtract_plain(total, corr.reshape(shape))
     return EncryptedTotal(query=request.query_id, key=request.key_id, chunks=total,

@@ -9,7 +9,10 @@ analytics query instead of training (:func:`run_query_job`); ``fedface query`` b
 
 from __future__ import annotations
 
+from logging import INFO
+
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedface.config import QueryJobConfig, RunConfig, own_part
@@ -124,6 +127,9 @@ def run_query_job(grid: Grid, cfg: RunConfig, job: QueryJobConfig):
     out = Path(cfg.out) / TOTAL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, total.to_json())
+    log(INFO, "analytics query %s: sites %s in the sum, dropped %s, excluded %s; the encrypted "
+        "total is in %s (the querier opens it with `fedface query-open`)", request.query_id,
+        total.sites, total.dropped, total.excluded, out)
     return out
 
 

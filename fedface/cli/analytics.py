@@ -185,22 +185,25 @@ def query_request(
     from crypto.masks import MaskSettings
     from fedface.analytics.query import QueryError, load_schema
     from fedface.config.analytics import QueryConfig
-    from server.analytics import Querier
+    from server.analytics import Querier, QueryFailed
 
-    with user_errors(ValueError, QueryError, FileNotFoundError):
+    with user_errors(ValueError, QueryError, QueryFailed, OSError):
         cfg = QueryConfig(epsilon=epsilon, delta=delta, min_cell=min_cell, max_sites=max_sites)
         querier = Querier(read_query(text), load_schema(schema), load_querier_key(keys),
                           epsilon=cfg.epsilon, delta=cfg.delta, min_cell=cfg.min_cell,
                           frac_bits=cfg.frac_bits, max_sites=cfg.max_sites,
                           settings=MaskSettings(cfg.mask_degree, cfg.mask_threshold), text=text)
         path = querier.save(out)
-    console.print(f"request: {path} (public; valid for an hour)")
+    console.print(f"request: {path} (public; valid for an hour, for one run)")
+    if cfg.epsilon == 0:
+        console.print("[yellow]exact query[/]: deployed sites answer it only if their node "
+                      "config says analytics-exact=true (else ask with --epsilon)")
     console.print(f"secret key: {out / 'querier-secret.key'} (keep it here; it opens the answer)")
     console.print("copy request.json to the coordinator; there, from the project folder "
                   "(absolute paths: Flower runs the app in a folder of its own):", soft_wrap=True)
-    console.print("  flwr run . fedface -c \"analytics-request='/ABS/request.json' "
-                  "he-keys='/ABS/coordinator/he' out='/ABS/query-out'\"", markup=False,
-                  soft_wrap=True)
+    console.print("  FLWR_HOME=/ABS/coordinator/flwr flwr run . fedface --stream -c "
+                  "\"analytics-request='/ABS/request.json' he-keys='/ABS/coordinator/he' "
+                  "out='/ABS/query-out'\"", markup=False, soft_wrap=True)
     console.print(f"then here: fedface query-open {out} analytics-total.json (copied from "
                   "query-out/)", markup=False, soft_wrap=True)
 
@@ -214,7 +217,7 @@ def query_open(
     """Decrypt a deployed query's total with the secret key kept here, and print it."""
     from server.analytics import EncryptedTotal, Querier, QueryFailed
 
-    with user_errors(QueryFailed, ValueError, FileNotFoundError):
+    with user_errors(QueryFailed, ValueError, OSError):
         querier = Querier.load(request)
         if not total.is_file():
             raise UserError(f"{total} does not exist: copy the query job's "

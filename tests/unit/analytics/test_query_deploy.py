@@ -52,8 +52,11 @@ def test_a_deployed_query_keeps_the_secret_with_the_querier(tmp_path):
     total_path = out / TOTAL_FILE
     assert result["total_path"] == str(total_path)
     # what the coordinator holds: the request and the total, no secret
+    import base64
     for f in (req / "request.json", total_path):
-        assert secret.hex() not in f.read_text() and "querier-secret" not in f.read_text()
+        text = f.read_bytes()
+        assert secret[64:96] not in text and secret[64:96].hex().encode() not in text
+        assert base64.b64encode(secret)[100:140] not in text
     total = json.loads(total_path.read_text())
     assert total["sites"] == [0, 1, 2] and len(total["chunks"]) == 1
 
@@ -74,24 +77,50 @@ def test_a_deployed_query_keeps_the_secret_with_the_querier(tmp_path):
                                paths["keys"], "--out", str(other)]).exit_code == 0
     res = runner.invoke(app, ["query-open", str(other), str(total_path)])
     assert res.exit_code == 2 and "another query's total" in res.output
+    # a second request into the same folder would destroy a pending query's key: refused
+    res = runner.invoke(app, ["query-request", "count", "--schema", paths["schema"], "--keys",
+                              paths["keys"], "--out", str(req)])
+    assert res.exit_code == 2 and "already holds a query request" in res.output
+    assert (req / "querier-secret.key").read_bytes() == secret
+    # a damaged secret key, a tampered total: named, no traceback
+    (other / "querier-secret.key").write_bytes(secret)
+    res = runner.invoke(app, ["query-open", str(other), str(total_path)])
+    assert res.exit_code == 2 and "is not the secret key of this request" in res.output
+    bad = json.loads(total_path.read_text())
+    bad["sites"] = [0]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    res = runner.invoke(app, ["query-open", str(req), str(tmp_path / "bad.json")])
+    assert res.exit_code == 2 and "malformed" in res.output
+    bad["excluded"] = [1]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    res = runner.invoke(app, ["query-open", str(req), str(tmp_path / "bad.json")])
+    assert res.exit_code == 2 and "not an encrypted query total" in res.output
 
 
 @pytest.mark.parametrize("args,expected", [
     (["query-open", "nowhere", "x.json"], "holds no request.json"),
+    (["query-open", "req", "x.json"], "not a query request"),
     (["query-request", "count", "--schema", "missing.json", "--keys", "k"], "does not exist"),
 ])
-def test_deployed_query_bad_input(tmp_path, args, expected):
+def test_deployed_query_bad_input(tmp_path, args, expected, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "req").mkdir()
+    (tmp_path / "req" / "request.json").write_text(json.dumps({"doc": {"spec": 1},
+                                                                "signature": "00",
+                                                                "public_key": ""}))
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     assert expected in res.output
 
 
-def test_a_query_job_without_its_request_file_says_so(tmp_path):
-    paths = prepare_workdir(tmp_path / "fed", 2)
-    result: dict = {}
-    server_app = build_server_app({"analytics-request": str(tmp_path / "nope.json"),
-                                   "he-keys": paths["keys"], "out": str(tmp_path)},
-                                  result=result)
-    with pytest.raises(Exception, match="no such file on the coordinator"):
-        _simulate(server_app, build_client_app(analytics=paths), 2, 1.0, True)
-    assert "no such file on the coordinator" in str(result["error"])
+def test_a_query_job_without_its_request_file_or_keys_says_so(tmp_path):
+    from fedface.config import QueryJobConfig, RunConfig
+    from server.analytics import QueryFailed
+    from server.app import run_query_job
+
+    job = QueryJobConfig(analytics_request=str(tmp_path / "nope.json"))
+    with pytest.raises(QueryFailed, match="no such file on the coordinator"):
+        run_query_job(None, RunConfig(he_keys=str(tmp_path)), job)
+    (tmp_path / "r.json").write_text("{}")
+    with pytest.raises(QueryFailed, match="needs he-keys"):
+        run_query_job(None, RunConfig(), QueryJobConfig(analytics_request=str(tmp_path / "r.json")))
