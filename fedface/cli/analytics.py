@@ -79,6 +79,19 @@ def print_result(doc: dict) -> None:
     console.print(f"{doc['seconds']:.2f} s, {doc['bytes'] / 1e6:.2f} MB exchanged")
 
 
+def emit(doc: dict, json_out: bool, plot: Path | None) -> None:
+    """An answer as a table or JSON, and its histograms drawn when asked."""
+    if json_out:
+        print(json.dumps(doc, indent=1, default=str))
+    else:
+        print_result(doc)
+    if plot is not None:
+        from fedface.analytics.plot import plot_histograms
+
+        with user_errors(ValueError):
+            console.print(f"plot: {plot_histograms(doc, plot)}")
+
+
 def query(
     text: Annotated[str, typer.Argument(help=(
         "The query, e.g. \"count, mean(quality) where age >= 60 group by site, sex\"; or a "
@@ -118,7 +131,6 @@ def query(
     histograms and quantiles, filtered and grouped. Each site masks and encrypts its own
     figures under a key made for this query; the server adds ciphertexts; only the sum is
     ever decrypted."""
-    from crypto.masks import MaskSettings
     from fedface.analytics.demo import prepare_workdir
     from fedface.analytics.query import QueryError, load_schema
     from fedface.config.analytics import QueryConfig
@@ -149,19 +161,8 @@ def query(
         result = ask_query(spec, declared, paths["keys"], sites, site_defaults,
                            engine="in-process" if in_process else "simulation", text=text,
                            exclude_refusing=cfg.exclude_refusing, quiet=not verbose,
-                           epsilon=cfg.epsilon, delta=cfg.delta, min_cell=cfg.min_cell,
-                           frac_bits=cfg.frac_bits, max_sites=cfg.max_sites,
-                           settings=MaskSettings(cfg.mask_degree, cfg.mask_threshold))
-    doc = result.to_dict()
-    if json_out:
-        print(json.dumps(doc, indent=1, default=str))
-    else:
-        print_result(doc)
-    if plot is not None:
-        from fedface.analytics.plot import plot_histograms
-
-        with user_errors(ValueError):
-            console.print(f"plot: {plot_histograms(doc, plot)}")
+                           **cfg.querier_settings())
+    emit(result.to_dict(), json_out, plot)
 
 
 def query_request(
@@ -182,7 +183,6 @@ def query_request(
     request for the coordinator (`flwr run . -c analytics-request=...`). The secret key
     stays here; open the answer with `fedface query-open`."""
     from crypto.keys import load_querier_key
-    from crypto.masks import MaskSettings
     from fedface.analytics.query import QueryError, load_schema
     from fedface.config.analytics import QueryConfig
     from server.analytics import Querier, QueryFailed
@@ -190,9 +190,7 @@ def query_request(
     with user_errors(ValueError, QueryError, QueryFailed, OSError):
         cfg = QueryConfig(epsilon=epsilon, delta=delta, min_cell=min_cell, max_sites=max_sites)
         querier = Querier(read_query(text), load_schema(schema), load_querier_key(keys),
-                          epsilon=cfg.epsilon, delta=cfg.delta, min_cell=cfg.min_cell,
-                          frac_bits=cfg.frac_bits, max_sites=cfg.max_sites,
-                          settings=MaskSettings(cfg.mask_degree, cfg.mask_threshold), text=text)
+                          text=text, **cfg.querier_settings())
         path = querier.save(out)
     console.print(f"request: {path} (public; valid for an hour, for one run)")
     if cfg.epsilon == 0:
@@ -223,13 +221,4 @@ def query_open(
             raise UserError(f"{total} does not exist: copy the query job's "
                             "analytics-total.json here")
         result = querier.release(EncryptedTotal.from_json(total.read_text(), str(total)))
-    doc = result.to_dict()
-    if json_out:
-        print(json.dumps(doc, indent=1, default=str))
-    else:
-        print_result(doc)
-    if plot is not None:
-        from fedface.analytics.plot import plot_histograms
-
-        with user_errors(ValueError):
-            console.print(f"plot: {plot_histograms(doc, plot)}")
+    emit(result.to_dict(), json_out, plot)

@@ -48,6 +48,14 @@ class QueryConfig(FlatConfig):
     max_sites: int = 1024
     exclude_refusing: bool = False
 
+    def querier_settings(self) -> dict:
+        """The keyword arguments of :class:`server.analytics.Querier` these settings give."""
+        from crypto.masks import MaskSettings
+
+        return {"epsilon": self.epsilon, "delta": self.delta, "min_cell": self.min_cell,
+                "frac_bits": self.frac_bits, "max_sites": self.max_sites,
+                "settings": MaskSettings(self.mask_degree, self.mask_threshold)}
+
     def problems(self) -> list[str]:
         out = []
         if self.epsilon < 0:
